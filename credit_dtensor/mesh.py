@@ -1,0 +1,188 @@
+"""`DomainParallelManager`: the 2-D ``("dp", "domain")`` device mesh everything runs on.
+
+Domain ranks are contiguous (as in CREDIT's original module): with world 8 and domain 2 the
+domain groups are [0,1] [2,3] [4,5] [6,7] and the dp groups [0,2,4,6] [1,3,5,7]. That is the
+row-major layout of a ``(dp, domain)`` mesh, so halo traffic stays between neighbouring ranks
+(usually on one node) and only data-parallel gradient traffic crosses nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .errors import DomainParallelError
+
+__all__ = [
+    "DomainParallelManager",
+    "initialize_domain_parallel",
+    "get_domain_parallel_manager",
+    "rank_layout",
+    "default_device_type",
+]
+
+logger = logging.getLogger(__name__)
+
+MESH_DIM_NAMES = ("dp", "domain")
+#: Process-group timeout used when we create the default group: long enough for a slow first
+#: step, short enough that a dead peer fails the job instead of hanging it for the default 30 min.
+DEFAULT_PG_TIMEOUT = timedelta(seconds=int(os.environ.get("CREDIT_DTENSOR_PG_TIMEOUT", "600")))
+
+_GLOBAL_MANAGER: DomainParallelManager | None = None
+
+
+def default_device_type() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rank_layout(world_size: int, domain_parallel_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Pure arithmetic: ``(domain_groups, dp_groups)`` for a world, contiguous domain ranks.
+
+    >>> rank_layout(8, 2)
+    ([[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]])
+    """
+    _check_sizes(world_size, domain_parallel_size)
+    dp = world_size // domain_parallel_size
+    domain_groups = [list(range(i * domain_parallel_size, (i + 1) * domain_parallel_size)) for i in range(dp)]
+    dp_groups = [list(range(j, world_size, domain_parallel_size)) for j in range(domain_parallel_size)]
+    return domain_groups, dp_groups
+
+
+def _check_sizes(world_size: int, domain_parallel_size: int) -> None:
+    if not isinstance(domain_parallel_size, int) or domain_parallel_size < 1:
+        raise DomainParallelError(
+            f"domain_parallel_size={domain_parallel_size!r} must be an integer >= 1: "
+            "pass the number of ranks that split one sample's H axis"
+        )
+    if world_size < 1:
+        raise DomainParallelError(f"world_size={world_size} must be >= 1")
+    if world_size % domain_parallel_size != 0:
+        raise DomainParallelError(
+            f"domain_parallel_size={domain_parallel_size} does not divide world_size={world_size}: "
+            f"choose a divisor of {world_size} (e.g. {_divisors(world_size)})"
+        )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _init_default_group(device_type: str) -> None:
+    """Create the default process group from torchrun's environment, or explain what is missing."""
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise DomainParallelError(
+            "no torch.distributed process group is initialized and the torchrun environment is "
+            f"incomplete (missing {', '.join(missing)}): launch with `torchrun --nproc-per-node N ...` "
+            "or call torch.distributed.init_process_group(...) before creating the manager"
+        )
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    logger.info("initializing process group backend=%s from the torchrun environment", backend)
+    dist.init_process_group(backend=backend, timeout=DEFAULT_PG_TIMEOUT)
+
+
+class DomainParallelManager:
+    """Owns the ``("dp", "domain")`` :class:`DeviceMesh` and answers rank questions about it.
+
+    Args:
+        domain_parallel_size: ranks that split one sample along H (the ``"domain"`` mesh dim).
+            ``dp`` size is ``world_size // domain_parallel_size``.
+        device_type: ``"cpu"`` (gloo) or ``"cuda"`` (nccl); ``None`` picks by availability.
+        shard_dim: the sharded axis, counted from the end by default (``-2`` = H of BCHW).
+    """
+
+    def __init__(self, domain_parallel_size: int, *, device_type: str | None = None, shard_dim: int = -2) -> None:
+        if not isinstance(domain_parallel_size, int) or domain_parallel_size < 1:
+            _check_sizes(1, domain_parallel_size)
+        self.device_type = device_type or default_device_type()
+        if not dist.is_initialized():
+            _init_default_group(self.device_type)
+        world = dist.get_world_size()
+        _check_sizes(world, domain_parallel_size)
+        self.shard_dim = shard_dim
+        self.mesh: DeviceMesh = init_device_mesh(
+            self.device_type, (world // domain_parallel_size, domain_parallel_size), mesh_dim_names=MESH_DIM_NAMES
+        )
+        self.domain_mesh: DeviceMesh = self.mesh["domain"]
+        self.dp_mesh: DeviceMesh = self.mesh["dp"]
+        logger.info(
+            "domain-parallel mesh %s on %s: dp=%d x domain=%d (rank %d: dp_rank=%d domain_rank=%d)",
+            MESH_DIM_NAMES, self.device_type, self.dp_world_size, self.domain_world_size,
+            dist.get_rank(), self.dp_rank, self.domain_rank,
+        )
+
+    # --- ranks and groups -------------------------------------------------------------------
+    @property
+    def domain_rank(self) -> int:
+        return self.domain_mesh.get_local_rank()
+
+    @property
+    def domain_world_size(self) -> int:
+        return self.domain_mesh.size()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp_mesh.get_local_rank()
+
+    @property
+    def dp_world_size(self) -> int:
+        return self.dp_mesh.size()
+
+    @property
+    def domain_group(self) -> dist.ProcessGroup:
+        return self.domain_mesh.get_group()
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.dp_mesh.get_group()
+
+    @property
+    def is_first_domain_rank(self) -> bool:
+        return self.domain_rank == 0
+
+    @property
+    def is_last_domain_rank(self) -> bool:
+        return self.domain_rank == self.domain_world_size - 1
+
+    @property
+    def device(self) -> torch.device:
+        if self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(self.device_type)
+
+    def __repr__(self) -> str:
+        return (
+            f"DomainParallelManager(dp={self.dp_world_size}, domain={self.domain_world_size}, "
+            f"device_type={self.device_type!r}, shard_dim={self.shard_dim})"
+        )
+
+
+def initialize_domain_parallel(world_size: int, domain_parallel_size: int, shard_dim: int = -2) -> DomainParallelManager:
+    """Original-API convenience: build a manager and remember it for :func:`get_domain_parallel_manager`.
+
+    ``world_size`` is checked against the process group (it must match). No op reads the remembered
+    manager: every function takes a manager or reads the mesh from its DTensor argument.
+    """
+    global _GLOBAL_MANAGER
+    _check_sizes(world_size, domain_parallel_size)
+    manager = DomainParallelManager(domain_parallel_size, shard_dim=shard_dim)
+    if dist.get_world_size() != world_size:
+        raise DomainParallelError(
+            f"initialize_domain_parallel(world_size={world_size}) but the process group has "
+            f"{dist.get_world_size()} ranks: pass the launched world size"
+        )
+    _GLOBAL_MANAGER = manager
+    return manager
+
+
+def get_domain_parallel_manager() -> DomainParallelManager | None:
+    """The manager made by :func:`initialize_domain_parallel`, or ``None``."""
+    return _GLOBAL_MANAGER

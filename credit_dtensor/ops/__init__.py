@@ -1,0 +1,1 @@
+"""Exact rules for H-sharded DTensors, one module per op family. Importing registers them."""
