@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 TASK_TIMEOUT = float(os.environ.get("CREDIT_DTENSOR_TEST_TIMEOUT", "300"))
-GRACE_AFTER_ERROR = 15.0  # once one rank failed, how long the others get to report
+GRACE_AFTER_ERROR = 5.0  # once one rank failed, how long the others get to report
 
 
 class RankError(AssertionError):
@@ -116,20 +116,23 @@ class World:
         errors: dict[int, str] = {}
         deadline = time.monotonic() + timeout
         while len(results) + len(errors) < self.size:
-            remaining = deadline - time.monotonic()
             if errors:
-                remaining = min(remaining, GRACE_AFTER_ERROR)
+                deadline = min(deadline, first_error + GRACE_AFTER_ERROR)
+            remaining = deadline - time.monotonic()
             dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
             try:
                 rank, got_id, (status, value) = self._results.get(timeout=max(0.05, min(remaining, 1.0)))
             except queue.Empty:
                 if dead and not errors:
+                    first_error = time.monotonic()
                     errors.update({r: f"rank {r}: process died (exit code {self._procs[r].exitcode})" for r in dead})
-                if time.monotonic() >= deadline or (errors and remaining <= 1.0):
+                if time.monotonic() >= deadline:
                     break
                 continue
             if got_id != tid:
                 continue  # a late answer from a task that was abandoned
+            if status != "ok" and not errors:
+                first_error = time.monotonic()
             (results if status == "ok" else errors)[rank] = value
         if len(results) < self.size:
             missing = [r for r in range(self.size) if r not in results and r not in errors]
