@@ -1,0 +1,138 @@
+"""Shared machinery of the DTensor-aware module wrappers.
+
+A wrapper does not nest the user's module (that would rename ``state_dict`` keys); it *becomes*
+the module: the instance's class is swapped, in place, for a subclass of both our wrapper class
+and the module's own class (e.g. ``ParametrizedConv2d`` under weight/spectral parametrizations).
+So parameter and buffer names, forward pre-hooks, parametrizations and ``isinstance(m,
+nn.Conv2d)`` all keep working; only the computation is replaced. Parameters become ``Replicate``
+DTensors on the domain mesh; their gradients come back ``Partial`` and are reduced once, by
+FSDP2 or by the optimizer's first use (DTensor redistributes lazily).
+
+Usage (every wrapper class): ``DomainParallelConv2d(conv, manager)`` returns ``conv`` itself,
+now domain-parallel.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from ..errors import DomainParallelError, MeshMismatchError
+from ..mesh import DomainParallelManager
+from ..sharding import shard_tensor
+
+__all__ = ["DomainParallelModule", "replicate_parameters", "domain_mesh_of", "module_label"]
+
+M = TypeVar("M", bound=nn.Module)
+
+_CLASS_CACHE: dict[tuple[type, type], type] = {}
+
+
+def domain_mesh_of(manager: DomainParallelManager | DeviceMesh) -> DeviceMesh:
+    return manager.domain_mesh if isinstance(manager, DomainParallelManager) else manager
+
+
+def module_label(module: nn.Module) -> str:
+    name = getattr(module, "_dp_name", None)
+    return f"{name} ({type(module).__name__})" if name else type(module).__name__
+
+
+def replicate_parameters(module: nn.Module, mesh: DeviceMesh, *, recurse: bool = True) -> None:
+    """Turn every plain parameter of ``module`` into a ``Replicate`` DTensor parameter on ``mesh``.
+
+    Values are broadcast from domain rank 0 once (so replicas agree even if ranks initialised
+    differently). Parameters that are already DTensors must live on ``mesh`` (or on a 2-D mesh
+    whose ``domain`` dim it is, as under FSDP2).
+    """
+    mods = module.modules() if recurse else [module]
+    for mod in mods:
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if isinstance(p, DTensor):
+                if p.device_mesh != mesh and "domain" not in (p.device_mesh.mesh_dim_names or ()):
+                    raise MeshMismatchError(
+                        f"{module_label(mod)}.{name} is a DTensor on {p.device_mesh}, not on the domain mesh "
+                        f"{mesh}: convert the model with the manager whose mesh holds its parameters"
+                    )
+                continue
+            if p.device.type != mesh.device_type:
+                raise DomainParallelError(
+                    f"{module_label(mod)}.{name} is on {p.device.type!r} but the mesh is {mesh.device_type!r}: "
+                    f"move the model with .to({mesh.device_type!r}) before converting"
+                )
+            dt = distribute_tensor(p.detach(), mesh, [Replicate()])
+            mod._parameters[name] = nn.Parameter(dt, requires_grad=p.requires_grad)
+
+
+class DomainParallelModule:
+    """Mixin of every wrapper. Instances carry ``_dp_mesh`` (the domain :class:`DeviceMesh`)."""
+
+    _dp_mesh: DeviceMesh
+    #: The wrapped torch class (``nn.Conv2d`` ...); the module must be an instance of it.
+    wraps: type[nn.Module] = nn.Module
+
+    def __new__(cls, module: nn.Module | None = None, manager: Any = None, *args: Any, **kwargs: Any):
+        if module is None:  # copy/deepcopy/pickle path
+            return super().__new__(cls)
+        return cls.wrap(module, manager, *args, **kwargs)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # the instance is already initialised
+        pass
+
+    @classmethod
+    def wrap(cls, module: M, manager: DomainParallelManager | DeviceMesh, **options: Any) -> M:
+        """Make ``module`` domain-parallel in place and return it."""
+        if isinstance(module, DomainParallelModule):
+            if module._dp_mesh != domain_mesh_of(manager):
+                raise MeshMismatchError(
+                    f"{module_label(module)} is already domain-parallel on another mesh: convert a fresh copy"
+                )
+            return module
+        if not isinstance(module, cls.wraps):
+            raise DomainParallelError(f"{cls.__name__} wraps {cls.wraps.__name__}, got {type(module).__name__}")
+        mesh = domain_mesh_of(manager)
+        base = type(module)
+        key = (cls, base)
+        new_cls = _CLASS_CACHE.get(key)
+        if new_cls is None:
+            name = cls.__name__ if base is cls.wraps else f"{cls.__name__}_{base.__name__}"
+            new_cls = type(name, (cls, base), {"__module__": __name__, "__qualname__": name})
+            _CLASS_CACHE[key] = new_cls
+            setattr(sys.modules[__name__], name, new_cls)  # picklable by reference
+        replicate_parameters(module, mesh)
+        module.__class__ = new_cls
+        module._dp_mesh = mesh
+        for k, v in options.items():
+            setattr(module, f"_dp_{k}", v)
+        return module
+
+    # --- helpers for forwards ---------------------------------------------------------------
+    def _dp_input(self, x: torch.Tensor, default_dim: int) -> DTensor:
+        """A plain tensor is sharded on ``default_dim``; a DTensor must live on our mesh."""
+        mesh = self._dp_mesh
+        if isinstance(x, DTensor):
+            if x.device_mesh != mesh:
+                raise MeshMismatchError(
+                    f"{module_label(self)}: input lives on mesh {x.device_mesh} but the module on {mesh}: "
+                    "shard inputs with the same manager that converted the model"
+                )
+            return x
+        return shard_tensor(x, mesh, default_dim)
+
+    def extra_repr(self) -> str:  # type: ignore[override]
+        base = super().extra_repr()  # type: ignore[misc]
+        return f"{base}, domain={self._dp_mesh.size()}" if base else f"domain={self._dp_mesh.size()}"
+
+
+def shard_placement_dim(x: DTensor) -> int | None:
+    """The tensor dim a 1-D-mesh DTensor is sharded on, or None if replicated."""
+    for p in x.placements:
+        if isinstance(p, Shard):
+            return p.dim
+    return None
