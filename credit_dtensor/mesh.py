@@ -73,6 +73,17 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _resolve_device_type(device_type: str | None) -> str:
+    if device_type is None:
+        return default_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise DomainParallelError(
+            "DomainParallelManager: device_type='cuda' but no GPU is visible: "
+            "pass device_type='cpu' (gloo) or None to pick by availability"
+        )
+    return device_type
+
+
 def _init_default_group(device_type: str) -> None:
     """Create the default process group from torchrun's environment, or explain what is missing."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -102,7 +113,7 @@ class DomainParallelManager:
     def __init__(self, domain_parallel_size: int, *, device_type: str | None = None, shard_dim: int = -2) -> None:
         if not isinstance(domain_parallel_size, int) or domain_parallel_size < 1:
             _check_sizes(1, domain_parallel_size)
-        self.device_type = device_type or default_device_type()
+        self.device_type = _resolve_device_type(device_type)
         if not dist.is_initialized():
             _init_default_group(self.device_type)
         world = dist.get_world_size()
@@ -115,8 +126,13 @@ class DomainParallelManager:
         self.dp_mesh: DeviceMesh = self.mesh["dp"]
         logger.info(
             "domain-parallel mesh %s on %s: dp=%d x domain=%d (rank %d: dp_rank=%d domain_rank=%d)",
-            MESH_DIM_NAMES, self.device_type, self.dp_world_size, self.domain_world_size,
-            dist.get_rank(), self.dp_rank, self.domain_rank,
+            MESH_DIM_NAMES,
+            self.device_type,
+            self.dp_world_size,
+            self.domain_world_size,
+            dist.get_rank(),
+            self.dp_rank,
+            self.domain_rank,
         )
 
     # --- ranks and groups -------------------------------------------------------------------
@@ -165,22 +181,26 @@ class DomainParallelManager:
         )
 
 
-def initialize_domain_parallel(world_size: int, domain_parallel_size: int, shard_dim: int = -2) -> DomainParallelManager:
+def initialize_domain_parallel(
+    world_size: int, domain_parallel_size: int, shard_dim: int = -2, *, device_type: str | None = None
+) -> DomainParallelManager:
     """Original-API convenience: build a manager and remember it for :func:`get_domain_parallel_manager`.
 
-    ``world_size`` is checked against the process group (it must match). No op reads the remembered
-    manager: every function takes a manager or reads the mesh from its DTensor argument.
+    ``world_size`` is checked against the process group (it must match) before any mesh is built,
+    so a mismatch fails identically on every rank. No op reads the remembered manager: every
+    function takes a manager or reads the mesh from its DTensor argument.
     """
     global _GLOBAL_MANAGER
     _check_sizes(world_size, domain_parallel_size)
-    manager = DomainParallelManager(domain_parallel_size, shard_dim=shard_dim)
+    if not dist.is_initialized():
+        _init_default_group(_resolve_device_type(device_type))
     if dist.get_world_size() != world_size:
         raise DomainParallelError(
             f"initialize_domain_parallel(world_size={world_size}) but the process group has "
             f"{dist.get_world_size()} ranks: pass the launched world size"
         )
-    _GLOBAL_MANAGER = manager
-    return manager
+    _GLOBAL_MANAGER = DomainParallelManager(domain_parallel_size, device_type=device_type, shard_dim=shard_dim)
+    return _GLOBAL_MANAGER
 
 
 def get_domain_parallel_manager() -> DomainParallelManager | None:

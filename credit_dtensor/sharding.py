@@ -40,8 +40,15 @@ def _normalize_dim(ndim: int, dim: int, what: str) -> int:
     return d
 
 
-def _mesh_of(manager_or_mesh: DomainParallelManager | DeviceMesh) -> DeviceMesh:
-    return manager_or_mesh.domain_mesh if isinstance(manager_or_mesh, DomainParallelManager) else manager_or_mesh
+def _mesh_of(manager_or_mesh: DomainParallelManager | DeviceMesh, what: str = "sharding") -> DeviceMesh:
+    if isinstance(manager_or_mesh, DomainParallelManager):
+        return manager_or_mesh.domain_mesh
+    if not isinstance(manager_or_mesh, DeviceMesh) or manager_or_mesh.ndim != 1:
+        raise DomainParallelError(
+            f"{what}: expected a DomainParallelManager or a 1-D domain DeviceMesh, got {manager_or_mesh!r}: "
+            "pass the manager (or manager.domain_mesh)"
+        )
+    return manager_or_mesh
 
 
 def _check_device(x: torch.Tensor, mesh: DeviceMesh, what: str) -> None:
@@ -71,15 +78,21 @@ def shard_tensor(
     ``src`` (a domain rank) only that rank's ``x`` is read; it sends each rank exactly its rows.
     The result is differentiable with respect to ``x`` (local slice).
     """
-    mesh = _mesh_of(manager)
+    mesh = _mesh_of(manager, "shard_tensor")
     world, rank = mesh.size(), mesh.get_local_rank()
+    if isinstance(x, DTensor):
+        raise DomainParallelError(
+            f"shard_tensor: x is already a DTensor placed {x.placements}: pass the plain full tensor, "
+            "or use x.redistribute(mesh, [Shard(dim)]) to change its placement"
+        )
     if src is None:
         if x is None:
             raise DomainParallelError("shard_tensor: x is None; pass the full tensor, or src= to scatter from one rank")
         _check_device(x, mesh, "shard_tensor")
         d = _normalize_dim(x.ndim, dim, "shard_tensor")
         a, b = chunk_range(x.shape[d], world, rank)
-        return wrap_local(x.narrow(d, a, b - a), mesh, d, x.shape)
+        # contiguous: the shard must not alias (and keep alive) the caller's full tensor
+        return wrap_local(x.narrow(d, a, b - a).contiguous(), mesh, d, x.shape)
     if not 0 <= src < world:
         raise DomainParallelError(f"shard_tensor: src={src} is not a domain rank (0..{world - 1})")
     group = mesh.get_group()
@@ -91,7 +104,11 @@ def shard_tensor(
     else:
         meta = None
     shape, dtype, d = comm.broadcast_object(meta, src, group)  # type: ignore[misc]
-    device = torch.device(mesh.device_type) if mesh.device_type == "cpu" else torch.device(mesh.device_type, torch.cuda.current_device())
+    device = (
+        torch.device(mesh.device_type)
+        if mesh.device_type == "cpu"
+        else torch.device(mesh.device_type, torch.cuda.current_device())
+    )
     sends = []
     if rank == src:
         for r in range(world):
@@ -107,7 +124,7 @@ def shard_tensor(
     got = comm.exchange(sends, recv, group, dtype=dtype, device=device)
     if rank == src:
         a, b = chunk_range(shape[d], world, rank)
-        local = x.narrow(d, a, b - a)
+        local = x.narrow(d, a, b - a).contiguous()
     else:
         local = got[0]
     return wrap_local(local, mesh, d, shape)
@@ -118,7 +135,7 @@ def gather_tensor(dt: DTensor, manager: DomainParallelManager | DeviceMesh | Non
     if not isinstance(dt, DTensor):
         raise DomainParallelError(f"gather_tensor: expected a DTensor, got {type(dt).__name__}")
     if manager is not None:
-        mesh = _mesh_of(manager)
+        mesh = _mesh_of(manager, "gather_tensor")
         if dt.device_mesh != mesh:
             raise MeshMismatchError(
                 f"gather_tensor: the DTensor lives on mesh {dt.device_mesh} but the manager's domain mesh is "
@@ -140,7 +157,11 @@ def shard_batch(batch: Any, manager: DomainParallelManager | DeviceMesh) -> Any:
         d = h_dim_of(batch)
         return batch if d is None else shard_tensor(batch, manager, d)
     if isinstance(batch, Mapping):
-        return type(batch)((k, shard_batch(v, manager)) for k, v in batch.items())  # type: ignore[call-arg]
+        items = [(k, shard_batch(v, manager)) for k, v in batch.items()]
+        try:
+            return type(batch)(items)  # type: ignore[call-arg]
+        except TypeError:  # e.g. defaultdict, mappingproxy: fall back to a plain dict
+            return dict(items)
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(shard_batch(v, manager) for v in batch))
     if isinstance(batch, (list, tuple)):
