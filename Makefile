@@ -1,0 +1,49 @@
+# One-command setup: `make demo` runs the main job, `make test` the test suite.
+# Both create .venv on first use (CPU torch pinned explicitly, then this package with its
+# test extra) and reuse it afterwards; the stamp is rebuilt when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+# Pinned CPU build: an unpinned torch may resolve to a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# Extra pip arguments for torch only, e.g. TORCH_PIP_ARGS='--index-url <CPU wheel index>'
+TORCH_PIP_ARGS ?=
+# The main job (becomes `credit-dtensor demo` once the training demo exists).
+DEMO_CMD ?= credit-dtensor info
+PYTEST_ARGS ?=
+
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-test
+LINT_STAMP := $(VENV)/.installed-lint
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: demo test venv lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
+	$(VPY) -m pip install -e '.[test]'
+	@touch $@
+
+demo: $(STAMP)
+	$(DEMO_CMD)
+
+test: $(STAMP)
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+$(LINT_STAMP): $(STAMP)
+	$(VPY) -m pip install 'ruff>=0.5'
+	@touch $@
+
+lint: $(LINT_STAMP)
+	$(VPY) -m ruff check credit_dtensor tests scripts
+	$(VPY) -m ruff format --check credit_dtensor tests scripts
+
+format: $(LINT_STAMP)
+	$(VPY) -m ruff format credit_dtensor tests scripts
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

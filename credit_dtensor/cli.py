@@ -1,0 +1,188 @@
+"""The ``credit-dtensor`` command.
+
+``info`` reports what this installation can do: torch version, distributed backends, CUDA, the
+mesh layout when launched under torchrun, and which op rules are registered. The other
+subcommands are filled in by later work; until then they say so and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import pkgutil
+import platform
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from .errors import DomainParallelError
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger(__name__)
+
+#: Subcommands that exist in the interface but are implemented by later work.
+PENDING = {
+    "demo": "train a small model domain-parallel and compare it with one device",
+    "plan": "audit a model: which layers convert, halo sizes, constraints",
+    "check": "parity check of the op rules against single-device results",
+    "bench": "communication and time benchmarks",
+    "train": "training entry point",
+}
+EXIT_NOT_AVAILABLE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="credit-dtensor", description="Exact domain parallelism on DTensors.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    info = sub.add_parser("info", help="versions, backends, mesh layout, registered op rules")
+    info.add_argument(
+        "--domain",
+        type=int,
+        default=None,
+        help="domain-parallel size under torchrun (default: the whole world)",
+    )
+    for name, text in PENDING.items():
+        p = sub.add_parser(name, help=f"{text} (not available yet)")
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def _setup_logging(verbose: bool, console: Console) -> None:
+    """Rich log lines for the package's own loggers (the root logger is left alone)."""
+    pkg = logging.getLogger("credit_dtensor")
+    for h in [h for h in pkg.handlers if getattr(h, "_credit_dtensor_cli", False)]:
+        pkg.removeHandler(h)
+    handler = RichHandler(console=console, show_path=False)
+    handler._credit_dtensor_cli = True  # type: ignore[attr-defined]
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _import_op_modules() -> dict[str, str]:
+    """Import every ``credit_dtensor.ops`` module (importing registers its rules).
+
+    Returns ``{module: error}`` for modules that failed, so ``info`` still works while an op
+    family is broken or half-written.
+    """
+    import credit_dtensor.ops as ops_pkg
+
+    failed: dict[str, str] = {}
+    for mod in pkgutil.iter_modules(ops_pkg.__path__):
+        if mod.name.startswith("_"):
+            continue
+        name = f"{ops_pkg.__name__}.{mod.name}"
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - report, do not crash `info`
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            logger.info("could not import %s", name, exc_info=True)
+    return failed
+
+
+def _backends() -> str:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "torch.distributed not available"
+    names = ("gloo", "nccl", "mpi", "ucc", "xccl")
+    found = []
+    for n in names:
+        check = getattr(dist, f"is_{n}_available", None)
+        found.append(f"{n} {'yes' if check is not None and check() else 'no'}")
+    return ", ".join(found)
+
+
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _mesh_rows(domain: int | None) -> tuple[list[tuple[str, str]], bool]:
+    """Initialize the mesh from torchrun's environment; rows for the table and whether to print."""
+    import torch.distributed as dist
+
+    from .mesh import DomainParallelManager, rank_layout
+
+    world = int(os.environ["WORLD_SIZE"])
+    manager = DomainParallelManager(domain or world)
+    domain_groups, dp_groups = rank_layout(world, manager.domain_world_size)
+    rows = [
+        ("world", f"{world} ranks, backend {dist.get_backend()}"),
+        ("mesh", f"dp={manager.dp_world_size} x domain={manager.domain_world_size} on {manager.device_type}"),
+        ("domain groups", " ".join(str(g) for g in domain_groups)),
+        ("dp groups", " ".join(str(g) for g in dp_groups)),
+        ("rank 0", f"dp_rank={manager.dp_rank} domain_rank={manager.domain_rank}"),
+    ]
+    return rows, dist.get_rank() == 0
+
+
+def cmd_info(args: argparse.Namespace, console: Console) -> int:
+    import torch
+
+    from . import __version__
+    from .ops._dispatch import registered_ops
+
+    table = Table(title=f"credit-dtensor {__version__}", show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    table.add_row("torch", torch.__version__)
+    table.add_row("python", f"{platform.python_version()} ({sys.executable})")
+    table.add_row("backends", _backends())
+    cuda = f"yes ({torch.cuda.device_count()} devices)" if torch.cuda.is_available() else "no"
+    table.add_row("CUDA", cuda)
+
+    import torch.distributed as dist
+
+    show = True
+    created_group = False
+    if _under_torchrun():
+        created_group = not dist.is_initialized()
+        rows, show = _mesh_rows(args.domain)
+        for k, v in rows:
+            table.add_row(k, v)
+    else:
+        table.add_row(
+            "mesh", "not launched under torchrun (run `torchrun --nproc-per-node N -m credit_dtensor.cli info`)"
+        )
+
+    failed = _import_op_modules()
+    ops = registered_ops()
+    if ops:
+        for op, rules in sorted(ops.items()):
+            table.add_row(f"rule {op}", ", ".join(rules))
+    else:
+        table.add_row("op rules", "none registered yet")
+    for name, err in failed.items():
+        table.add_row(f"[red]import failed[/red] {name}", err)
+    if show:
+        console.print(table)
+
+    if created_group:
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``credit-dtensor``; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    console = Console()
+    _setup_logging(args.verbose, console)
+    if args.command == "info":
+        try:
+            return cmd_info(args, console)
+        except DomainParallelError as exc:
+            console.print(f"[red]credit-dtensor info[/red]: {exc}")
+            return 1
+    console.print(f"[yellow]credit-dtensor {args.command}[/yellow]: not available yet ({PENDING[args.command]})")
+    return EXIT_NOT_AVAILABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
