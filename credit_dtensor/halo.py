@@ -136,11 +136,13 @@ def _row_shape(x: torch.Tensor, dim: int, rows: int) -> tuple[int, ...]:
 
 def halo_gather(x: torch.Tensor, dim: int, plan: HaloPlan, group: dist.ProcessGroup) -> torch.Tensor:
     """Forward: assemble this rank's extended tensor (no autograd; see :func:`gather_rows`)."""
-    if plan.is_identity:
+    if plan.is_local and plan.is_identity:
         return x
     sends = [(dst, x.index_select(dim, torch.tensor(rows, device=x.device))) for dst, rows in plan.sends]
     recv_shapes = [(src, _row_shape(x, dim, len(rows))) for src, rows in plan.recvs]
     received = comm.exchange(sends, recv_shapes, group, dtype=x.dtype, device=x.device) if not plan.is_local else []
+    if plan.is_identity:
+        return x
     pieces = []
     for seg in plan.segments:
         if seg.source == -2:
@@ -155,13 +157,13 @@ def halo_gather(x: torch.Tensor, dim: int, plan: HaloPlan, group: dist.ProcessGr
 
 def halo_scatter_add(grad_ext: torch.Tensor, dim: int, plan: HaloPlan, group: dist.ProcessGroup) -> torch.Tensor:
     """Adjoint of :func:`halo_gather`: route each extended row's gradient to its owner and sum."""
-    if plan.is_identity:
+    if plan.is_local and plan.is_identity:
         return grad_ext
     shape = _row_shape(grad_ext, dim, plan.local_len)
-    grad = grad_ext.new_zeros(shape)
+    grad = grad_ext.clone() if plan.is_identity else grad_ext.new_zeros(shape)
     back = [grad_ext.new_zeros(_row_shape(grad_ext, dim, len(rows))) for _, rows in plan.recvs]
     pos = 0
-    for seg in plan.segments:
+    for seg in () if plan.is_identity else plan.segments:
         if seg.source != -2:
             dst = grad if seg.source == -1 else back[seg.source]
             dst.narrow(dim, seg.start, seg.length).add_(grad_ext.narrow(dim, pos, seg.length))

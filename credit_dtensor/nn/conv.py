@@ -1,0 +1,95 @@
+"""Domain-parallel (transposed) convolution modules.
+
+``DomainParallelConv2d(conv, manager)`` turns ``conv`` itself into a module that accepts a plain
+tensor (sharded on H here) or an H-sharded DTensor and returns an H-sharded DTensor, exact for
+every configuration ``nn.Conv2d`` accepts. Weight/bias keep their names; hooks and
+parametrizations (weight norm, spectral norm) still run because only ``_conv_forward`` /
+``forward`` is replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from ..ops.conv import ConvSpec, conv, conv_spec_from_module, needs_halo
+from ._base import DomainParallelModule
+
+__all__ = [
+    "DomainParallelConv1d",
+    "DomainParallelConv2d",
+    "DomainParallelConv3d",
+    "DomainParallelConvTranspose1d",
+    "DomainParallelConvTranspose2d",
+    "DomainParallelConvTranspose3d",
+    "CONV_WRAPPERS",
+    "module_needs_halo",
+]
+
+
+class _DomainParallelConvNd(DomainParallelModule):
+    _shard_dim: int = -2  # of the batched input; conv1d shards its only spatial dim
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x = self._dp_input(input, self._shard_dim)
+        if not isinstance(x, DTensor):
+            return super()._conv_forward(x, weight, bias)  # type: ignore[misc]
+        return conv(x, weight, bias, conv_spec_from_module(self))
+
+
+class _DomainParallelConvTransposeNd(DomainParallelModule):
+    _shard_dim: int = -2
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        x = self._dp_input(input, self._shard_dim)
+        nd = len(self.kernel_size)
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, nd, self.dilation
+        )
+        return conv(x, self.weight, self.bias, conv_spec_from_module(self, output_padding=output_padding))
+
+
+class DomainParallelConv1d(_DomainParallelConvNd, nn.Conv1d):
+    wraps = nn.Conv1d
+    _shard_dim = -1
+
+
+class DomainParallelConv2d(_DomainParallelConvNd, nn.Conv2d):
+    wraps = nn.Conv2d
+
+
+class DomainParallelConv3d(_DomainParallelConvNd, nn.Conv3d):
+    wraps = nn.Conv3d
+
+
+class DomainParallelConvTranspose1d(_DomainParallelConvTransposeNd, nn.ConvTranspose1d):
+    wraps = nn.ConvTranspose1d
+    _shard_dim = -1
+
+
+class DomainParallelConvTranspose2d(_DomainParallelConvTransposeNd, nn.ConvTranspose2d):
+    wraps = nn.ConvTranspose2d
+
+
+class DomainParallelConvTranspose3d(_DomainParallelConvTransposeNd, nn.ConvTranspose3d):
+    wraps = nn.ConvTranspose3d
+
+
+#: torch class -> wrapper class (subclasses first, so ConvTranspose is not matched as Conv).
+CONV_WRAPPERS: dict[type[nn.Module], type[DomainParallelModule]] = {
+    nn.ConvTranspose1d: DomainParallelConvTranspose1d,
+    nn.ConvTranspose2d: DomainParallelConvTranspose2d,
+    nn.ConvTranspose3d: DomainParallelConvTranspose3d,
+    nn.Conv1d: DomainParallelConv1d,
+    nn.Conv2d: DomainParallelConv2d,
+    nn.Conv3d: DomainParallelConv3d,
+}
+
+
+def module_needs_halo(module: nn.Module, spatial_index: int | None = None) -> bool:
+    """Whether a conv module's outputs read rows of neighbouring shards along the sharded dim
+    (the second-to-last spatial dim for 2-D/3-D convs, the only one for 1-D)."""
+    spec: ConvSpec = conv_spec_from_module(module)
+    i = spatial_index if spatial_index is not None else max(spec.nd - 2, 0)
+    return needs_halo(spec, i)
