@@ -266,9 +266,7 @@ def _wrap(local: torch.Tensor, plan: NormPlan, shape: Sequence[int]) -> DTensor:
     )
 
 
-def _affine(
-    xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, plan: NormPlan
-) -> torch.Tensor:
+def _affine(xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, plan: NormPlan) -> torch.Tensor:
     w = _param_local(weight, plan, "weight")
     b = _param_local(bias, plan, "bias")
     y = xhat
@@ -305,9 +303,7 @@ def group_norm(
     return _wrap(_affine(xhat, weight, bias, plan), plan, shape)
 
 
-def _running_update(
-    running: torch.Tensor | None, value: torch.Tensor, momentum: float
-) -> None:
+def _running_update(running: torch.Tensor | None, value: torch.Tensor, momentum: float) -> None:
     """``running = momentum * value + (1 - momentum) * running`` in place (plain or DTensor buffer)."""
     if running is None:
         return
@@ -325,9 +321,7 @@ def _batch_mean(t: torch.Tensor, plan: NormPlan) -> torch.Tensor:
     return s / plan.layout.shape[0]
 
 
-def _fixed_stats(
-    x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float
-) -> torch.Tensor:
+def _fixed_stats(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalize with given per-channel statistics (eval): pointwise, no communication."""
     shape = (1, -1) + (1,) * (x.ndim - 2)
     acc = _acc_dtype(x.dtype)
@@ -527,7 +521,11 @@ def _param_grads(
         if not mask[i + 1]:
             continue
         g = val()
-        if plan.layout.kind == "layer" and plan.dim is not None and plan.dim >= len(plan.layout.shape) - plan.layout.norm_ndim:
+        if (
+            plan.layout.kind == "layer"
+            and plan.dim is not None
+            and plan.dim >= len(plan.layout.shape) - plan.layout.norm_ndim
+        ):
             full = g.new_zeros(pshape)
             a, b = plan.local_range()
             full.narrow(plan.dim - (len(plan.layout.shape) - plan.layout.norm_ndim), a, b - a).copy_(g)
@@ -632,8 +630,10 @@ def _batch_norm_rule(op, args, kwargs):
         n = layout.count()
         _running_update(running_mean, mean, momentum)
         _running_update(running_var, var * (n / max(n - 1, 1)), momentum)
-        return _dt(y, plan, plan.placement, x.shape), _stats_out(mean.to(y.dtype), plan), _stats_out(
-            rstd.to(y.dtype), plan
+        return (
+            _dt(y, plan, plan.placement, x.shape),
+            _stats_out(mean.to(y.dtype), plan),
+            _stats_out(rstd.to(y.dtype), plan),
         )
     plan = plan_norm(x, layout, "batch_norm")
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
