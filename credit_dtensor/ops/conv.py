@@ -379,6 +379,11 @@ def _spatial_shard_dim(x: DTensor, nd: int) -> int | None:
     """Tensor dim of a spatial Shard placement (None when not spatially sharded)."""
     first = x.ndim - nd
     dims = [p.dim for p in x.placements if isinstance(p, Shard)]
+    if any(0 < d < first for d in dims) or any(d == 0 and x.ndim == nd + 1 for d in dims):
+        raise UnsupportedShardingError(
+            f"conv{nd}d: input placements {x.placements} shard the channel dim, which convolutions mix: "
+            "shard activations on H (Shard(-2)) or the batch dim, or redistribute to Replicate first"
+        )
     spatial = [d for d in dims if d >= first]
     if not spatial:
         return None
