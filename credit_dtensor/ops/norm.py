@@ -100,7 +100,7 @@ def plan_norm(x: DTensor, layout: NormLayout, label: str, op: str | None = None)
         return NormPlan(mesh, layout, None, None, label, op)
     if not isinstance(p, Shard) or type(p) is not Shard:
         raise UnsupportedShardingError(
-            f"{label}: input placement {p} is not supported; expected Shard(spatial dim) or Replicate: "
+            f"{label}: input placement {p!r} is not supported; expected Shard(spatial dim) or Replicate: "
             "redistribute the input first"
         )
     dim = p.dim % len(layout.shape)
