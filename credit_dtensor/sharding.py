@@ -91,8 +91,8 @@ def shard_tensor(
         _check_device(x, mesh, "shard_tensor")
         d = _normalize_dim(x.ndim, dim, "shard_tensor")
         a, b = chunk_range(x.shape[d], world, rank)
-        # contiguous: the shard must not alias (and keep alive) the caller's full tensor
-        return wrap_local(x.narrow(d, a, b - a).contiguous(), mesh, d, x.shape)
+        # a copy: the shard must not alias (nor keep alive) the caller's full tensor
+        return wrap_local(x.narrow(d, a, b - a).clone(memory_format=torch.contiguous_format), mesh, d, x.shape)
     if not 0 <= src < world:
         raise DomainParallelError(f"shard_tensor: src={src} is not a domain rank (0..{world - 1})")
     group = mesh.get_group()
@@ -124,7 +124,7 @@ def shard_tensor(
     got = comm.exchange(sends, recv, group, dtype=dtype, device=device)
     if rank == src:
         a, b = chunk_range(shape[d], world, rank)
-        local = x.narrow(d, a, b - a).contiguous()
+        local = x.narrow(d, a, b - a).clone(memory_format=torch.contiguous_format)
     else:
         local = got[0]
     return wrap_local(local, mesh, d, shape)
