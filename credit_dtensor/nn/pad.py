@@ -1,0 +1,91 @@
+"""Domain-parallel padding modules: ``ZeroPad*``, ``ConstantPad*``, ``ReflectionPad*``,
+``ReplicationPad*`` and ``CircularPad*`` (1-D/2-D/3-D).
+
+``DomainParallelReflectionPad(module, manager)`` turns the module itself into one that accepts a
+plain tensor (sharded here on H: dim -2, or the only spatial dim of a 3-D input) or a sharded
+DTensor and returns the padded tensor as a ``Shard`` DTensor re-chunked by ``torch.chunk`` of the
+padded length (see :func:`credit_dtensor.ops.pad.pad`). A following ``Conv2d(padding=0)`` then
+consumes it directly, which is how ``nn.Sequential(nn.ZeroPad2d(p), nn.Conv2d(..., padding=0))``
+stays exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.padding import _CircularPadNd, _ConstantPadNd, _ReflectionPadNd, _ReplicationPadNd
+
+from ..ops.pad import pad
+from ._base import DomainParallelModule
+
+__all__ = [
+    "DomainParallelConstantPad",
+    "DomainParallelReflectionPad",
+    "DomainParallelReplicationPad",
+    "DomainParallelCircularPad",
+    "PAD_WRAPPERS",
+    "needs_domain_parallel",
+    "pad_wrapper_for",
+    "default_shard_dim",
+]
+
+
+def default_shard_dim(x: torch.Tensor) -> int:
+    """Where a plain input is sharded: H (dim -2) for 4-D/5-D inputs, the last dim for 1-D/3-D."""
+    return -2 if x.ndim >= 4 else -1
+
+
+class _DomainParallelPadNd(DomainParallelModule):
+    _mode = "constant"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = self._dp_input(input, default_shard_dim(input))
+        value = getattr(self, "value", None) if self._mode == "constant" else None
+        return pad(x, list(self.padding), self._mode, value)
+
+
+class DomainParallelConstantPad(_DomainParallelPadNd, _ConstantPadNd):
+    """``ZeroPad1d/2d/3d`` and ``ConstantPad1d/2d/3d`` (any value)."""
+
+    wraps = _ConstantPadNd
+    _mode = "constant"
+
+
+class DomainParallelReflectionPad(_DomainParallelPadNd, _ReflectionPadNd):
+    wraps = _ReflectionPadNd
+    _mode = "reflect"
+
+
+class DomainParallelReplicationPad(_DomainParallelPadNd, _ReplicationPadNd):
+    wraps = _ReplicationPadNd
+    _mode = "replicate"
+
+
+class DomainParallelCircularPad(_DomainParallelPadNd, _CircularPadNd):
+    wraps = _CircularPadNd
+    _mode = "circular"
+
+
+#: torch base class -> wrapper class (match with ``isinstance``).
+PAD_WRAPPERS: dict[type[nn.Module], type[DomainParallelModule]] = {
+    _ConstantPadNd: DomainParallelConstantPad,
+    _ReflectionPadNd: DomainParallelReflectionPad,
+    _ReplicationPadNd: DomainParallelReplicationPad,
+    _CircularPadNd: DomainParallelCircularPad,
+}
+
+
+def pad_wrapper_for(module: nn.Module) -> type[DomainParallelModule] | None:
+    """The wrapper class for a padding module (None if it is not one)."""
+    if isinstance(module, DomainParallelModule):
+        return None
+    for base, wrapper in PAD_WRAPPERS.items():
+        if isinstance(module, base):
+            return wrapper
+    return None
+
+
+def needs_domain_parallel(module: nn.Module) -> bool:
+    """True for every padding module: on a sharded input it must re-chunk the output (and fetch
+    remote rows when it pads the sharded dim), which PyTorch's DTensor rules do not do exactly."""
+    return pad_wrapper_for(module) is not None

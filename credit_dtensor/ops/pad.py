@@ -1,0 +1,229 @@
+"""Exact ``F.pad`` on sharded DTensors: constant (any value), reflect, replicate and circular,
+negative pads (cropping) included, on the sharded dim and any other dim.
+
+Along the sharded dim the padded tensor is re-chunked with ``torch.chunk`` of the *padded*
+length, and each output row is a source row (:func:`credit_dtensor.geometry.pad.pad_source`) or
+the constant: one halo gather fetches exactly the remote rows a rank's output chunk contains
+(circular padding on H wraps the last rank's rows to the first). Other dims are padded locally.
+The result is an ordinary ``Shard(dim)`` DTensor, so a following convolution with ``padding=0``
+consumes it unchanged (this is how the converter handles ``nn.ZeroPad2d`` + ``nn.Conv2d``).
+
+Functional interception: ``F.pad`` with constant/reflect/replicate on a sharded DTensor is routed
+here by aten rules (forward and backward). ``F.pad(mode="circular")`` decomposes into slices above
+the DTensor dispatcher and cannot be intercepted: use :func:`pad` or the module wrappers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
+
+from ..errors import DomainParallelError
+from ..geometry.pad import check_pad, normalize_pad_mode, pad_sources, split_pad
+from ..halo import cached_plan, halo_gather, halo_scatter_add
+from ._dispatch import register_rule
+from ._rows import RowOp, apply_row_op, chunk_needs, domain_info
+
+__all__ = ["pad", "PadOp", "pad_op", "sharded_dim_of"]
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+def sharded_dim_of(x: object) -> int | None:
+    """The dim a DTensor on a 1-D mesh is sharded on (any dim), else None."""
+    if not isinstance(x, DTensor) or x.device_mesh.ndim != 1:
+        return None
+    for p in x.placements:
+        if isinstance(p, Shard):
+            return p.dim
+    return None
+
+
+class PadOp(RowOp):
+    """``F.pad`` of one rank's shard. ``pads`` maps dims to ``(lo, hi)``."""
+
+    label = "pad"
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        pads: tuple[tuple[int, int, int], ...],
+        mode: str,
+        value: float,
+        dim: int,
+        world: int,
+        rank: int,
+    ) -> None:
+        self.mode, self.value, self.dim = mode, float(value), dim
+        self.in_shape = tuple(in_shape)
+        pmap = {d: (lo, hi) for d, lo, hi in pads}
+        out = list(in_shape)
+        for d, (lo, hi) in pmap.items():
+            check_pad(in_shape[d], lo, hi, mode)
+            out[d] += lo + hi
+        self.out_shape = tuple(out)
+        n = in_shape[dim]
+        lo, hi = pmap.get(dim, (0, 0))
+        needs = chunk_needs(out[dim], world, lambda o0, o1: pad_sources(o0, o1, n, lo, hi, mode))
+        self.plan = cached_plan(n, world, rank, needs)
+        self.fill = tuple(i for i, s in enumerate(needs[rank]) if s is None)
+        self.other = tuple((d, lo_, hi_) for d, (lo_, hi_) in sorted(pmap.items()) if d != dim and (lo_, hi_) != (0, 0))
+        self.maps = (
+            {d: pad_sources(0, in_shape[d] + lo_ + hi_, in_shape[d], lo_, hi_, mode) for d, lo_, hi_ in self.other}
+            if mode != "constant"
+            else {}
+        )
+        self._idx_cache: dict[tuple, torch.Tensor] = {}
+
+    def _index(self, key: object, values: Sequence[int], device: torch.device) -> torch.Tensor:
+        k = (key, device)
+        if k not in self._idx_cache:
+            self._idx_cache[k] = torch.tensor(list(values), dtype=torch.long, device=device)
+        return self._idx_cache[k]
+
+    def _flat_other(self, ndim: int, sign: int) -> list[int]:
+        """``F.pad``-style flat list for the non-sharded dims (sharded dim gets ``(0, 0)``)."""
+        first = min(d for d, _, _ in self.other)
+        flat: list[int] = []
+        pmap = {d: (lo, hi) for d, lo, hi in self.other}
+        for d in range(ndim - 1, first - 1, -1):
+            lo, hi = pmap.get(d, (0, 0))
+            flat += [sign * lo, sign * hi]
+        return flat
+
+    def _pad_other(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.other:
+            return t
+        if self.mode == "constant":
+            return F.pad(t, self._flat_other(t.ndim, 1), value=self.value)
+        for d, _, _ in self.other:
+            t = t.index_select(d, self._index(d, self.maps[d], t.device))
+        return t
+
+    def _unpad_other(self, g: torch.Tensor) -> torch.Tensor:
+        if not self.other:
+            return g
+        if self.mode == "constant":
+            return F.pad(g, self._flat_other(g.ndim, -1))
+        for d, _, _ in reversed(self.other):
+            shape = list(g.shape)
+            shape[d] = self.in_shape[d]
+            g = g.new_zeros(shape).index_add_(d, self._index(d, self.maps[d], g.device), g)
+        return g
+
+    def forward(self, x: torch.Tensor, group: dist.ProcessGroup):
+        ext = halo_gather(x, self.dim, self.plan, group)
+        if self.fill and self.value != 0.0:
+            ext = ext.index_fill(self.dim, self._index("fill", self.fill, ext.device), self.value)
+        y = self._pad_other(ext)
+        return (y.clone() if y is x else y), None, None
+
+    def backward(self, g: torch.Tensor, saved: object, group: dist.ProcessGroup) -> torch.Tensor:
+        g_ext = self._unpad_other(g)
+        return halo_scatter_add(g_ext.contiguous(), self.dim, self.plan, group)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_pad_op(in_shape, pads, mode, value, dim, world, rank) -> PadOp:
+    return PadOp(in_shape, pads, mode, value, dim, world, rank)
+
+
+def pad_op(
+    in_shape: Sequence[int], pad: Sequence[int], mode: str, value: float | None, dim: int, world: int, rank: int
+) -> PadOp:
+    """The (cached) :class:`PadOp` for ``F.pad(x, pad, mode, value)`` of a tensor of global
+    ``in_shape`` sharded on ``dim``; raises :class:`DomainParallelError` for invalid pads."""
+    mode = normalize_pad_mode(mode)
+    ndim = len(in_shape)
+    try:
+        pmap = split_pad(pad, ndim)
+        pads = tuple((d, lo, hi) for d, (lo, hi) in sorted(pmap.items()))
+        return _cached_pad_op(tuple(in_shape), pads, mode, float(value or 0.0), dim % ndim, world, rank)
+    except ValueError as e:
+        raise DomainParallelError(
+            f"pad(mode={mode!r}, pad={tuple(pad)}) on a tensor of shape {tuple(in_shape)}: {e}"
+        ) from e
+
+
+def _validate(shape: Sequence[int], pad: Sequence[int], mode: str, value: float | None) -> None:
+    """Single-device validation on a meta tensor (same errors as ``F.pad``)."""
+    F.pad(torch.empty(tuple(shape), device="meta"), list(pad), mode=mode, value=value)
+
+
+def pad(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: float | None = None) -> torch.Tensor:
+    """``F.pad`` that is exact for DTensors sharded on any dim of a 1-D (domain) mesh.
+
+    The output is sharded on the same dim and re-chunked by ``torch.chunk`` of the padded length.
+    Plain tensors and unsharded DTensors go to ``F.pad``.
+    """
+    dim = sharded_dim_of(x)
+    if dim is None:
+        return F.pad(x, list(pad), mode=mode, value=value)
+    _validate(x.shape, pad, mode, value)
+    _, _, world, rank = domain_info(x)  # type: ignore[arg-type]
+    op = pad_op(tuple(x.shape), pad, mode, value, dim, world, rank)
+    return apply_row_op(x, op)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional path: aten rules (below autograd)
+# ---------------------------------------------------------------------------------------------
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default=None):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _constant_pad_rule(op, args, kwargs):
+    x = args[0]
+    dim = sharded_dim_of(x)
+    if dim is None:
+        return NotImplemented
+    pad_, value = list(_arg(args, kwargs, 1, "pad")), _arg(args, kwargs, 2, "value", 0)
+    _, _, world, rank = domain_info(x)
+    padop = pad_op(tuple(x.shape), pad_, "constant", float(value), dim, world, rank)
+    y, _, _ = padop.run_forward(x)
+    return y
+
+
+def _mode_pad_rule(mode: str):
+    def rule(op, args, kwargs):
+        x = args[0]
+        dim = sharded_dim_of(x)
+        if dim is None:
+            return NotImplemented
+        _, _, world, rank = domain_info(x)
+        padop = pad_op(tuple(x.shape), list(_arg(args, kwargs, 1, "padding")), mode, None, dim, world, rank)
+        y, _, _ = padop.run_forward(x)
+        return y
+
+    rule.__qualname__ = f"{mode}_pad_rule"
+    return rule
+
+
+def _mode_pad_backward_rule(mode: str):
+    def rule(op, args, kwargs):
+        g, x = args[0], _arg(args, kwargs, 1, "self")
+        dim = sharded_dim_of(x)
+        if dim is None or sharded_dim_of(g) is None:
+            return NotImplemented
+        mesh, _, world, rank = domain_info(x)
+        padop = pad_op(tuple(x.shape), list(_arg(args, kwargs, 2, "padding")), mode, None, dim, world, rank)
+        return padop.run_backward(g, mesh, None)
+
+    rule.__qualname__ = f"{mode}_pad_backward_rule"
+    return rule
+
+
+register_rule(aten.constant_pad_nd.default, _constant_pad_rule)
+for _nd in (1, 2, 3):
+    for _mode, _name in (("reflect", "reflection"), ("replicate", "replication")):
+        register_rule(getattr(aten, f"{_name}_pad{_nd}d").default, _mode_pad_rule(_mode))
+        register_rule(getattr(aten, f"{_name}_pad{_nd}d_backward").default, _mode_pad_backward_rule(_mode))
