@@ -50,8 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="domain-parallel size under torchrun (default: the whole world)",
     )
     for name, text in PENDING.items():
-        p = sub.add_parser(name, help=f"{text} (not available yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        sub.add_parser(name, help=f"{text} (not available yet)")
     return parser
 
 
@@ -171,7 +170,11 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``credit-dtensor``; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # the pending subcommands accept (and ignore) any options until they are implemented
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in PENDING:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console = Console()
     _setup_logging(args.verbose, console)
     if args.command == "info":

@@ -1,0 +1,84 @@
+"""The ``credit-dtensor`` command: ``info`` in-process, as a module, under torchrun; stubs exit 2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from credit_dtensor.cli import EXIT_NOT_AVAILABLE, PENDING, main
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["COLUMNS"] = "200"  # one table row per line, whatever the terminal
+    return env
+
+
+def test_info_in_process(monkeypatch, capsys):
+    for k in TORCHRUN_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert torch.__version__ in out
+    assert "gloo yes" in out
+    assert "not launched under torchrun" in out
+    assert not dist.is_initialized()  # info must not leave a process group behind
+
+
+def test_info_verbose_in_process(monkeypatch, capsys):
+    for k in TORCHRUN_VARS:
+        monkeypatch.delenv(k, raising=False)
+    assert main(["-v", "info"]) == 0
+    assert "torch" in capsys.readouterr().out
+
+
+def test_info_as_module():
+    proc = subprocess.run(
+        [sys.executable, "-m", "credit_dtensor.cli", "info"],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert torch.__version__ in proc.stdout and "backends" in proc.stdout
+
+
+@pytest.mark.parametrize("command", sorted(PENDING))
+def test_pending_commands_exit_2(command, capsys):
+    assert main([command, "--anything"]) == EXIT_NOT_AVAILABLE
+    assert "not available yet" in capsys.readouterr().out
+
+
+def test_missing_or_unknown_command_is_a_usage_error():
+    for argv in ([], ["frobnicate"], ["info", "--bogus"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+
+
+def _torchrun() -> list[str] | None:
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    return [exe] if exe else None
+
+
+@pytest.mark.skipif(_torchrun() is None, reason="torchrun not installed next to this python")
+def test_info_under_torchrun():
+    base = [*_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "credit_dtensor.cli", "info"]
+    proc = subprocess.run([*base, "--domain", "1"], capture_output=True, text=True, env=_clean_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "dp=2 x domain=1" in proc.stdout
+    assert "[0] [1]" in proc.stdout and "[0, 1]" in proc.stdout  # domain groups, dp group
+    assert proc.stdout.count("credit-dtensor") == 1  # only rank 0 prints
+    bad = subprocess.run([*base, "--domain", "3"], capture_output=True, text=True, env=_clean_env(), timeout=300)
+    assert bad.returncode != 0
+    assert "does not divide" in bad.stdout and "Traceback" not in bad.stdout
