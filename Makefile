@@ -11,6 +11,7 @@ TORCH_PIP_ARGS ?=
 # The main job (becomes `credit-dtensor demo` once the training demo exists).
 DEMO_CMD ?= credit-dtensor info
 PYTEST_ARGS ?=
+LINT_PATHS := credit_dtensor tests $(wildcard scripts)
 
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
@@ -38,11 +39,11 @@ $(LINT_STAMP): $(STAMP)
 	@touch $@
 
 lint: $(LINT_STAMP)
-	$(VPY) -m ruff check credit_dtensor tests scripts
-	$(VPY) -m ruff format --check credit_dtensor tests scripts
+	$(VPY) -m ruff check $(LINT_PATHS)
+	$(VPY) -m ruff format --check $(LINT_PATHS)
 
 format: $(LINT_STAMP)
-	$(VPY) -m ruff format credit_dtensor tests scripts
+	$(VPY) -m ruff format $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache
