@@ -82,3 +82,19 @@ def test_info_under_torchrun():
     bad = subprocess.run([*base, "--domain", "3"], capture_output=True, text=True, env=_clean_env(), timeout=300)
     assert bad.returncode != 0
     assert "does not divide" in bad.stdout and "Traceback" not in bad.stdout
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+@pytest.mark.skipif(_torchrun() is None, reason="torchrun not installed next to this python")
+def test_readme_quick_start_runs(tmp_path):
+    """The README's Quick start block runs as written on 2 ranks."""
+    text = open(README, encoding="utf-8").read()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (block,) = [b for b in blocks if "torchrun" in b and "shard_tensor" in b]
+    script = tmp_path / "quickstart.py"
+    script.write_text(block)
+    cmd = [*_torchrun(), "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
