@@ -11,6 +11,7 @@ from .sharding import gather_tensor, shard_batch, shard_tensor
 from .stats import comm_stats
 from . import ops as _ops  # noqa: F401
 from .ops import conv as _conv_rules  # noqa: F401  (registers the aten.convolution rules)
+from .ops import params as _param_rules  # noqa: F401
 from .nn.conv import (
     DomainParallelConv1d,
     DomainParallelConv2d,

@@ -70,12 +70,25 @@ def replicate_parameters(module: nn.Module, mesh: DeviceMesh, *, recurse: bool =
             mod._parameters[name] = nn.Parameter(dt, requires_grad=p.requires_grad)
 
 
+def replicate_buffers(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Turn floating-point buffers (e.g. spectral norm's power-iteration vectors) into Replicate
+    DTensors, so parametrizations mixing them with Replicate parameters stay DTensor-only in
+    forward and backward. Integer buffers (counters) stay plain."""
+    for mod in module.modules():
+        for name, b in list(mod._buffers.items()):
+            if b is None or isinstance(b, DTensor) or not b.is_floating_point():
+                continue
+            mod._buffers[name] = distribute_tensor(b, mesh, [Replicate()])
+
+
 class DomainParallelModule:
     """Mixin of every wrapper. Instances carry ``_dp_mesh`` (the domain :class:`DeviceMesh`)."""
 
     _dp_mesh: DeviceMesh
     #: The wrapped torch class (``nn.Conv2d`` ...); the module must be an instance of it.
     wraps: type[nn.Module] = nn.Module
+    #: Also make floating buffers Replicate DTensors (parameter-side buffers only; not running stats).
+    replicate_buffers: bool = False
 
     def __new__(cls, module: nn.Module | None = None, manager: Any = None, *args: Any, **kwargs: Any):
         if module is None:  # copy/deepcopy/pickle path
@@ -106,6 +119,8 @@ class DomainParallelModule:
             _CLASS_CACHE[key] = new_cls
             setattr(sys.modules[__name__], name, new_cls)  # picklable by reference
         replicate_parameters(module, mesh)
+        if cls.replicate_buffers:
+            replicate_buffers(module, mesh)
         module.__class__ = new_cls
         module._dp_mesh = mesh
         for k, v in options.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
 
 from ..ops.conv import ConvSpec, conv, conv_spec_from_module, needs_halo
 from ._base import DomainParallelModule
@@ -28,8 +29,21 @@ __all__ = [
 ]
 
 
+def _params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Evaluate (possibly parametrized) weight and bias. Parametrizations may mix the Replicate
+    parameters with plain buffers (spectral norm's power-iteration vectors): treat those as
+    replicated, which they are, since every rank runs the same update."""
+    with implicit_replication():
+        return module.weight, module.bias
+
+
 class _DomainParallelConvNd(DomainParallelModule):
     _shard_dim: int = -2  # of the batched input; conv1d shards its only spatial dim
+    replicate_buffers = True
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = _params(self)
+        return self._conv_forward(input, weight, bias)
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x = self._dp_input(input, self._shard_dim)
@@ -40,6 +54,7 @@ class _DomainParallelConvNd(DomainParallelModule):
 
 class _DomainParallelConvTransposeNd(DomainParallelModule):
     _shard_dim: int = -2
+    replicate_buffers = True
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         x = self._dp_input(input, self._shard_dim)
@@ -47,7 +62,8 @@ class _DomainParallelConvTransposeNd(DomainParallelModule):
         output_padding = self._output_padding(
             x, output_size, self.stride, self.padding, self.kernel_size, nd, self.dilation
         )
-        return conv(x, self.weight, self.bias, conv_spec_from_module(self, output_padding=output_padding))
+        weight, bias = _params(self)
+        return conv(x, weight, bias, conv_spec_from_module(self, output_padding=output_padding))
 
 
 class DomainParallelConv1d(_DomainParallelConvNd, nn.Conv1d):

@@ -554,6 +554,10 @@ _CONV_BW_NAMES = ("grad_output", "input", "weight", "bias_sizes", "stride", "pad
                   "output_padding", "groups", "output_mask")
 
 
+def _is_batch_sharded(x: DTensor) -> bool:
+    return len(x.placements) == 1 and isinstance(x.placements[0], Shard) and x.placements[0].dim == 0
+
+
 def _convolution_rule(op, args, kwargs):
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = _aten_args(args, kwargs, _CONV_NAMES)
     if not isinstance(x, DTensor):
@@ -561,7 +565,14 @@ def _convolution_rule(op, args, kwargs):
     nd = x.ndim - 2
     dim = _spatial_shard_dim(x, nd)
     if dim is None:
-        return NotImplemented
+        if not _is_batch_sharded(x):
+            return NotImplemented
+        # PyTorch 2.13 mis-shapes uneven batch shards; the local op is exact, so do it ourselves
+        _check_operands(x, w, b, "aten.convolution")
+        y = aten.convolution(x.to_local(), _local_param(w), _local_param(b), stride, padding, dilation, transposed,
+                             output_padding, groups)
+        shape = (x.shape[0], *y.shape[1:])
+        return _wrap(y, x.device_mesh, 0, shape)
     spec = _spec_from_aten(w.shape, stride, padding, dilation, transposed, output_padding, groups)
     _check_operands(x, w, b, f"aten.convolution ({spec.name})")
     _validate(spec, tuple(x.shape), spec.name)
@@ -587,7 +598,9 @@ def _convolution_backward_rule(op, args, kwargs):
     nd = x.ndim - 2
     dim = _spatial_shard_dim(x, nd)
     if dim is None:
-        return NotImplemented
+        if not _is_batch_sharded(x):
+            return NotImplemented
+        return _batch_backward(gy, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask)
     spec = _spec_from_aten(w.shape, stride, padding, dilation, transposed, output_padding, groups)
     mesh = x.device_mesh
     group = mesh.get_group()
@@ -617,6 +630,26 @@ def _convolution_backward_rule(op, args, kwargs):
         else:
             gb_out = comm.all_reduce_sum(gb.contiguous(), group)
     return gx, gw_out, gb_out
+
+
+def _batch_backward(gy, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
+    mesh = x.device_mesh
+    group = mesh.get_group()
+    if isinstance(gy, DTensor) and tuple(gy.placements) != (Shard(0),):
+        gy = gy.redistribute(mesh, [Shard(0)])
+    gyl = gy.to_local() if isinstance(gy, DTensor) else gy
+    gx, gw, gb = aten.convolution_backward(gyl.contiguous(), x.to_local(), _local_param(w), bias_sizes, stride,
+                                           padding, dilation, transposed, output_padding, groups, mask)
+    gx_out = _wrap(gx, mesh, 0, x.shape) if mask[0] else None
+    gw_out = _param_grad(gw, w, group, mesh) if mask[1] else None
+    gb_out = None
+    if mask[2] and gb is not None:
+        if isinstance(w, DTensor):
+            gb_out = DTensor.from_local(gb, w.device_mesh, [Partial()] * w.device_mesh.ndim, run_check=False,
+                                        shape=gb.shape, stride=gb.stride())
+        else:
+            gb_out = comm.all_reduce_sum(gb.contiguous(), group)
+    return gx_out, gw_out, gb_out
 
 
 register_rule(aten.convolution.default, _convolution_rule)

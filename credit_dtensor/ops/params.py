@@ -1,0 +1,30 @@
+"""Sharding rules for parameter-side ops that PyTorch 2.13's DTensor lacks.
+
+Parametrizations such as weight norm run on the (Replicate) parameters before every forward; their
+backward receives a ``Partial`` weight gradient from our conv rules. Declaring the all-Replicate
+strategy lets DTensor reduce that gradient once (Partial -> Replicate) and run the op locally,
+which is exact because every rank holds the same parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.experimental import register_sharding
+
+aten = torch.ops.aten
+
+__all__ = ["REPLICATED_PARAM_OPS"]
+
+
+@register_sharding(aten._weight_norm_interface.default)
+def _weight_norm_sharding(v, g, dim=0):
+    return [([Replicate(), Replicate()], [Replicate(), Replicate(), None])]
+
+
+@register_sharding(aten._weight_norm_interface_backward.default)
+def _weight_norm_backward_sharding(grad_w, saved_v, saved_g, saved_norms, dim):
+    return [([Replicate(), Replicate()], [Replicate(), Replicate(), Replicate(), Replicate(), None])]
+
+
+REPLICATED_PARAM_OPS = ("aten._weight_norm_interface", "aten._weight_norm_interface_backward")
