@@ -1,0 +1,455 @@
+"""``credit-dtensor demo``: the main job, no torchrun and no flags.
+
+Launches 4 local CPU processes (a 2 x 2 ``("dp", "domain")`` mesh over gloo), trains the demo
+U-Net on the synthetic global dataset with FSDP2 + exact domain parallelism, then trains the
+same steps in this one process with the plain, unconverted model and checks that the loss curves
+and final parameters agree within fp32 tolerance. The summary reports the mesh, activation
+memory saved for backward per rank vs one device, the bytes our op rules communicate per step
+vs the halo minimum (computed independently from the conv geometry), and step times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import queue
+import socket
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+__all__ = ["DemoConfig", "run_demo", "saved_tensor_bytes", "halo_minimum_bytes"]
+
+logger = logging.getLogger(__name__)
+
+#: fp32 agreement required between the 4-process run and the 1-process reference.
+LOSS_RTOL = 1e-4
+PARAM_ATOL = 1e-4
+
+
+@dataclass
+class DemoConfig:
+    dp: int = 2
+    domain: int = 2
+    steps: int = 30
+    nlat: int = 32
+    nlon: int = 64
+    global_batch: int = 4
+    timeout: float = 300.0  # seconds for the whole distributed run
+
+    def train_config(self):
+        from .train import TrainConfig
+
+        return TrainConfig(steps=self.steps, nlat=self.nlat, nlon=self.nlon, global_batch=self.global_batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    if isinstance(t, DTensor):
+        t = t._local_tensor
+    return t.untyped_storage().data_ptr()
+
+
+@contextlib.contextmanager
+def saved_tensor_bytes(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Count the bytes autograd saves for backward inside the block (activations only).
+
+    Each storage counts once (a DTensor counts its local shard); storages of the model's
+    parameters -- including FSDP2's unsharded ones, registered while a block runs -- are excluded.
+    """
+    out = {"bytes": 0}
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        local = t._local_tensor if isinstance(t, DTensor) else t
+        st = local.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in seen:
+            params = {_storage_ptr(p) for p in model.parameters()}
+            if ptr not in params:
+                seen.add(ptr)
+                out["bytes"] += st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield out
+
+
+Layer = tuple[nn.Module, tuple[int, ...], bool]
+
+
+def _layer_inputs(model: nn.Module) -> tuple[list[Layer], Callable[[], None]]:
+    """Record ``(conv module, input shape, input requires grad)`` of every conv call (forward hooks)."""
+    seen: list[Layer] = []
+    handles = []
+
+    def hook(mod: nn.Module, args: tuple, _out: Any) -> None:
+        seen.append((mod, tuple(args[0].shape), args[0].requires_grad))
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            handles.append(m.register_forward_hook(hook))
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    return seen, remove
+
+
+def halo_minimum_bytes(layers: list[Layer], domain: int, dp: int) -> int:
+    """Bytes one rank must receive per training step (forward halo + backward adjoint), averaged over
+    the domain group: the distinct remote input rows each rank's output chunk reads, from the conv
+    geometry alone (``torch.chunk`` rule, padding rows free unless they wrap); the adjoint only
+    where the conv's input needs a gradient."""
+    from .geometry import (
+        chunk_range,
+        conv_input_rows,
+        conv_out_len,
+        conv_transpose_input_rows,
+        conv_transpose_out_len,
+        source_row,
+    )
+
+    total = 0
+    for mod, shape, needs_grad in layers:
+        b, c, n, w = shape
+        k, s, d = mod.kernel_size[0], mod.stride[0], mod.dilation[0]
+        p = mod.padding[0] if not isinstance(mod.padding, str) else None
+        if p is None:  # 'same' / 'valid'
+            p = (d * (k - 1)) // 2 if mod.padding == "same" else 0
+        mode = "zeros" if isinstance(mod, nn.ConvTranspose2d) else mod.padding_mode
+        if isinstance(mod, nn.ConvTranspose2d):
+            n_out = conv_transpose_out_len(n, k, s, p, d, mod.output_padding[0])
+        else:
+            n_out = conv_out_len(n, k, s, p, p, d)
+        rows = 0
+        for r in range(domain):
+            o0, o1 = chunk_range(n_out, domain, r)
+            if isinstance(mod, nn.ConvTranspose2d):
+                a, z = conv_transpose_input_rows(o0, o1, n, k, s, p, d)
+            else:
+                a, z = conv_input_rows(o0, o1, k, s, p, d)
+            own = range(*chunk_range(n, domain, r))
+            src = {source_row(g, n, mode) for g in range(a, z)}
+            rows += sum(1 for g in src if g is not None and g not in own)
+        elem = torch.finfo(torch.float32).bits // 8
+        total += (1 + needs_grad) * rows * (b // dp) * c * w * elem  # forward rows + their gradients back
+    return total // domain
+
+
+def _fsdp_estimate(param_bytes: int, dp: int, domain: int) -> int:
+    """Ring-algorithm bytes one rank sends per step for FSDP2 (all-gather forward and backward,
+    reduce-scatter) plus the domain all-reduce of Partial gradients."""
+    return int(param_bytes * (3 * (dp - 1) / dp + 2 * (domain - 1) / domain))
+
+
+# ---------------------------------------------------------------------------------------------
+# the distributed run
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, domain: int, port: int, config: dict, results: Any) -> None:
+    try:
+        torch.set_num_threads(1)
+        import torch.distributed as dist
+
+        from . import stats
+        from .mesh import DomainParallelManager
+        from .train import TrainConfig, full_state_dict, setup, train
+
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+        )
+        manager = DomainParallelManager(domain, device_type="cpu")
+        cfg = TrainConfig(**config)
+        model, optimizer = setup(cfg, manager)
+        memory: dict[str, int] = {}
+        traffic = stats.CommStats()
+
+        @contextlib.contextmanager
+        def measure(step: int) -> Iterator[None]:
+            if step == 0:
+                with saved_tensor_bytes(model) as saved:
+                    yield
+                memory.update(saved)
+            else:
+                with stats.comm_stats() as s:
+                    yield
+                traffic.add(s.sent_bytes, s.recv_bytes, s.messages, s.collectives)
+                for k, v in s.by_op.items():
+                    traffic.by_op[k].add(v.sent_bytes, v.recv_bytes, v.messages, v.collectives)
+
+        def on_step(step: int, loss: float, seconds: float) -> None:
+            if rank == 0:
+                results.put(("step", rank, (step, loss, seconds)))
+
+        res = train(cfg, manager, on_step=on_step, model_and_optimizer=(model, optimizer), step_context=measure)
+        state = full_state_dict(model)
+        n_measured = max(1, cfg.steps - 1)
+        payload = {
+            "losses": res.losses,
+            "step_times": res.step_times,
+            "activation_bytes": memory.get("bytes", 0),
+            "sent_per_step": traffic.sent_bytes / n_measured,
+            "by_op": {k: v.sent_bytes / n_measured for k, v in traffic.by_op.items()},
+            "dp_rank": manager.dp_rank,
+            "domain_rank": manager.domain_rank,
+            "state": state if rank == 0 else None,
+        }
+        results.put(("done", rank, payload))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - report to the parent
+        results.put(("error", rank, traceback.format_exc()))
+        raise
+
+
+def _run_distributed(cfg: DemoConfig, on_step: Callable[[int, float, float], None]) -> dict[int, dict]:
+    world = cfg.dp * cfg.domain
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    results = ctx.Queue()
+    port = _free_port()
+    tcfg = asdict(cfg.train_config())
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, cfg.domain, port, tcfg, results), daemon=True) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    done: dict[int, dict] = {}
+    deadline = time.monotonic() + cfg.timeout
+    try:
+        while len(done) < world:
+            try:
+                kind, rank, value = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in done]
+                if dead or time.monotonic() > deadline:
+                    why = f"ranks {dead} died" if dead else f"no result within {cfg.timeout:.0f} s"
+                    raise RuntimeError(f"credit-dtensor demo: the 4-process run failed ({why})") from None
+                continue
+            if kind == "step":
+                on_step(*value)
+            elif kind == "done":
+                done[rank] = value
+            else:
+                raise RuntimeError(f"credit-dtensor demo: rank {rank} failed:\n{value}")
+        for p in procs:
+            p.join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# the summary
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoReport:
+    ok: bool
+    seconds: float
+    loss_max_rel: float
+    param_max_abs: float
+    losses: list[float]
+    ref_losses: list[float]
+    activation_per_rank: list[int]
+    activation_one_device: int
+    traffic_per_rank: float
+    halo_traffic_per_rank: float
+    halo_minimum: int
+    by_op: dict[str, float]
+    fsdp_estimate: int
+    step_time: float
+    ref_step_time: float
+    extra: dict = field(default_factory=dict)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def run_demo(cfg: DemoConfig | None = None, console: Any = None) -> DemoReport:
+    """Run the demo and print the summary with ``console`` (a ``rich.console.Console``)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .train import train_reference
+
+    cfg = cfg or DemoConfig()
+    console = console or Console()
+    t_start = time.perf_counter()
+    world = cfg.dp * cfg.domain
+    tcfg = cfg.train_config()
+    console.print(
+        f"[bold]credit-dtensor demo[/bold]: {world} CPU processes, mesh dp={cfg.dp} x domain={cfg.domain} (gloo), "
+        f"U-Net on a {cfg.nlat}x{cfg.nlon} synthetic globe, {cfg.steps} AdamW steps, FSDP2 + exact halos"
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("step {task.fields[dt]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(f"{world} ranks", total=cfg.steps, loss="-", dt="-")
+
+        def on_step(step: int, loss: float, seconds: float) -> None:
+            progress.update(task, completed=step + 1, loss=f"{loss:.5f}", dt=f"{seconds * 1e3:.0f} ms")
+
+        dist_results = _run_distributed(cfg, on_step)
+        ref_task = progress.add_task("1 process", total=cfg.steps, loss="-", dt="-")
+
+        def on_ref_step(step: int, loss: float, seconds: float) -> None:
+            progress.update(ref_task, completed=step + 1, loss=f"{loss:.5f}", dt=f"{seconds * 1e3:.0f} ms")
+
+        from .train import build_model
+
+        ref_model = build_model(tcfg)
+        layers, remove = _layer_inputs(ref_model)
+        ref_memory: dict[str, int] = {}
+
+        @contextlib.contextmanager
+        def measure(step: int) -> Iterator[None]:
+            if step == 0:
+                with saved_tensor_bytes(ref_model) as saved:
+                    yield
+                ref_memory.update(saved)
+                remove()
+            else:
+                yield
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # like each rank: comparable step times, no oversubscription
+        try:
+            ref, ref_state = train_reference(tcfg, on_step=on_ref_step, step_context=measure, model=ref_model)
+        finally:
+            torch.set_num_threads(threads)
+
+    r0 = dist_results[0]
+    losses = r0["losses"]
+    loss_rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref.losses, strict=False))
+    param_abs = max((r0["state"][k] - v).abs().max().item() for k, v in ref_state.items())
+    ok = len(losses) == len(ref.losses) and loss_rel <= LOSS_RTOL and param_abs <= PARAM_ATOL
+    ranks = [dist_results[r] for r in range(world)]
+    by_op: dict[str, float] = {}
+    for r in ranks:
+        for k, v in r["by_op"].items():
+            by_op[k] = by_op.get(k, 0.0) + v / world
+    halo_ops = [k for k in by_op if k.startswith("conv") or k == "pad"]
+    param_bytes = sum(v.numel() * v.element_size() for v in ref_state.values())
+    report = DemoReport(
+        ok=ok,
+        seconds=time.perf_counter() - t_start,
+        loss_max_rel=loss_rel,
+        param_max_abs=param_abs,
+        losses=losses,
+        ref_losses=ref.losses,
+        activation_per_rank=[r["activation_bytes"] for r in ranks],
+        activation_one_device=ref_memory.get("bytes", 0),
+        traffic_per_rank=sum(r["sent_per_step"] for r in ranks) / world,
+        halo_traffic_per_rank=sum(by_op[k] for k in halo_ops),
+        halo_minimum=halo_minimum_bytes(layers, cfg.domain, cfg.dp),
+        by_op=by_op,
+        fsdp_estimate=_fsdp_estimate(param_bytes, cfg.dp, cfg.domain),
+        step_time=statistics.median(max(r["step_times"][i] for r in ranks) for i in range(1, cfg.steps)),
+        ref_step_time=statistics.median(ref.step_times[1:]),
+        extra={"mesh": [(r["dp_rank"], r["domain_rank"]) for r in ranks], "param_bytes": param_bytes},
+    )
+    _print_summary(report, cfg, console)
+    return report
+
+
+def _print_summary(rep: DemoReport, cfg: DemoConfig, console: Any) -> None:
+    from rich.table import Table
+
+    from .geometry import chunk_range
+
+    world = cfg.dp * cfg.domain
+    mesh = Table(title="mesh (dp x domain)", show_header=True)
+    for col in ("rank", "dp rank", "domain rank", "latitude rows"):
+        mesh.add_column(col)
+    for r, (dpr, dor) in enumerate(rep.extra["mesh"]):
+        a, b = chunk_range(cfg.nlat, cfg.domain, dor)
+        mesh.add_row(str(r), str(dpr), str(dor), f"{a}..{b - 1} of {cfg.nlat}")
+    console.print(mesh)
+
+    t = Table(title=f"{world} processes vs 1 process", show_header=True)
+    t.add_column("measure", style="bold")
+    t.add_column("value")
+    status = "[green]PASS[/green]" if rep.ok else "[red]FAIL[/red]"
+    t.add_row(
+        "loss curve",
+        f"{rep.losses[0]:.5f} -> {rep.losses[-1]:.5f} (1 process: {rep.ref_losses[0]:.5f} -> {rep.ref_losses[-1]:.5f})",
+    )
+    t.add_row("max relative loss difference", f"{rep.loss_max_rel:.2e} (tolerance {LOSS_RTOL:.0e})")
+    t.add_row("max parameter difference", f"{rep.param_max_abs:.2e} (tolerance {PARAM_ATOL:.0e})  {status}")
+    act = max(rep.activation_per_rank)
+    t.add_row(
+        "activations saved for backward",
+        f"{_fmt_bytes(act)} per rank (max) vs {_fmt_bytes(rep.activation_one_device)} on one device "
+        f"({act / max(rep.activation_one_device, 1):.2f}x)",
+    )
+    t.add_row(
+        "halo traffic per rank per step",
+        f"{_fmt_bytes(rep.halo_traffic_per_rank)} sent vs minimum {_fmt_bytes(rep.halo_minimum)} "
+        f"({rep.halo_traffic_per_rank / max(rep.halo_minimum, 1):.2f}x)",
+    )
+    ops = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(rep.by_op.items()))
+    t.add_row("all credit_dtensor traffic", f"{_fmt_bytes(rep.traffic_per_rank)} per rank per step ({ops})")
+    t.add_row(
+        "FSDP2 parameters/gradients",
+        f"~{_fmt_bytes(rep.fsdp_estimate)} per rank per step (ring estimate, "
+        f"{_fmt_bytes(rep.extra['param_bytes'])} of parameters)",
+    )
+    t.add_row(
+        "step time (median)",
+        f"{rep.step_time * 1e3:.0f} ms on {world} processes vs {rep.ref_step_time * 1e3:.0f} ms in one process",
+    )
+    t.add_row("total runtime", f"{rep.seconds:.1f} s")
+    console.print(t)
+    if rep.ok:
+        console.print("[green]domain-parallel training matches the single-device run.[/green]")
+    else:
+        console.print("[red]MISMATCH: domain-parallel training differs from the single-device run.[/red]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m credit_dtensor.demo``."""
+    report = run_demo()
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""One call a trainer uses: domain-parallel conversion + FSDP2 on the ``("dp", "domain")`` mesh.
+
+``parallelize(model, manager)`` does, in order (torchtitan's order, one job per helper):
+
+1. :func:`convert_model` -- swap every spatial module for its exact domain-parallel wrapper
+   (``credit_dtensor.convert.convert_to_domain_parallel``); parameters become ``Replicate``
+   DTensors on the domain mesh, broadcast from domain rank 0.
+2. :func:`apply_activation_checkpointing` (optional) -- recompute each block in backward; halo
+   exchanges are recomputed too, so memory drops with no change in the numbers.
+3. :func:`apply_fsdp` -- ``fully_shard`` every block, then the root, on ``manager.dp_mesh``.
+   Because the dp and domain meshes are siblings of one 2-D mesh, FSDP2 treats the domain mesh
+   like a tensor-parallel mesh: parameters become ``(Shard(0), Replicate())`` on
+   ``("dp", "domain")``. In backward the wrappers return parameter gradients ``Partial`` on the
+   domain mesh; FSDP2 all-reduces them over "domain" (``Partial -> Replicate``) and then
+   reduce-scatters (averages) them over "dp": each gradient is reduced exactly once per mesh dim.
+
+Gradient reduction without FSDP (``fsdp=False``): gradients stay where autograd leaves them --
+``Partial`` on the domain mesh, and unreduced across dp replicas. Call
+:func:`reduce_gradients` after ``backward()`` and before ``optimizer.step()``: it packs the
+gradients into flat buckets and runs one sum all-reduce per bucket through
+:mod:`credit_dtensor.comm` (so the bytes are counted), over the whole world for ``Partial``
+gradients (domain sum and dp sum in one collective) and over "dp" only for already-``Replicate``
+ones, then divides by the dp size (data-parallel mean) and writes each gradient back as a
+``Replicate`` DTensor in place.
+
+Only ``manager.dp_mesh`` is passed to ``fully_shard``. Passing the whole 2-D mesh would make
+FSDP2 use HSDP collectives, for which gloo needs
+``torch.distributed.fsdp.set_force_sum_reduction_for_comms(True)`` (gloo has no PREMUL_SUM/AVG);
+:func:`apply_fsdp` does that itself when it is given a 2-D mesh on gloo.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+from . import comm
+from .errors import DomainParallelError
+from .mesh import DomainParallelManager
+from .nn._base import DomainParallelModule, replicate_parameters
+
+__all__ = [
+    "parallelize",
+    "convert_model",
+    "apply_activation_checkpointing",
+    "apply_fsdp",
+    "default_blocks",
+    "reduce_gradients",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Bucket size of :func:`reduce_gradients` (bytes): few collectives, bounded extra memory.
+BUCKET_BYTES = 25 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. conversion
+# ---------------------------------------------------------------------------------------------
+
+
+def _converter() -> Callable[[nn.Module, DomainParallelManager], nn.Module] | None:
+    """The project's converter once it exists (checked at call time), else ``None``."""
+    try:
+        from .convert import convert_to_domain_parallel
+    except ImportError:
+        return None
+    return convert_to_domain_parallel
+
+
+def _wrapper_for(module: nn.Module) -> type[DomainParallelModule] | None:
+    from .nn.conv import CONV_WRAPPERS
+    from .nn.norm import norm_wrapper_for
+
+    for torch_cls, wrapper in CONV_WRAPPERS.items():
+        if isinstance(module, torch_cls):
+            return wrapper
+    found = norm_wrapper_for(module)
+    if found is not None:
+        return found
+    try:
+        from .nn.pad import pad_wrapper_for
+    except ImportError:  # pragma: no cover - older trees without the pad wrappers
+        return None
+    return pad_wrapper_for(module)
+
+
+_SPATIAL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Upsample,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+)
+
+
+def _stand_in_convert(model: nn.Module, manager: DomainParallelManager) -> nn.Module:
+    """Minimal conversion used only until ``credit_dtensor.convert`` exists: conv, norm and pad
+    modules are swapped for their wrappers, every other parameter becomes Replicate; modules
+    that mix rows and have no wrapper here are refused (never silently wrong)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, DomainParallelModule):
+            continue
+        wrapper = _wrapper_for(mod)
+        if wrapper is not None:
+            wrapper(mod, manager)
+            mod._dp_name = name or type(mod).__name__
+        elif isinstance(mod, _SPATIAL_MODULES):
+            raise DomainParallelError(
+                f"parallelize: module {name!r} ({type(mod).__name__}) mixes rows along H and the stand-in "
+                "converter has no wrapper for it: install credit_dtensor.convert or replace the module"
+            )
+    replicate_parameters(model, manager.domain_mesh)
+    return model
+
+
+def convert_model(model: nn.Module, manager: DomainParallelManager) -> nn.Module:
+    """Domain-parallel conversion in place (state_dict keys unchanged); returns the model."""
+    convert = _converter()
+    if convert is None:
+        logger.info("credit_dtensor.convert not available: using the stand-in conversion")
+        return _stand_in_convert(model, manager)
+    out = convert(model, manager)
+    model = out if isinstance(out, nn.Module) else model
+    # anything the converter left plain (e.g. a Linear on channels) still joins the domain mesh
+    replicate_parameters(model, manager.domain_mesh)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. blocks and activation checkpointing
+# ---------------------------------------------------------------------------------------------
+
+
+def default_blocks(model: nn.Module) -> list[nn.Module]:
+    """The FSDP/checkpoint units: entries of ``model.blocks``/``model.layers`` (ModuleList) if the
+    model has one, else the root's direct children that own parameters."""
+    for attr in ("blocks", "layers"):
+        seq = getattr(model, attr, None)
+        if isinstance(seq, (nn.ModuleList, nn.Sequential)):
+            return [m for m in seq if any(True for _ in m.parameters())]
+    return [m for m in model.children() if any(True for _ in m.parameters())]
+
+
+def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
+    """Recompute each block's forward in backward (non-reentrant ``torch.utils.checkpoint``).
+
+    Only the instance's ``forward`` is replaced, so module names, state_dict keys and FSDP2's
+    hooks (which run around ``__call__``) are unchanged.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        if getattr(block, "_dp_checkpointed", False):
+            continue
+        inner = block.forward
+
+        @functools.wraps(inner)
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward  # type: ignore[method-assign]
+        block._dp_checkpointed = True
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. FSDP2
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    blocks: Iterable[nn.Module],
+    *,
+    mp_policy: object | None = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """``fully_shard`` each block, then the root, on ``mesh`` (normally ``manager.dp_mesh``)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    kwargs["mp_policy"] = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
+    if mesh.ndim == 2 and mesh.device_type == "cpu":
+        # HSDP on gloo: gloo lacks PREMUL_SUM/AVG reductions
+        from torch.distributed.fsdp import set_force_sum_reduction_for_comms
+
+        set_force_sum_reduction_for_comms(True)
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def parallelize(
+    model: nn.Module,
+    manager: DomainParallelManager,
+    *,
+    fsdp: bool = True,
+    mp_policy: object | None = None,
+    reshard_after_forward: bool = True,
+    activation_checkpointing: bool = False,
+    blocks: Iterable[nn.Module] | None = None,
+) -> nn.Module:
+    """Make ``model`` domain-parallel on ``manager.domain_mesh`` and FSDP2-sharded on ``manager.dp_mesh``.
+
+    Args:
+        model: a plain torch model on the manager's device (converted in place).
+        manager: the ``("dp", "domain")`` mesh owner.
+        fsdp: apply FSDP2. Without it, call :func:`reduce_gradients` after each backward.
+        mp_policy: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (default: full precision).
+        reshard_after_forward: FSDP2's option (free gathered params after forward).
+        activation_checkpointing: recompute every block in backward.
+        blocks: FSDP/checkpoint units (default :func:`default_blocks`).
+
+    Returns the same model object (FSDP2 swaps its class in place).
+    """
+    if not isinstance(manager, DomainParallelManager):
+        raise DomainParallelError(f"parallelize: expected a DomainParallelManager, got {type(manager).__name__}")
+    dev = {p.device.type for p in model.parameters()}
+    if dev and dev != {manager.device_type}:
+        raise DomainParallelError(
+            f"parallelize: model parameters are on {sorted(dev)} but the mesh is {manager.device_type!r}: "
+            f"move the model with .to({manager.device_type!r}) first"
+        )
+    blocks = list(blocks) if blocks is not None else default_blocks(model)
+    model = convert_model(model, manager)
+    if activation_checkpointing:
+        apply_activation_checkpointing(blocks)
+    if fsdp:
+        apply_fsdp(model, manager.dp_mesh, blocks, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    else:
+        model._dp_manager = manager  # for reduce_gradients
+    logger.info(
+        "parallelized %s: dp=%d domain=%d fsdp=%s blocks=%d checkpointing=%s",
+        type(model).__name__,
+        manager.dp_world_size,
+        manager.domain_world_size,
+        fsdp,
+        len(blocks),
+        activation_checkpointing,
+    )
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient reduction without FSDP
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_partial(g: torch.Tensor) -> bool:
+    return not isinstance(g, DTensor) or any(isinstance(p, Partial) for p in g.placements)
+
+
+def _buckets(grads: list[tuple[nn.Parameter, torch.Tensor]]) -> Iterable[list[tuple[nn.Parameter, torch.Tensor]]]:
+    bucket: list = []
+    size = 0
+    for item in grads:
+        nb = item[1].numel() * item[1].element_size()
+        if bucket and (size + nb > BUCKET_BYTES or item[1].dtype != bucket[0][1].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(item)
+        size += nb
+    if bucket:
+        yield bucket
+
+
+def reduce_gradients(model: nn.Module, manager: DomainParallelManager | None = None) -> None:
+    """Reduce the gradients of a model parallelized with ``fsdp=False``, in place.
+
+    ``Partial`` (domain) gradients and plain-tensor gradients (a plain weight used on sharded
+    activations holds only this rank's contribution) are summed over the whole world -- one
+    collective does the domain sum and the dp sum; ``Replicate`` gradients are summed over "dp"
+    only. All are then divided by the dp size (mean over data-parallel replicas) and every DTensor
+    gradient is left ``Replicate`` on its mesh. One all-reduce per bucket of <= 25 MiB.
+    """
+    manager = manager or getattr(model, "_dp_manager", None)
+    if manager is None:
+        raise DomainParallelError(
+            "reduce_gradients: no manager: pass it, or parallelize the model with fsdp=False first"
+        )
+    partial, replicate = [], []
+    for p in model.parameters():
+        g = p.grad
+        if g is None:
+            continue
+        (partial if _is_partial(g) else replicate).append((p, g))
+    world_group = dist.group.WORLD
+    dp = manager.dp_world_size
+    for items, group in ((partial, world_group), (replicate, manager.dp_group)):
+        for bucket in _buckets(items):
+            locals_ = [g.to_local() if isinstance(g, DTensor) else g for _, g in bucket]
+            flat = torch.cat([t.reshape(-1) for t in locals_])
+            comm.all_reduce_sum(flat, group)
+            if dp > 1:
+                flat.div_(dp)
+            offset = 0
+            for (p, g), t in zip(bucket, locals_, strict=True):
+                n = t.numel()
+                local = flat[offset : offset + n].view_as(t)
+                offset += n
+                if isinstance(g, DTensor):
+                    p.grad = DTensor.from_local(
+                        local,
+                        g.device_mesh,
+                        [Replicate()] * g.device_mesh.ndim,
+                        run_check=False,
+                        shape=g.shape,
+                        stride=g.stride(),
+                    )
+                else:
+                    p.grad = local
