@@ -12,6 +12,9 @@ from .stats import comm_stats
 from . import ops as _ops  # noqa: F401
 from .ops import conv as _conv_rules  # noqa: F401  (registers the aten.convolution rules)
 from .ops import params as _param_rules  # noqa: F401
+from .ops import _register_all
+
+_register_all()
 from .nn.conv import (
     DomainParallelConv1d,
     DomainParallelConv2d,
