@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -201,7 +201,9 @@ def _run_one(cfg: dict) -> dict:
             worst[k] = max(worst.get(k, 0.0), v)
         expect = _expected_bytes(cfg, world, training, torch.finfo(dtype).bits // 8)
         if s.sent_bytes != expect or (expect and s.collectives != 2):
-            raise AssertionError(f"step {step}: sent {s.sent_bytes} B in {s.collectives} collectives, expected {expect} B")
+            raise AssertionError(
+                f"step {step}: sent {s.sent_bytes} B in {s.collectives} collectives, expected {expect} B"
+            )
         for name, p in dist_params.items():  # every rank (even with an empty shard) holds a grad
             if p.grad is None:
                 raise AssertionError(f"{name}.grad is None on rank {m.domain_rank}")
@@ -234,37 +236,36 @@ def _check_all(world: int, configs: list[dict]) -> None:
 # Named matrix: every kind x path at the brief's shapes (H=13 over 3, H=5 / H=2 over 4)
 # ---------------------------------------------------------------------------------------------
 
-NAMED_H = {1: [7], 2: [5], 3: [13], 4: [5, 2]}
+NAMED_H = {1: (7, 7), 2: (5, 5), 3: (13, 13), 4: (5, 2)}  # (module path, functional path)
 
 
 def _named(world: int) -> list[dict]:
     cfgs = []
     i = 0
-    for h in NAMED_H[world]:
-        for kind in KINDS:
-            for path in ("module", "functional"):
-                i += 1
-                nd = 5 if i % 3 == 0 else 4
-                c = 4
-                shape = (2, c, 2, h, 3) if nd == 5 else (2, c, h, 3)
-                if kind == "ln_local":
-                    shape = (2, 2, h, 3, c) if nd == 5 else (2, h, 3, c)
-                cfgs.append(
-                    dict(
-                        kind=kind,
-                        path=path,
-                        shape=shape,
-                        groups=(1, 2, c)[i % 3],
-                        affine=i % 4 != 1,
-                        track=i % 2 == 0,
-                        momentum=None if i % 5 == 0 else 0.1,
-                        k={"ln": 2 + i % 2, "ln_local": 1 + i % 2}.get(kind, 1),
-                        dtype="float32" if i % 7 == 0 else "float64",
-                        train_steps=3 if kind in ("bn", "in") else 1,
-                        offset=3.0,
-                        seed=i,
-                    )
+    for kind in KINDS:
+        for path, h in zip(("module", "functional"), NAMED_H[world], strict=True):
+            i += 1
+            nd = 5 if i % 3 == 0 else 4
+            c = 4
+            shape = (2, c, 2, h, 3) if nd == 5 else (2, c, h, 3)
+            if kind == "ln_local":
+                shape = (2, 2, h, 3, c) if nd == 5 else (2, h, 3, c)
+            cfgs.append(
+                dict(
+                    kind=kind,
+                    path=path,
+                    shape=shape,
+                    groups=(1, 2, c)[(i // 2) % 3],
+                    affine=i % 4 != 1,
+                    track=i % 2 == 0,
+                    momentum=None if i % 5 == 0 else 0.1,
+                    k={"ln": 2 + i % 2, "ln_local": 1 + i % 2}.get(kind, 1),
+                    dtype="float32" if i % 7 == 0 else "float64",
+                    train_steps=2 if kind in ("bn", "in") else 1,
+                    offset=3.0,
+                    seed=i,
                 )
+            )
     return cfgs
 
 
@@ -294,6 +295,7 @@ def _config(draw, world: int) -> dict:
         k = draw(st.integers(1, 2))  # (C,) or (W, C): H excluded
     else:
         k = 1
+    dtype = draw(st.sampled_from(["float64", "float64", "float32"]))
     return dict(
         kind=kind,
         path=draw(st.sampled_from(["module", "functional"])),
@@ -303,16 +305,21 @@ def _config(draw, world: int) -> dict:
         track=draw(st.booleans()),
         momentum=draw(st.sampled_from([0.1, 0.3, None])),
         k=k,
-        dtype=draw(st.sampled_from(["float64", "float64", "float32"])),
+        dtype=dtype,
         train_steps=draw(st.integers(1, 3)),
-        offset=draw(st.sampled_from([0.0, 5.0, -100.0])),
+        # a large offset tests the stable merge in fp64; fp32 at 1e-5 needs well-conditioned data
+        # (ill-conditioned fp32 statistics differ from torch's by rounding, whichever is "right")
+        offset=draw(st.sampled_from([0.0, 5.0, -100.0])) if dtype == "float64" else 0.0,
         seed=draw(st.integers(0, 2**16)),
     )
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_property(world):
-    @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+    # No shrinking: every example costs a distributed run, and the failing config is in the message.
+    @settings(
+        max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate]
+    )
     @given(st.lists(_config(world), min_size=6, max_size=6))
     def check(configs):
         _check_all(world, configs)
@@ -329,7 +336,6 @@ def _misc() -> dict:
     import torch.nn.functional as F
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    from credit_dtensor import DomainParallelError, MeshMismatchError, UnsupportedShardingError
     from credit_dtensor.nn.norm import (
         DomainParallelBatchNorm1d,
         DomainParallelBatchNorm2d,
@@ -365,7 +371,13 @@ def _misc() -> dict:
         torch.randn(5, 3, 4, 2, dtype=f64), 0, "in Shard(0)",
     )  # fmt: skip
     # unbatched InstanceNorm2d input (C, H, W): H is dim 1
-    both(nn.InstanceNorm2d(3, affine=True).double(), DomainParallelInstanceNorm2d, torch.randn(3, 7, 2, dtype=f64), 1, "in unbatched")
+    both(
+        nn.InstanceNorm2d(3, affine=True).double(),
+        DomainParallelInstanceNorm2d,
+        torch.randn(3, 7, 2, dtype=f64),
+        1,
+        "in unbatched",
+    )
 
     # replicated input: local compute, replicated output, exact grads
     gn = nn.GroupNorm(2, 4).double()
