@@ -61,6 +61,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-dir", default=None, help="directory for DCP checkpoints")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--resume-from", default=None, help="continue from this checkpoint directory")
     p.add_argument(
         "--pg-timeout", type=float, default=DEFAULT_PG_TIMEOUT_S, help="process-group timeout in seconds (default 300)"
     )
@@ -142,6 +143,7 @@ def main_train(args: argparse.Namespace, console: Any) -> int:
             checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
+            resume_from=args.resume_from,
         )
         rank0 = dist.get_rank() == 0
         if rank0:

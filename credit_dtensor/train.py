@@ -63,6 +63,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    resume_from: str | None = None  # a specific checkpoint directory (overrides ``resume``)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -132,9 +133,7 @@ def setup(config: TrainConfig, manager: DomainParallelManager) -> tuple[nn.Modul
             "choose --global-batch as a multiple of --dp"
         )
     model = build_model(config).to(manager.device)
-    model = parallelize(
-        model, manager, fsdp=config.fsdp, activation_checkpointing=config.activation_checkpointing
-    )
+    model = parallelize(model, manager, fsdp=config.fsdp, activation_checkpointing=config.activation_checkpointing)
     return model, _make_optimizer(model, config)
 
 
@@ -154,11 +153,14 @@ def train(
     model, optimizer = model_and_optimizer or setup(config, manager)
     ds = config.dataset()
     start = 0
-    if config.resume and config.checkpoint_dir:
+    ckpt = None
+    if config.resume_from:
+        ckpt = config.resume_from
+    elif config.resume and config.checkpoint_dir:
         ckpt = latest_checkpoint(config.checkpoint_dir)
-        if ckpt is not None:
-            start = load_checkpoint(ckpt, model, optimizer)
-            logger.info("resumed from %s at step %d", ckpt, start)
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model, optimizer)
+        logger.info("resumed from %s at step %d", ckpt, start)
     result = TrainResult(start_step=start, config=asdict(config))
     for step in range(start, config.steps):
         _maybe_fault(step)
