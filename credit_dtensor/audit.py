@@ -619,12 +619,12 @@ def _conv_row(row: PlanRow, mod: nn.Module, world: int, needed: bool) -> None:
     row.halo = _halo_counts(_needs(spec, i, n, world), n, world)
     row.rule = "halo" if any(row.halo) else "local"
     if not needed:
-        row.notes.append("no wrapper needed (kernel <= stride, no padding): runs through the exact aten rule")
+        row.notes.append("no wrapper needed: exact aten rule")
         if any(row.halo):
-            row.notes.append("shards are not stride-aligned here: a few rows still move")
+            row.notes.append("shards not stride-aligned here: a few rows move")
     sizes = chunk_sizes(n, world)
     if any(row.halo) and 0 < min(s for s in sizes if s) < max(row.halo):
-        row.notes.append(f"some shards ({sizes}) are thinner than the halo: rows come from beyond the neighbours")
+        row.notes.append(f"shards {sizes} thinner than the halo: rows from beyond the neighbours")
 
 
 def _pad_row(row: PlanRow, mod: nn.Module, world: int) -> None:
@@ -648,7 +648,7 @@ def _pad_row(row: PlanRow, mod: nn.Module, world: int) -> None:
     needs = [pad_sources(*chunk_range(n_out, world, r), n, lo, hi, normalize_pad_mode(m)) for r in range(world)]
     row.halo = _halo_counts(needs, n, world)
     if (lo, hi) == (0, 0):
-        row.notes.append("no padding along H: no rows move")
+        row.notes.append("no H padding")
 
 
 def _max_domain(constraints: list[tuple[int, int]], domain: int) -> int | None:
@@ -782,17 +782,19 @@ def _attach_events(rows, row_for, tracker, opaque, domain, model) -> None:
     if tracker is None:
         return
     seen: set[tuple[str, str]] = set()
+    inside: dict[str, list[str]] = {}  # shard-local owner -> short descriptions of what it does locally
     for path, kind, msg, block in tracker.events:
         if (path, msg) in seen:
             continue
         seen.add((path, msg))
         owner = next((p for p in sorted(opaque, key=len) if path == p or path.startswith(p + ".")), None)
-        target = owner if owner is not None else path
-        row = row_for(target, model.get_submodule(target) if target else model)
         if owner is not None:
             if kind != "note" and opaque[owner] >= 0:
-                row.notes.append(f"{msg} -- local to each shard")
+                short = {"split": f"windows of {block} rows", "merge": "H merged into windows"}.get(kind, msg)
+                if short not in inside.setdefault(owner, []):
+                    inside[owner].append(short)
             continue
+        row = row_for(path, model.get_submodule(path) if path else model)
         if kind == "note":
             row.notes.append(msg)
         elif kind == "unknown":
@@ -815,6 +817,8 @@ def _attach_events(rows, row_for, tracker, opaque, domain, model) -> None:
             )
         else:
             row.hazards.append(msg)
+    for owner, items in inside.items():
+        rows[owner].notes.append("runs on each shard's rows: " + "; ".join(items))
 
 
 def _trace(model: nn.Module, shape: tuple[int, ...], hdim: int, dtype: torch.dtype):

@@ -140,6 +140,12 @@ class DomainParallelShardLocal(DomainParallelModule, nn.Module):
         leaves, _ = tree_flatten((args, kwargs))
         sharded = [t for t in leaves if isinstance(t, DTensor) and shard_placement_dim(t) is not None]
         if not sharded:
+            if any(isinstance(t, DTensor) for t in leaves):
+                raise DomainParallelError(
+                    f"{module_label(self)}: shard-local module got a replicated input, not an H-sharded one: an "
+                    "earlier operation gathered the activation (e.g. torch.roll or slicing along H); "
+                    "credit_dtensor.audit.plan names it"
+                )
             if self._dp_dim is None:
                 raise DomainParallelError(
                     f"{module_label(self)}: shard-local module called without a sharded DTensor input: pass "
