@@ -22,6 +22,7 @@ Two entry points share the math:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -129,7 +130,7 @@ def _check_param(p: torch.Tensor | None, plan: NormPlan, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Local math (no autograd): statistics, normalization, and the adjoint of xhat
+# Statistics (no autograd): local (mean, M2), merged across ranks with Chan's formula
 # ---------------------------------------------------------------------------------------------
 
 
@@ -137,45 +138,186 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _moments(xv: torch.Tensor, plan: NormPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and biased variance per statistic of a canonical ``(P, Q, R)`` view."""
-    p, q, r = xv.shape
-    n = p * r
-    if n:
-        mean = xv.sum((0, 2)) / n
-        m2 = (xv - mean.view(1, q, 1)).square().sum((0, 2))
-    else:  # empty shard: contributes count 0, still joins the collective
-        mean = m2 = xv.new_zeros(q)
+def _merge(mean: torch.Tensor, m2: torch.Tensor, n: int, plan: NormPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global mean and biased variance from this rank's ``(mean, M2)`` over ``n`` elements.
+
+    One all-reduce of a ``(world, 2, Q)`` buffer in which each rank fills its own slot (so the sum
+    is exact); every rank then merges the same numbers in the same order: identical results.
+    """
     if plan.counts is None:
         return mean, m2 / n
-    buf = xv.new_zeros(plan.world, 2, q)
+    buf = mean.new_zeros(plan.world, 2, mean.numel())
     buf[plan.rank, 0] = mean
     buf[plan.rank, 1] = m2
     with stats.op_label(plan.op):
         comm.all_reduce_sum(buf, plan.group)
-    cnt = torch.tensor(plan.counts, dtype=xv.dtype, device=xv.device).view(-1, 1)
+    cnt = torch.tensor(plan.counts, dtype=buf.dtype, device=buf.device).view(-1, 1)
     total = sum(plan.counts)
     mean = (cnt * buf[:, 0]).sum(0) / total
     m2 = buf[:, 1].sum(0) + (cnt * (buf[:, 0] - mean).square()).sum(0)
     return mean, m2 / total
 
 
-def _count(plan: NormPlan, local_shape: Sequence[int]) -> int:
+def _local_moments(v: torch.Tensor, dims: tuple[int, ...], q: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's per-statistic mean and M2 (one fused pass; zeros for an empty shard)."""
+    if not n:
+        z = v.new_zeros(q)
+        return z, z.clone()
+    var, mean = torch.var_mean(v, dim=dims, correction=0)
+    return mean.reshape(q), var.reshape(q) * n
+
+
+# ---------------------------------------------------------------------------------------------
+# Group / instance / batch norm: one fused autograd Function over the (N, C, K) view
+# ---------------------------------------------------------------------------------------------
+
+
+def _channel_view(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
+def _channel_count(plan: NormPlan, n: int, c: int, k: int) -> int:
     """Elements per statistic: global when distributed, else this rank's."""
+    if plan.counts is not None:
+        return sum(plan.counts)
+    return c // plan.layout.groups * k if plan.layout.kind == "group" else n * k
+
+
+def _per_channel(t: torch.Tensor, plan: NormPlan, n: int, c: int) -> torch.Tensor:
+    """Statistics ``(Q,)`` broadcast to ``(N, C)`` (group) or ``(1, C)`` (batch)."""
+    if plan.layout.kind == "group":
+        g = plan.layout.groups
+        return t.view(n, g, 1).expand(n, g, c // g).reshape(n, c)
+    return t.view(1, c)
+
+
+def _to_stats(t: torch.Tensor, plan: NormPlan) -> torch.Tensor:
+    """Per-(n, c) sums ``(N, C)`` reduced to per-statistic sums ``(Q,)``."""
+    if plan.layout.kind == "group":
+        n, c = t.shape
+        g = plan.layout.groups
+        return t.view(n, g, c // g).sum(-1).reshape(-1)
+    return t.sum(0)
+
+
+def _channel_stats(xv: torch.Tensor, plan: NormPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c, k = xv.shape
+    if plan.layout.kind == "group":
+        g = plan.layout.groups
+        mean, m2 = _local_moments(xv.reshape(n, g, c // g * k), (2,), n * g, c // g * k)
+        return _merge(mean, m2, c // g * k, plan)
+    mean, m2 = _local_moments(xv, (0, 2), c, n * k)
+    return _merge(mean, m2, n * k, plan)
+
+
+def _channel_apply(
+    xv: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    w: torch.Tensor | None,
+    b: torch.Tensor | None,
+    plan: NormPlan,
+) -> torch.Tensor:
+    """``y = x * scale + shift`` per (n, c), one fused pass (as torch's own CPU kernels)."""
+    n, c, _ = xv.shape
+    scale = _per_channel(rstd, plan, n, c)
+    if w is not None:
+        scale = scale * w.to(xv.dtype).view(1, c)
+    shift = -_per_channel(mean, plan, n, c) * scale
+    if b is not None:
+        shift = shift + b.to(xv.dtype).view(1, c)
+    return torch.addcmul(shift.unsqueeze(-1), xv, scale.unsqueeze(-1))
+
+
+def _channel_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    w: torch.Tensor | None,
+    plan: NormPlan,
+    mask: Sequence[bool],
+    fixed: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Analytic adjoint on local shards. ``fixed``: statistics are constants (eval, running stats).
+
+    Local per-(n, c) sums ``sum dy`` and ``sum dy*x`` give the parameter gradients (partial on
+    this rank) and, reduced per statistic and all-reduced (``2*Q`` scalars), the input gradient
+    ``dx = rstd*(g - mean(g) - xhat*mean(g*xhat))``, ``g = gamma*dy``, as ``A*dy + B*x + C``.
+    """
+    acc = _acc_dtype(x.dtype)
+    xv, dyv = _channel_view(x).to(acc), _channel_view(dy).to(acc)
+    n, c, k = xv.shape
+    mean_nc = _per_channel(mean.to(acc), plan, n, c)
+    rstd_nc = _per_channel(rstd.to(acc), plan, n, c)
+    db_nc = dyv.sum(-1)
+    dsx_nc = (torch.einsum("nck,nck->nc", dyv, xv) - mean_nc * db_nc) * rstd_nc  # sum dy * xhat
+    dw = dsx_nc.sum(0) if mask[1] else None
+    db = db_nc.sum(0) if mask[2] else None
+    dx = None
+    if mask[0]:
+        gamma = xv.new_ones(1, c) if w is None else w.to(acc).view(1, c)
+        a = rstd_nc * gamma
+        if fixed:
+            dxv = dyv * a.unsqueeze(-1)
+        else:
+            sums = torch.stack([_to_stats(gamma * db_nc, plan), _to_stats(gamma * dsx_nc, plan)])
+            if plan.counts is not None:
+                with stats.op_label(plan.op):
+                    comm.all_reduce_sum(sums, plan.group)
+            sums = sums / _channel_count(plan, n, c, k)
+            mg, mgx = _per_channel(sums[0], plan, n, c), _per_channel(sums[1], plan, n, c)
+            bcoef = -rstd_nc * rstd_nc * mgx
+            ccoef = -rstd_nc * mg - bcoef * mean_nc
+            dxv = torch.addcmul(torch.addcmul(ccoef.unsqueeze(-1), xv, bcoef.unsqueeze(-1)), dyv, a.unsqueeze(-1))
+        dx = dxv.reshape(x.shape).to(x.dtype)
+    return dx, dw, db
+
+
+class _ChannelNorm(torch.autograd.Function):
+    """Group/instance/batch norm with distributed batch statistics: ``(x, w, b) -> (y, mean, var)``."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, plan: NormPlan, eps: float):  # type: ignore[override]
+        xv = _channel_view(x).to(_acc_dtype(x.dtype))
+        mean, var = _channel_stats(xv, plan)
+        rstd = torch.rsqrt(var + eps)
+        y = _channel_apply(xv, mean, rstd, w, b, plan).reshape(x.shape).to(x.dtype)
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.plan, ctx.bias_dtype = plan, None if b is None else b.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, gy, _gm, _gv):  # type: ignore[override]
+        x, w, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db = _channel_backward(gy, x, mean, rstd, w, ctx.plan, (need[0], need[1], need[2]), fixed=False)
+        dw = None if dw is None else dw.to(w.dtype)
+        db = None if db is None else db.to(ctx.bias_dtype)
+        return dx, dw, db, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer norm over the sharded dim: canonical (1, M, R) view; weight varies along R
+# ---------------------------------------------------------------------------------------------
+
+
+def _layer_normalize(x: torch.Tensor, plan: NormPlan, eps: float) -> tuple[torch.Tensor, ...]:
+    """``(xhat (1, M, R), mean, var, rstd)`` of a local shard."""
+    p, q, r = plan.layout.canonical(tuple(x.shape))
+    xv = x.reshape(p, q, r).to(_acc_dtype(x.dtype))
+    mean, m2 = _local_moments(xv, (0, 2), q, p * r)
+    mean, var = _merge(mean, m2, p * r, plan)
+    rstd = torch.rsqrt(var + eps)
+    return (xv - mean.view(1, q, 1)) * rstd.view(1, q, 1), mean, var, rstd
+
+
+def _layer_count(plan: NormPlan, local_shape: Sequence[int]) -> int:
     if plan.counts is not None:
         return sum(plan.counts)
     p, _, r = plan.layout.canonical(tuple(local_shape))
     return p * r
-
-
-def _normalize(x: torch.Tensor, plan: NormPlan, eps: float) -> tuple[torch.Tensor, ...]:
-    """``(xhat in the canonical view, mean, biased var, rstd)`` of a local shard."""
-    p, q, r = plan.layout.canonical(tuple(x.shape))
-    xv = x.reshape(p, q, r).to(_acc_dtype(x.dtype))
-    mean, var = _moments(xv, plan)
-    rstd = torch.rsqrt(var + eps)
-    xhat = (xv - mean.view(1, q, 1)) * rstd.view(1, q, 1)
-    return xhat, mean, var, rstd
 
 
 def _xhat_backward(gv: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, n: int, plan: NormPlan) -> torch.Tensor:
@@ -190,45 +332,36 @@ def _xhat_backward(gv: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, n: 
     return (gv - mg - xhat * mgx) * rstd.view(1, q, 1)
 
 
-def _param_view(t: torch.Tensor, layout: NormLayout, ndim: int) -> torch.Tensor:
-    """Broadcast a per-channel (group/batch) or normalized-shape (layer) tensor against the input."""
-    if layout.kind == "layer":
-        return t
-    return t.reshape((1, -1) + (1,) * (ndim - 2))
-
-
 def _layer_param_slice(t: torch.Tensor, plan: NormPlan) -> torch.Tensor:
     """This rank's rows of a layer-norm weight when the sharded dim is a normalized dim."""
     lead = len(plan.layout.shape) - plan.layout.norm_ndim
-    if plan.layout.kind != "layer" or plan.dim is None or plan.dim < lead:
+    if plan.dim is None or plan.dim < lead:
         return t
     a, b = plan.local_range()
     return t.narrow(plan.dim - lead, a, b - a)
 
 
-# ---------------------------------------------------------------------------------------------
-# Autograd-level functions (module wrappers)
-# ---------------------------------------------------------------------------------------------
-
-
-class _Normalize(torch.autograd.Function):
-    """``x -> (xhat, mean, var)`` with distributed statistics; backward = exact adjoint."""
+class _LayerNormalize(torch.autograd.Function):
+    """``x -> xhat`` over normalized dims that include the sharded one; backward = exact adjoint."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, plan: NormPlan, eps: float):  # type: ignore[override]
-        xhat, mean, var, _rstd = _normalize(x, plan, eps)
-        ctx.save_for_backward(xhat, _rstd)
+        xhat, _mean, _var, rstd = _layer_normalize(x, plan, eps)
+        ctx.save_for_backward(xhat, rstd)
         ctx.plan, ctx.shape, ctx.dtype = plan, x.shape, x.dtype
-        mean, var = mean.detach(), var.detach()
-        ctx.mark_non_differentiable(mean, var)
-        return xhat.reshape(x.shape).to(x.dtype), mean, var
+        return xhat.reshape(x.shape).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor, _gm: torch.Tensor, _gv: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         xhat, rstd = ctx.saved_tensors
         gv = g.reshape(xhat.shape).to(xhat.dtype)
-        dx = _xhat_backward(gv, xhat, rstd, _count(ctx.plan, ctx.shape), ctx.plan)
+        dx = _xhat_backward(gv, xhat, rstd, _layer_count(ctx.plan, ctx.shape), ctx.plan)
         return dx.reshape(ctx.shape).to(ctx.dtype), None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd-level functions on DTensors (used by the module wrappers)
+# ---------------------------------------------------------------------------------------------
 
 
 class _SumGrad(torch.autograd.Function):
@@ -249,6 +382,7 @@ class _SumGrad(torch.autograd.Function):
 
 
 def _param_local(p: torch.Tensor | None, plan: NormPlan, name: str) -> torch.Tensor | None:
+    """Local view of a parameter whose gradient comes back Partial (sharded input) or Replicate."""
     if p is None:
         return None
     _check_param(p, plan, name)
@@ -259,6 +393,11 @@ def _param_local(p: torch.Tensor | None, plan: NormPlan, name: str) -> torch.Ten
     return p
 
 
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Local tensor of a DTensor (buffers: in-place updates reach the DTensor), else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _wrap(local: torch.Tensor, plan: NormPlan, shape: Sequence[int]) -> DTensor:
     shape = torch.Size(shape)
     return DTensor.from_local(
@@ -266,15 +405,42 @@ def _wrap(local: torch.Tensor, plan: NormPlan, shape: Sequence[int]) -> DTensor:
     )
 
 
-def _affine(xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, plan: NormPlan) -> torch.Tensor:
-    w = _param_local(weight, plan, "weight")
-    b = _param_local(bias, plan, "bias")
-    y = xhat
-    if w is not None:
-        y = y * _param_view(_layer_param_slice(w, plan), plan.layout, xhat.ndim)
-    if b is not None:
-        y = y + _param_view(_layer_param_slice(b, plan), plan.layout, xhat.ndim)
-    return y
+def _check_shapes(label: str, expected: tuple[int, ...], what: str, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != expected:
+            raise DomainParallelError(f"{label}: {name} shape {tuple(t.shape)} != {expected} {what}")
+
+
+def _running_update(running: torch.Tensor | None, value: torch.Tensor, momentum: float) -> None:
+    """``running = momentum * value + (1 - momentum) * running`` in place (plain or DTensor buffer)."""
+    if running is None:
+        return
+    with torch.no_grad():
+        r = _local(running)
+        r.copy_(momentum * value.to(r.dtype) + (1 - momentum) * r)
+
+
+def _unbiased(var: torch.Tensor, n: int) -> torch.Tensor:
+    """torch tracks the unbiased variance (normalizes with the biased one)."""
+    return var * (n / max(n - 1, 1))
+
+
+def _batch_mean(t: torch.Tensor, plan: NormPlan) -> torch.Tensor:
+    """Mean over the (possibly batch-sharded) dim 0 of per-sample statistics ``(N_local, C)``."""
+    s = t.sum(0)
+    if plan.dim == 0 and plan.world > 1:
+        with stats.op_label(plan.op):
+            comm.all_reduce_sum(s, plan.group)
+    return s / plan.layout.shape[0]
+
+
+def _verify_size(shape: Sequence[int], first: int, what: str, label: str) -> None:
+    """torch's ``_verify_batch_size`` / ``_verify_spatial_size`` on the *global* shape."""
+    prod = shape[0] if first == 0 else 1
+    for s in shape[2:]:
+        prod *= s
+    if prod == 1:
+        raise DomainParallelError(f"{label}: expected more than 1 {what} when training, got input size {list(shape)}")
 
 
 def group_norm(
@@ -295,51 +461,14 @@ def group_norm(
             f"{label}: {shape[1] if len(shape) > 1 else '?'} channels of input {shape} are not divisible "
             f"by num_groups={num_groups}: choose a divisor of the channel count"
         )
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (shape[1],):
-            raise DomainParallelError(f"{label}: {name} shape {tuple(t.shape)} != ({shape[1]},) channels")
+    _check_shapes(label, (shape[1],), "(channels)", weight=weight, bias=bias)
     plan = plan_norm(input, NormLayout("group", shape, groups=num_groups), label, "group_norm")
-    xhat, _, _ = _Normalize.apply(input.to_local(), plan, eps)
-    return _wrap(_affine(xhat, weight, bias, plan), plan, shape)
-
-
-def _running_update(running: torch.Tensor | None, value: torch.Tensor, momentum: float) -> None:
-    """``running = momentum * value + (1 - momentum) * running`` in place (plain or DTensor buffer)."""
-    if running is None:
-        return
-    with torch.no_grad():
-        r = running.to_local() if isinstance(running, DTensor) else running
-        r.copy_(momentum * value.to(r.dtype) + (1 - momentum) * r)
-
-
-def _batch_mean(t: torch.Tensor, plan: NormPlan) -> torch.Tensor:
-    """Mean over the (possibly batch-sharded) dim 0 of per-sample statistics ``(N_local, C)``."""
-    s = t.sum(0)
-    if plan.dim == 0 and plan.world > 1:
-        with stats.op_label(plan.op):
-            comm.all_reduce_sum(s, plan.group)
-    return s / plan.layout.shape[0]
-
-
-def _fixed_stats(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalize with given per-channel statistics (eval): pointwise, no communication."""
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    acc = _acc_dtype(x.dtype)
-    rstd = torch.rsqrt(var.detach().to(acc) + eps)
-    return ((x.to(acc) - mean.detach().to(acc).reshape(shape)) * rstd.reshape(shape)).to(x.dtype)
-
-
-def _local_buffer(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _verify_size(shape: Sequence[int], first: int, what: str, label: str) -> None:
-    """torch's ``_verify_batch_size`` / ``_verify_spatial_size`` on the *global* shape."""
-    prod = shape[0] if first == 0 else 1
-    for s in shape[2:]:
-        prod *= s
-    if prod == 1:
-        raise DomainParallelError(f"{label}: expected more than 1 {what} when training, got input size {list(shape)}")
+    x, w, b = input.to_local(), _param_local(weight, plan, "weight"), _param_local(bias, plan, "bias")
+    if plan.counts is None:  # statistics are local: torch's own kernel
+        y = F.group_norm(x, num_groups, w, b, eps)
+    else:
+        y = _ChannelNorm.apply(x, w, b, plan, eps)[0]
+    return _wrap(y, plan, shape)
 
 
 def batch_norm(
@@ -359,26 +488,27 @@ def batch_norm(
     if not isinstance(input, DTensor):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     shape = tuple(input.shape)
-    c = shape[1] if len(shape) > 1 else None
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and tuple(t.shape) != (c,):
-            raise DomainParallelError(f"{label}: {name} shape {tuple(t.shape)} != ({c},) channels of input {shape}")
-    plan = plan_norm(input, NormLayout("batch", shape), label)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_param(t, plan, name)
-    x = input.to_local()
+    if len(shape) < 2:
+        raise DomainParallelError(f"{label}: expected (N, C, ...) input, got shape {shape}")
+    _check_shapes(
+        label, (shape[1],), "(channels)", weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
+    plan = plan_norm(input, NormLayout("batch", shape), label, "batch_norm")
+    _check_param(running_mean, plan, "running_mean")
+    _check_param(running_var, plan, "running_var")
+    x, w, b = input.to_local(), _param_local(weight, plan, "weight"), _param_local(bias, plan, "bias")
+    rm, rv = _local(running_mean), _local(running_var)
+    if not training and (rm is None or rv is None):
+        raise DomainParallelError(f"{label}: running_mean and running_var are required when training=False")
     if training:
         _verify_size(shape, 0, "value per channel", label)
-        xhat, mean, var = _Normalize.apply(x, plan, eps)
-        n = plan.layout.count()
-        if running_mean is not None or running_var is not None:
-            _running_update(running_mean, mean, momentum)
-            _running_update(running_var, var * (n / max(n - 1, 1)), momentum)
+    if not training or plan.counts is None:  # running statistics (pointwise) or local statistics
+        y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
     else:
-        if running_mean is None or running_var is None:
-            raise DomainParallelError(f"{label}: running_mean and running_var are required when training=False")
-        xhat = _fixed_stats(x, _local_buffer(running_mean), _local_buffer(running_var), eps)
-    return _wrap(_affine(xhat, weight, bias, plan), plan, shape)
+        y, mean, var = _ChannelNorm.apply(x, w, b, plan, eps)
+        _running_update(rm, mean, momentum)
+        _running_update(rv, _unbiased(var, plan.layout.count()), momentum)
+    return _wrap(y, plan, shape)
 
 
 def instance_norm(
@@ -401,30 +531,33 @@ def instance_norm(
     if len(shape) < 3:
         raise DomainParallelError(f"{label}: expected (N, C, *spatial) input, got shape {shape}")
     c = shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and tuple(t.shape) != (c,):
-            raise DomainParallelError(f"{label}: {name} shape {tuple(t.shape)} != ({c},) channels of input {shape}")
+    _check_shapes(
+        label, (c,), "(channels)", weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
     layout = NormLayout("group", shape, groups=c)
     plan = plan_norm(input, layout, label, "instance_norm")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_param(t, plan, name)
-    x = input.to_local()
+    _check_param(running_mean, plan, "running_mean")
+    _check_param(running_var, plan, "running_var")
+    x, w, b = input.to_local(), _param_local(weight, plan, "weight"), _param_local(bias, plan, "bias")
+    rm, rv = _local(running_mean), _local(running_var)
+    if not use_input_stats and (rm is None or rv is None):
+        raise DomainParallelError(f"{label}: running_mean and running_var are required when use_input_stats=False")
     if use_input_stats:
         _verify_size(shape, 2, "spatial element", label)
-        xhat, mean, var = _Normalize.apply(x, plan, eps)
-        if running_mean is not None or running_var is not None:
-            n = layout.count()
-            nl = x.shape[0]
-            _running_update(running_mean, _batch_mean(mean.view(nl, c), plan), momentum)
-            _running_update(running_var, _batch_mean((var * (n / max(n - 1, 1))).view(nl, c), plan), momentum)
+    tracked = rm is not None or rv is not None
+    batch_split = plan.dim == 0 and plan.world > 1  # running stats average over the global batch
+    if not use_input_stats or (plan.counts is None and not (tracked and batch_split)):
+        y = F.instance_norm(x, rm, rv, w, b, use_input_stats, momentum, eps)
     else:
-        if running_mean is None or running_var is None:
-            raise DomainParallelError(f"{label}: running_mean and running_var are required when use_input_stats=False")
-        xhat = _fixed_stats(x, _local_buffer(running_mean), _local_buffer(running_var), eps)
-    return _wrap(_affine(xhat, weight, bias, plan), plan, shape)
+        y, mean, var = _ChannelNorm.apply(x, w, b, plan, eps)
+        if tracked:
+            nl, n = x.shape[0], layout.count()
+            _running_update(rm, _batch_mean(mean.view(nl, c), plan), momentum)
+            _running_update(rv, _batch_mean(_unbiased(var, n).view(nl, c), plan), momentum)
+    return _wrap(y, plan, shape)
 
 
-def _check_normalized_shape(shape: Sequence[int], normalized_shape: Sequence[int], label: str) -> tuple[int, ...]:
+def _check_normalized_shape(shape: Sequence[int], normalized_shape: Sequence[int] | int, label: str) -> tuple[int, ...]:
     ns = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
     if not ns or len(ns) > len(shape) or tuple(shape[len(shape) - len(ns) :]) != ns:
         raise DomainParallelError(
@@ -444,21 +577,29 @@ def layer_norm(
     label: str = "layer_norm",
 ) -> torch.Tensor:
     """``F.layer_norm`` on a sharded DTensor. Exact across ranks when the sharded dim is normalized
-    over; purely local (no communication) when it is a leading dim (e.g. LayerNorm over C)."""
+    over; purely local (torch's kernel, no communication) when it is a leading dim (e.g. over C)."""
     if not isinstance(input, DTensor):
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = tuple(input.shape)
     ns = _check_normalized_shape(shape, normalized_shape, label)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != ns:
-            raise DomainParallelError(f"{label}: {name} shape {tuple(t.shape)} != normalized_shape {list(ns)}")
-    plan = plan_norm(input, NormLayout("layer", shape, norm_ndim=len(ns)), label)
-    xhat, _, _ = _Normalize.apply(input.to_local(), plan, eps)
-    return _wrap(_affine(xhat, weight, bias, plan), plan, shape)
+    _check_shapes(label, ns, "(normalized_shape)", weight=weight, bias=bias)
+    plan = plan_norm(input, NormLayout("layer", shape, norm_ndim=len(ns)), label, "layer_norm")
+    x, w, b = input.to_local(), _param_local(weight, plan, "weight"), _param_local(bias, plan, "bias")
+    w = None if w is None else _layer_param_slice(w, plan)
+    b = None if b is None else _layer_param_slice(b, plan)
+    if plan.counts is None:
+        y = F.layer_norm(x, x.shape[x.ndim - len(ns) :], w, b, eps)
+    else:
+        y = _LayerNormalize.apply(x, plan, eps)
+        if w is not None:
+            y = y * w
+        if b is not None:
+            y = y + b
+    return _wrap(y, plan, shape)
 
 
 # ---------------------------------------------------------------------------------------------
-# aten rules (below autograd): F.group_norm / F.batch_norm / F.layer_norm / F.instance_norm
+# aten rules (below autograd): F.group_norm / F.batch_norm / F.instance_norm / F.layer_norm
 # ---------------------------------------------------------------------------------------------
 
 
@@ -480,10 +621,6 @@ def _ours(x: object) -> bool:
     return isinstance(x, DTensor) and any(isinstance(p, Shard) for p in x.placements)
 
 
-def _local(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _dt(local: torch.Tensor, plan: NormPlan, placement: Placement, shape: Sequence[int]) -> DTensor:
     shape = torch.Size(shape)
     return DTensor.from_local(
@@ -491,9 +628,10 @@ def _dt(local: torch.Tensor, plan: NormPlan, placement: Placement, shape: Sequen
     )
 
 
-def _stats_out(t: torch.Tensor, plan: NormPlan) -> DTensor:
-    """mean/rstd outputs: replicated when distributed, else sharded like the input's leading dims."""
+def _stats_out(t: torch.Tensor, plan: NormPlan, dtype: torch.dtype) -> DTensor:
+    """mean/rstd outputs: replicated when reduced over the sharded dim, else sharded like the input."""
     shape = plan.layout.stats_shape()
+    t = t.to(dtype)
     if plan.dim is None or plan.dim in plan.layout.reduce_dims():
         return _dt(t.reshape(shape), plan, Replicate(), shape)
     local_shape = list(shape)
@@ -506,116 +644,54 @@ def _stats_in(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else _local(t).reshape(-1)
 
 
-def _param_grads(
-    dy: torch.Tensor,
-    xhat: torch.Tensor,
-    weight: torch.Tensor | None,
-    plan: NormPlan,
-    mask: Sequence[bool],
-    pshape: Sequence[int],
-) -> tuple[object, object]:
-    """Weight/bias gradients: local partial sums, returned ``Partial`` (or all-reduced for plain params)."""
-    dims = plan.layout.affine_reduce_dims()
-    out: list[object] = [None, None]
-    for i, val in ((0, lambda: (dy * xhat).sum(dims)), (1, lambda: dy.sum(dims))):
-        if not mask[i + 1]:
-            continue
-        g = val()
-        if (
-            plan.layout.kind == "layer"
-            and plan.dim is not None
-            and plan.dim >= len(plan.layout.shape) - plan.layout.norm_ndim
-        ):
-            full = g.new_zeros(pshape)
-            a, b = plan.local_range()
-            full.narrow(plan.dim - (len(plan.layout.shape) - plan.layout.norm_ndim), a, b - a).copy_(g)
-            g = full
-        if isinstance(weight, DTensor) or weight is None:
-            out[i] = _dt(g.to(dy.dtype), plan, plan.param_grad_placement, pshape)
-        else:  # plain-tensor parameters: every rank must hold the full sum
-            if plan.dim is not None and plan.world > 1:
-                with stats.op_label(plan.op):
-                    comm.all_reduce_sum(g, plan.group)
-            out[i] = g.to(dy.dtype)
-    return out[0], out[1]
+def _grad_out(g: torch.Tensor | None, param: torch.Tensor | None, plan: NormPlan, dtype: torch.dtype) -> object:
+    """A parameter gradient: ``Partial`` DTensor for DTensor parameters; summed now for plain ones."""
+    if g is None:
+        return None
+    g = g.to(dtype)
+    if param is None or isinstance(param, DTensor):
+        return _dt(g, plan, plan.param_grad_placement, g.shape)
+    if plan.dim is not None and plan.world > 1:
+        with stats.op_label(plan.op):
+            comm.all_reduce_sum(g, plan.group)
+    return g
 
 
-def _rule_forward(
-    x: DTensor,
-    layout: NormLayout,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    label: str,
-) -> tuple[NormPlan, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = plan_norm(x, layout, label)
-    _check_param(weight, plan, "weight")
-    _check_param(bias, plan, "bias")
-    xl = x.to_local()
-    xhat, mean, var, rstd = _normalize(xl, plan, eps)
-    y = xhat.reshape(xl.shape)
-    w, b = _local(weight), _local(bias)
-    if w is not None:
-        y = y * _param_view(_layer_param_slice(w, plan), layout, xl.ndim)
-    if b is not None:
-        y = y + _param_view(_layer_param_slice(b, plan), layout, xl.ndim)
-    return plan, y.to(xl.dtype), mean, var, rstd, xhat
+def _grad_in(dy: torch.Tensor, x: DTensor) -> torch.Tensor:
+    if isinstance(dy, DTensor) and dy.placements != x.placements:
+        dy = dy.redistribute(x.device_mesh, x.placements)  # e.g. a Replicate grad: a local slice
+    return _local(dy)
 
 
 def _group_norm_rule(op, args, kwargs):
     x, weight, bias, _n, c, _hxw, group, eps = _bind(op, args, kwargs)
     if not _ours(x):
         return NotImplemented
-    layout = NormLayout("group", tuple(x.shape), groups=group) if c % group == 0 else None
-    if layout is None:
+    if c % group:
         raise DomainParallelError(f"group_norm: {c} channels not divisible by {group} groups")
-    plan, y, mean, _var, rstd, _ = _rule_forward(x, layout, weight, bias, eps, "group_norm")
-    return _dt(y, plan, plan.placement, x.shape), _stats_out(mean.to(y.dtype), plan), _stats_out(rstd.to(y.dtype), plan)
+    plan = plan_norm(x, NormLayout("group", tuple(x.shape), groups=group), "group_norm")
+    _check_param(weight, plan, "weight")
+    _check_param(bias, plan, "bias")
+    xl = x.to_local()
+    xv = _channel_view(xl).to(_acc_dtype(xl.dtype))
+    mean, var = _channel_stats(xv, plan)
+    rstd = torch.rsqrt(var + eps)
+    y = _channel_apply(xv, mean, rstd, _local(weight), _local(bias), plan).reshape(xl.shape).to(xl.dtype)
+    return _dt(y, plan, plan.placement, x.shape), _stats_out(mean, plan, xl.dtype), _stats_out(rstd, plan, xl.dtype)
 
 
 def _group_norm_backward_rule(op, args, kwargs):
     dy, x, mean, rstd, weight, _n, _c, _hxw, group, mask = _bind(op, args, kwargs)
     if not _ours(x):
         return NotImplemented
-    layout = NormLayout("group", tuple(x.shape), groups=group)
-    plan = plan_norm(x, layout, "group_norm")
+    plan = plan_norm(x, NormLayout("group", tuple(x.shape), groups=group), "group_norm")
     _check_param(weight, plan, "weight")
-    return _backward_common(plan, dy, x, _stats_in(mean), _stats_in(rstd), weight, mask, (x.shape[1],), True)
-
-
-def _backward_common(
-    plan: NormPlan,
-    dy: DTensor,
-    x: DTensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    weight: torch.Tensor | None,
-    mask: Sequence[bool],
-    pshape: Sequence[int],
-    batch_stats: bool,
-) -> tuple:
-    """Explicit adjoint of a normalization with saved (mean, rstd) on local shards."""
-    with stats.op_label(plan.op):
-        if isinstance(dy, DTensor) and dy.placements != x.placements:
-            dy = dy.redistribute(x.device_mesh, x.placements)  # e.g. a Replicate grad: a local slice
-        dyl, xl = _local(dy), x.to_local()
-        acc = _acc_dtype(xl.dtype)
-        p, q, r = plan.layout.canonical(tuple(xl.shape))
-        xhat = (xl.reshape(p, q, r).to(acc) - mean.to(acc).view(1, q, 1)) * rstd.to(acc).view(1, q, 1)
-        xhat_n = xhat.reshape(xl.shape)
-        dya = dyl.to(acc)
-        w = _local(weight)
-        g = dya if w is None else dya * _param_view(_layer_param_slice(w.to(acc), plan), plan.layout, xl.ndim)
-        dx = None
-        if mask[0]:
-            gv = g.reshape(p, q, r)
-            if batch_stats:
-                dxv = _xhat_backward(gv, xhat, rstd.to(acc), _count(plan, xl.shape), plan)
-            else:  # fixed (running) statistics: pointwise
-                dxv = gv * rstd.to(acc).view(1, q, 1)
-            dx = _dt(dxv.reshape(xl.shape).to(xl.dtype), plan, plan.placement, x.shape)
-        dw, db = _param_grads(dya, xhat_n, weight, plan, mask, pshape)
-    return dx, dw, db
+    xl = x.to_local()
+    dx, dw, db = _channel_backward(
+        _grad_in(dy, x), xl, _stats_in(mean), _stats_in(rstd), _local(weight), plan, mask, fixed=False
+    )
+    dx = None if dx is None else _dt(dx, plan, plan.placement, x.shape)
+    return dx, _grad_out(dw, weight, plan, xl.dtype), _grad_out(db, weight, plan, xl.dtype)
 
 
 def _batch_norm_rule(op, args, kwargs):
@@ -623,33 +699,27 @@ def _batch_norm_rule(op, args, kwargs):
     if not _ours(x):
         return NotImplemented
     layout = NormLayout("batch", tuple(x.shape))
-    if training:
-        plan, y, mean, var, rstd, _ = _rule_forward(x, layout, weight, bias, eps, "batch_norm")
-        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            _check_param(t, plan, name)
-        n = layout.count()
-        _running_update(running_mean, mean, momentum)
-        _running_update(running_var, var * (n / max(n - 1, 1)), momentum)
-        return (
-            _dt(y, plan, plan.placement, x.shape),
-            _stats_out(mean.to(y.dtype), plan),
-            _stats_out(rstd.to(y.dtype), plan),
-        )
     plan = plan_norm(x, layout, "batch_norm")
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _check_param(t, plan, name)
-    if running_mean is None or running_var is None:
-        raise DomainParallelError("batch_norm: running_mean and running_var are required when training=False")
     xl = x.to_local()
-    y = _fixed_stats(xl, _local(running_mean), _local(running_var), eps)
-    w, b = _local(weight), _local(bias)
-    if w is not None:
-        y = y * _param_view(w, layout, xl.ndim)
-    if b is not None:
-        y = y + _param_view(b, layout, xl.ndim)
-    empty = xl.new_empty(0)
+    acc = _acc_dtype(xl.dtype)
+    xv = _channel_view(xl).to(acc)
+    if training:
+        mean, var = _channel_stats(xv, plan)
+        rstd = torch.rsqrt(var + eps)
+        _running_update(running_mean, mean, momentum)
+        _running_update(running_var, _unbiased(var, layout.count()), momentum)
+    else:
+        if running_mean is None or running_var is None:
+            raise DomainParallelError("batch_norm: running_mean and running_var are required when training=False")
+        mean, rstd = _local(running_mean).to(acc), torch.rsqrt(_local(running_var).to(acc) + eps)
+    y = _channel_apply(xv, mean, rstd, _local(weight), _local(bias), plan).reshape(xl.shape).to(xl.dtype)
+    if training:
+        return _dt(y, plan, plan.placement, x.shape), _stats_out(mean, plan, xl.dtype), _stats_out(rstd, plan, xl.dtype)
+    empty = xl.new_empty(0)  # what torch's CPU kernel saves in eval
     return (
-        _dt(y.to(xl.dtype), plan, plan.placement, x.shape),
+        _dt(y, plan, plan.placement, x.shape),
         _dt(empty, plan, Replicate(), (0,)),
         _dt(empty.clone(), plan, Replicate(), (0,)),
     )
@@ -661,12 +731,14 @@ def _batch_norm_backward_rule(op, args, kwargs):
         return NotImplemented
     plan = plan_norm(x, NormLayout("batch", tuple(x.shape)), "batch_norm")
     _check_param(weight, plan, "weight")
+    xl = x.to_local()
     if train:
         mean, rstd = _stats_in(save_mean), _stats_in(save_invstd)
     else:
-        mean = _local(running_mean)
-        rstd = torch.rsqrt(_local(running_var).to(_acc_dtype(x.dtype)) + eps)
-    return _backward_common(plan, dy, x, mean, rstd, weight, mask, (x.shape[1],), bool(train))
+        mean, rstd = _local(running_mean), torch.rsqrt(_local(running_var).to(_acc_dtype(xl.dtype)) + eps)
+    dx, dw, db = _channel_backward(_grad_in(dy, x), xl, mean, rstd, _local(weight), plan, mask, fixed=not train)
+    dx = None if dx is None else _dt(dx, plan, plan.placement, x.shape)
+    return dx, _grad_out(dw, weight, plan, xl.dtype), _grad_out(db, weight, plan, xl.dtype)
 
 
 def _layer_norm_rule(op, args, kwargs):
@@ -674,19 +746,53 @@ def _layer_norm_rule(op, args, kwargs):
     if not _ours(x):
         return NotImplemented
     ns = _check_normalized_shape(tuple(x.shape), normalized_shape, "layer_norm")
-    layout = NormLayout("layer", tuple(x.shape), norm_ndim=len(ns))
-    plan, y, mean, _var, rstd, _ = _rule_forward(x, layout, weight, bias, eps, "layer_norm")
-    return _dt(y, plan, plan.placement, x.shape), _stats_out(mean.to(y.dtype), plan), _stats_out(rstd.to(y.dtype), plan)
+    plan = plan_norm(x, NormLayout("layer", tuple(x.shape), norm_ndim=len(ns)), "layer_norm")
+    _check_param(weight, plan, "weight")
+    _check_param(bias, plan, "bias")
+    xl = x.to_local()
+    xhat, mean, _var, rstd = _layer_normalize(xl, plan, eps)
+    y = xhat.reshape(xl.shape)
+    if weight is not None:
+        y = y * _layer_param_slice(_local(weight), plan)
+    if bias is not None:
+        y = y + _layer_param_slice(_local(bias), plan)
+    y = y.to(xl.dtype)
+    return _dt(y, plan, plan.placement, x.shape), _stats_out(mean, plan, xl.dtype), _stats_out(rstd, plan, xl.dtype)
 
 
 def _layer_norm_backward_rule(op, args, kwargs):
-    dy, x, normalized_shape, mean, rstd, weight, _bias, mask = _bind(op, args, kwargs)
+    dy, x, normalized_shape, mean, rstd, weight, bias, mask = _bind(op, args, kwargs)
     if not _ours(x):
         return NotImplemented
     ns = _check_normalized_shape(tuple(x.shape), normalized_shape, "layer_norm")
     plan = plan_norm(x, NormLayout("layer", tuple(x.shape), norm_ndim=len(ns)), "layer_norm")
     _check_param(weight, plan, "weight")
-    return _backward_common(plan, dy, x, _stats_in(mean), _stats_in(rstd), weight, mask, ns, True)
+    xl, dyl = x.to_local(), _grad_in(dy, x)
+    acc = _acc_dtype(xl.dtype)
+    p, q, r = plan.layout.canonical(tuple(xl.shape))
+    mean, rstd = _stats_in(mean).to(acc), _stats_in(rstd).to(acc)
+    xhat = (xl.reshape(p, q, r).to(acc) - mean.view(1, q, 1)) * rstd.view(1, q, 1)
+    dya = dyl.to(acc)
+    w = None if weight is None else _layer_param_slice(_local(weight), plan).to(acc)
+    g = dya if w is None else dya * w
+    dx = None
+    if mask[0]:
+        dxv = _xhat_backward(g.reshape(p, q, r), xhat, rstd, _layer_count(plan, xl.shape), plan)
+        dx = _dt(dxv.reshape(xl.shape).to(xl.dtype), plan, plan.placement, x.shape)
+    lead = tuple(range(len(x.shape) - len(ns)))
+    grads = []
+    for need, val in ((mask[1], lambda: (dya * xhat.reshape(xl.shape)).sum(lead)), (mask[2], lambda: dya.sum(lead))):
+        if not need:
+            grads.append(None)
+            continue
+        gl = val()
+        if plan.dim is not None and plan.dim >= len(lead):  # this rank's rows of a full-size gradient
+            full = gl.new_zeros(ns)
+            a, b = plan.local_range()
+            full.narrow(plan.dim - len(lead), a, b - a).copy_(gl)
+            gl = full
+        grads.append(_grad_out(gl, weight if weight is not None else bias, plan, xl.dtype))
+    return dx, grads[0], grads[1]
 
 
 def register() -> None:

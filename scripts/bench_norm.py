@@ -1,0 +1,194 @@
+"""Benchmark: exact distributed GroupNorm on an H-sharded DTensor vs single-device GroupNorm on a
+tensor of the same *local* size (what each rank would do if statistics were free).
+
+Timed per rank, forward alone and forward+backward, for the module wrapper
+(``DomainParallelGroupNorm``) and for ``F.group_norm`` called on the DTensor (our aten rule); the
+baseline is ``nn.GroupNorm`` on a plain ``(B, C, H/world, W)`` tensor in the same process with the
+same threads. Traffic per call is reported next to the statistics-only minimum.
+
+    python scripts/bench_norm.py                                  # (4, 64, 256, 256) fp32, 32 groups
+    python scripts/bench_norm.py --height 64 --width 64 --repeats 5
+
+Prints a rich table (stderr) and one JSON line per rank (stdout; appended to --json if given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, args, queue) -> None:
+    torch.set_num_threads(args.threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch import nn
+
+    from credit_dtensor import DomainParallelManager, comm_stats, shard_tensor
+    from credit_dtensor.nn.norm import DomainParallelGroupNorm
+
+    manager = DomainParallelManager(world, device_type="cpu")
+    dtype = getattr(torch, args.dtype)
+    shape = (args.batch, args.channels, args.height, args.width)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    ref = nn.GroupNorm(args.groups, args.channels).to(dtype)
+    mod = DomainParallelGroupNorm(copy.deepcopy(ref), manager)
+    xd = shard_tensor(x, manager, 2).requires_grad_()
+    gd = shard_tensor(g, manager, 2)
+    x_local = xd.to_local().detach().clone().requires_grad_()
+    g_local = gd.to_local().contiguous()
+    w, b = mod.weight, mod.bias
+
+    def ours_fwd():
+        with torch.no_grad():
+            mod(xd)
+
+    def ours_step():
+        xd.grad = None
+        mod.zero_grad(set_to_none=True)
+        mod(xd).backward(gd)
+
+    def functional_step():
+        xd.grad = None
+        mod.zero_grad(set_to_none=True)
+        F.group_norm(xd, args.groups, w, b).backward(gd)
+
+    def local_fwd():
+        with torch.no_grad():
+            ref(x_local)
+
+    def local_step():
+        x_local.grad = None
+        ref.zero_grad(set_to_none=True)
+        ref(x_local).backward(g_local)
+
+    def timed(fn) -> float:
+        times = []
+        for i in range(args.warmup + args.repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    cases = {
+        "ours_fwd": ours_fwd,
+        "local_fwd": local_fwd,
+        "ours_fwd_bwd": ours_step,
+        "functional_fwd_bwd": functional_step,
+        "local_fwd_bwd": local_step,
+    }
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(args.rounds):  # interleave to share drift in machine load
+        for k, fn in cases.items():
+            samples[k].append(timed(fn))
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    with comm_stats() as s_fwd:
+        y = mod(xd)
+    with comm_stats() as s_bwd:
+        y.backward(gd)
+    q = args.batch * args.groups
+    item = torch.finfo(dtype).bits // 8
+    result = {
+        "bench": "group_norm",
+        "shape": list(shape),
+        "local_shape": list(x_local.shape),
+        "groups": args.groups,
+        "dtype": args.dtype,
+        "world": world,
+        "rank": rank,
+        **{f"{k}_s": v for k, v in t.items()},
+        "overhead_fwd": t["ours_fwd"] / t["local_fwd"],
+        "overhead_fwd_bwd": t["ours_fwd_bwd"] / t["local_fwd_bwd"],
+        "sent_bytes_fwd": s_fwd.sent_bytes,
+        "sent_bytes_bwd": s_bwd.sent_bytes,
+        "stats_bytes_fwd": (world * 2 * q * item) if world > 1 else 0,
+        "stats_bytes_bwd": (2 * q * item) if world > 1 else 0,
+        "activation_bytes": x_local.numel() * item,
+        "threads": args.threads,
+    }
+    queue.put(result)
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--groups", type=int, default=32)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--json", default=None, help="append JSON lines to this file")
+    args = p.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, args.world, port, args, queue)) for r in range(args.world)]
+    for pr in procs:
+        pr.start()
+    results = sorted((queue.get(timeout=3600) for _ in procs), key=lambda r: r["rank"])
+    for pr in procs:
+        pr.join()
+    from rich.console import Console
+    from rich.table import Table
+
+    r0 = results[0]
+    table = Table(
+        title=f"GroupNorm({args.groups}) shape {r0['shape']} {args.dtype}, {args.world} ranks vs one device on "
+        f"the local shape {r0['local_shape']} (median ms)"
+    )
+    cols = ("rank", "fwd ours", "fwd local", "fwd+bwd ours", "fwd+bwd F.group_norm", "fwd+bwd local",
+            "overhead", "bytes fwd/bwd", "stats minimum", "activation bytes")  # fmt: skip
+    for col in cols:
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(
+            str(r["rank"]),
+            f"{1e3 * r['ours_fwd_s']:.2f}",
+            f"{1e3 * r['local_fwd_s']:.2f}",
+            f"{1e3 * r['ours_fwd_bwd_s']:.2f}",
+            f"{1e3 * r['functional_fwd_bwd_s']:.2f}",
+            f"{1e3 * r['local_fwd_bwd_s']:.2f}",
+            f"{r['overhead_fwd_bwd']:.2f}x",
+            f"{r['sent_bytes_fwd']:,}/{r['sent_bytes_bwd']:,}",
+            f"{r['stats_bytes_fwd']:,}/{r['stats_bytes_bwd']:,}",
+            f"{r['activation_bytes']:,}",
+        )
+    Console(stderr=True).print(table)
+    for r in results:
+        line = json.dumps(r)
+        print(line)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
