@@ -21,6 +21,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from .errors import DomainParallelError
+from .mesh import DomainParallelManager, rank_layout
 
 __all__ = ["main", "build_parser"]
 
@@ -103,11 +104,9 @@ def _under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _mesh_rows(domain: int | None) -> tuple[list[tuple[str, str]], bool]:
-    """Initialize the mesh from torchrun's environment; rows for the table and whether to print."""
+def _mesh_rows(domain: int | None) -> tuple[list[tuple[str, str]], DomainParallelManager]:
+    """Build the mesh from torchrun's environment; the table rows describing it, and the manager."""
     import torch.distributed as dist
-
-    from .mesh import DomainParallelManager, rank_layout
 
     world = int(os.environ["WORLD_SIZE"])
     manager = DomainParallelManager(domain or world)
@@ -119,7 +118,7 @@ def _mesh_rows(domain: int | None) -> tuple[list[tuple[str, str]], bool]:
         ("dp groups", " ".join(str(g) for g in dp_groups)),
         ("rank 0", f"dp_rank={manager.dp_rank} domain_rank={manager.domain_rank}"),
     ]
-    return rows, dist.get_rank() == 0
+    return rows, manager
 
 
 def cmd_info(args: argparse.Namespace, console: Console) -> int:
@@ -137,34 +136,27 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     cuda = f"yes ({torch.cuda.device_count()} devices)" if torch.cuda.is_available() else "no"
     table.add_row("CUDA", cuda)
 
-    import torch.distributed as dist
-
-    show = True
-    created_group = False
-    if _under_torchrun():
-        created_group = not dist.is_initialized()
-        rows, show = _mesh_rows(args.domain)
-        for k, v in rows:
-            table.add_row(k, v)
-    else:
-        table.add_row(
-            "mesh", "not launched under torchrun (run `torchrun --nproc-per-node N -m credit_dtensor.cli info`)"
-        )
-
-    failed = _import_op_modules()
-    ops = registered_ops()
-    if ops:
+    manager = None
+    try:
+        if _under_torchrun():
+            rows, manager = _mesh_rows(args.domain)
+            for k, v in rows:
+                table.add_row(k, v)
+        else:
+            table.add_row("mesh", "not under torchrun (`torchrun --nproc-per-node N -m credit_dtensor.cli info`)")
+        failed = _import_op_modules()
+        ops = registered_ops()
         for op, rules in sorted(ops.items()):
             table.add_row(f"rule {op}", ", ".join(rules))
-    else:
-        table.add_row("op rules", "none registered yet")
-    for name, err in failed.items():
-        table.add_row(f"[red]import failed[/red] {name}", err)
-    if show:
-        console.print(table)
-
-    if created_group:
-        dist.destroy_process_group()
+        if not ops:
+            table.add_row("op rules", "none registered yet")
+        for name, err in failed.items():
+            table.add_row(f"[red]import failed[/red] {name}", err)
+        if manager is None or manager.mesh.get_rank() == 0:
+            console.print(table)
+    finally:
+        if manager is not None:
+            manager.close()
     return 0
 
 

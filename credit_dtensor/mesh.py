@@ -114,7 +114,9 @@ class DomainParallelManager:
         if not isinstance(domain_parallel_size, int) or domain_parallel_size < 1:
             _check_sizes(1, domain_parallel_size)
         self.device_type = _resolve_device_type(device_type)
-        if not dist.is_initialized():
+        #: True when this manager created the default process group (then :meth:`close` destroys it).
+        self.owns_process_group = not dist.is_initialized()
+        if self.owns_process_group:
             _init_default_group(self.device_type)
         world = dist.get_world_size()
         _check_sizes(world, domain_parallel_size)
@@ -173,6 +175,23 @@ class DomainParallelManager:
         if self.device_type == "cuda":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device(self.device_type)
+
+    def close(self) -> None:
+        """Destroy the default process group if this manager created it (idempotent).
+
+        Call it at the end of a torchrun script: a process that exits with a live gloo group can
+        abort ("terminate called without an active exception"). A group created by the caller is
+        left alone.
+        """
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_process_group = False
+
+    def __enter__(self) -> DomainParallelManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return (

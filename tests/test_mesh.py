@@ -78,6 +78,14 @@ def _initialize_task() -> dict:
         mesh_mod._GLOBAL_MANAGER = previous
 
 
+def _close_task() -> tuple[bool, bool]:
+    # the harness made the group: a manager must not destroy it
+    with DomainParallelManager(dist.get_world_size()) as m:
+        owns = m.owns_process_group
+    m.close()
+    return owns, dist.is_initialized()
+
+
 # --- distributed tests ----------------------------------------------------------------------------
 
 
@@ -110,6 +118,10 @@ def test_initialize_and_bad_sizes_on_real_worlds(world):
     for res in get_world(world).run(_initialize_task):
         assert res["same"] and res["still"]
         assert res["info"] == (world, 1, -3, True)
+
+
+def test_close_leaves_a_foreign_group_alone():
+    assert get_world(2).run(_close_task) == [(False, True), (False, True)]
 
 
 # --- pure arithmetic and parent-process checks -------------------------------------------------------
@@ -181,3 +193,24 @@ def test_bad_domain_size_fails_before_touching_the_process_group():
 def test_cuda_requested_without_gpu():
     with pytest.raises(DomainParallelError, match="device_type='cpu'"):
         DomainParallelManager(1, device_type="cuda")
+
+
+def test_manager_creates_group_from_torchrun_env_and_close_destroys_it(monkeypatch):
+    from tests.harness import _free_port
+
+    assert not dist.is_initialized()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    try:
+        m = DomainParallelManager(1, device_type="cpu")
+        assert m.owns_process_group and dist.is_initialized() and dist.get_backend() == "gloo"
+        assert (m.dp_world_size, m.domain_world_size, m.domain_rank) == (1, 1, 0)
+        assert m.is_first_domain_rank and m.is_last_domain_rank
+        m.close()
+        assert not dist.is_initialized()
+        m.close()  # idempotent
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
