@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 # The main job (becomes `credit-dtensor demo` once the training demo exists).
 DEMO_CMD ?= credit-dtensor info
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 LINT_PATHS := credit_dtensor tests $(wildcard scripts)
 
 VPY := $(VENV)/bin/python
