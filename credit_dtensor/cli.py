@@ -121,6 +121,21 @@ def _mesh_rows(domain: int | None) -> tuple[list[tuple[str, str]], DomainParalle
     return rows, manager
 
 
+def _short_op(name: str) -> str:
+    """``aten.convolution.default`` -> ``convolution``; other overloads keep their suffix."""
+    name = name.removeprefix("aten.")
+    return name.removesuffix(".default")
+
+
+def _rules_table(ops: dict[str, list[str]]) -> Table:
+    table = Table(title="registered op rules")
+    table.add_column("aten op")
+    table.add_column("rule")
+    for op, rules in sorted(ops.items(), key=lambda kv: _short_op(kv[0])):
+        table.add_row(_short_op(op), ", ".join(rules))
+    return table
+
+
 def cmd_info(args: argparse.Namespace, console: Console) -> int:
     import torch
 
@@ -146,14 +161,13 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
             table.add_row("mesh", "not under torchrun (`torchrun --nproc-per-node N -m credit_dtensor.cli info`)")
         failed = _import_op_modules()
         ops = registered_ops()
-        for op, rules in sorted(ops.items()):
-            table.add_row(f"rule {op}", ", ".join(rules))
-        if not ops:
-            table.add_row("op rules", "none registered yet")
+        table.add_row("op rules", f"{len(ops)} aten ops intercepted on H-sharded DTensors" if ops else "none yet")
         for name, err in failed.items():
             table.add_row(f"[red]import failed[/red] {name}", err)
         if manager is None or manager.mesh.get_rank() == 0:
             console.print(table)
+            if ops:
+                console.print(_rules_table(ops))
     finally:
         if manager is not None:
             manager.close()

@@ -31,6 +31,12 @@ def test_info_in_process(monkeypatch, capsys):
     assert torch.__version__ in out
     assert "gloo yes" in out
     assert "not under torchrun" in out
+    from credit_dtensor.ops._dispatch import registered_ops
+
+    ops = registered_ops()  # main imported every op module
+    assert f"{len(ops)} aten ops" in out if ops else "none yet" in out
+    for op in ops:
+        assert op.removeprefix("aten.").removesuffix(".default") in out
     assert not dist.is_initialized()  # info must not leave a process group behind
 
 
