@@ -713,7 +713,7 @@ def plan(
         if conv is None and list(mod.children()):
             continue
         row = row_for(path, mod)
-        if needed and not _is_shard_local(conv):
+        if needed and not _is_shard_local(conv) and conv.family != "local":
             opaque[path] = -1  # the wrapper replaces its forward: what torch's forward does inside is moot
         if conv is not None and conv.family == "conv":
             _conv_row(row, mod, domain, needed)
@@ -749,6 +749,7 @@ def plan(
                 row.notes.append(f"family {fam!r} failed to import: {err}")
         else:
             row.rule = "local"
+        _global_pool_hazard(row, mod)
         if row.calls == 0 and traced:
             row.notes.append("not called in the traced forward")
 
@@ -766,6 +767,18 @@ def plan(
         )
     ordered = sorted(rows.values(), key=lambda r: order.get(r.path, len(order)))
     return Plan(type(model).__name__, shape, domain, hdim, ordered, traced_on, errors, max_domain)
+
+
+def _global_pool_hazard(row: PlanRow, mod: nn.Module) -> None:
+    """Adaptive pooling to one row along H: exact (an all-reduce), but the result is not sharded."""
+    pools = (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+    if isinstance(mod, pools) and row.in_shape and row.out_shape and len(row.in_shape) >= 3:
+        i = -2 if len(row.in_shape) >= 4 else -1
+        if row.out_shape[i] == 1 and row.in_shape[i] > 1:
+            row.hazards.append(
+                f"global pooling over H ({type(mod).__name__} to 1 row): one value from every shard, "
+                "the output is no longer sharded"
+            )
 
 
 def _is_shard_local(conv: Converter) -> bool:
