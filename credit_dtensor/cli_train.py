@@ -79,6 +79,31 @@ def register(subparsers: Any) -> None:
     demo.set_defaults(handler=cmd_demo)
 
 
+def _elastic_store(timeout: timedelta) -> dict[str, Any]:
+    """``store``/``rank``/``world_size`` for ``init_process_group`` under torchrun, with keys
+    prefixed by the restart count.
+
+    torchrun's agent keeps one TCPStore for all restarts and its workers use it without a
+    per-attempt prefix, so after a restart a rank can read a peer address left by the killed
+    attempt and gloo fails with "connectFullMesh ... Connection refused". A fresh prefix per
+    attempt makes every attempt rendezvous from a clean namespace.
+    """
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent_store and rank == 0,
+        timeout=timeout,
+        multi_tenant=True,
+    )
+    prefix = f"credit_dtensor/attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}"
+    return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world}
+
+
 def _init_process_group(device_type: str, timeout: timedelta) -> bool:
     """Create the default group (torchrun env or a 1-process store); returns whether we created it."""
     import torch
@@ -90,7 +115,10 @@ def _init_process_group(device_type: str, timeout: timedelta) -> bool:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend=backend, timeout=timeout, **_elastic_store(timeout))
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return True
