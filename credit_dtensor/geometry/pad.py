@@ -59,7 +59,7 @@ def _circular_window(n: int, lo: int, hi: int) -> tuple[int, int]:
 def check_pad(n: int, lo: int, hi: int, mode: str) -> None:
     """Raise ``ValueError`` for pads PyTorch rejects (or would compute garbage for)."""
     mode = normalize_pad_mode(mode)
-    if pad_out_len(n, lo, hi) < 0:
+    if pad_out_len(n, lo, hi) < 0 or n + min(lo, 0) + min(hi, 0) < 0:
         raise ValueError(f"padding ({lo}, {hi}) crops more than the {n} rows of the axis")
     if mode == "reflect" and (lo >= n or hi >= n):
         raise ValueError(f"reflect padding ({lo}, {hi}) must be smaller than the axis length {n}")

@@ -811,12 +811,25 @@ def _pixel_dim(input: torch.Tensor, where: str) -> int | None:
     return dim
 
 
+def _check_unshuffle(shape: Sequence[int], factor: int) -> None:
+    """The *global* H and W must be multiples of the factor (any shard sizes are fine)."""
+    for d, name in ((len(shape) - 2, "H"), (len(shape) - 1, "W")):
+        if shape[d] % factor:
+            lo, hi = shape[d] - shape[d] % factor, shape[d] + factor - shape[d] % factor
+            raise DomainParallelError(
+                f"pixel_unshuffle: global {name}={shape[d]} (dim {d}) is not divisible by downscale_factor="
+                f"{factor}: pad or crop {name} to a multiple of {factor} (e.g. {lo} or {hi})"
+            )
+
+
 def _pixel(input: torch.Tensor, factor: int, shuffle: bool):
     where = "pixel_shuffle" if shuffle else "pixel_unshuffle"
     fn = F.pixel_shuffle if shuffle else F.pixel_unshuffle
     dim = _pixel_dim(input, where)
     if dim is None:
         return fn(input, factor)
+    if not shuffle:
+        _check_unshuffle(input.shape, factor)
     meta = fn(_meta(input.shape, input.dtype), factor)
     _, _, world, rank = domain_info(input)  # type: ignore[arg-type]
     op = _cached(PixelShuffleOp, tuple(input.shape), int(factor), shuffle, dim, world, rank)
@@ -1082,6 +1095,8 @@ def _pixel_rule(shuffle: bool):
         dim = _pixel_dim(x, str(op))
         if dim is None:
             return NotImplemented
+        if not shuffle:
+            _check_unshuffle(x.shape, int(factor))
         _, _, world, rank = domain_info(x)
         pop = _cached(PixelShuffleOp, tuple(x.shape), int(factor), shuffle, dim, world, rank)
         y, _, _ = pop.run_forward(x)
