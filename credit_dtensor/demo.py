@@ -225,7 +225,14 @@ def _worker(rank: int, world: int, domain: int, port: int, config: dict, results
         raise
 
 
-def _run_distributed(cfg: DemoConfig, on_step: Callable[[int, float, float], None]) -> dict[int, dict]:
+def _start_workers(cfg: DemoConfig) -> tuple[list[Any], Any]:
+    """Start the ranks (before any thread, e.g. rich's refresh thread, exists in this process)."""
+    # Imported here so forked ranks inherit them instead of importing 4 times on 2 cores.
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
+    from . import train  # noqa: F401
+
     world = cfg.dp * cfg.domain
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
@@ -237,6 +244,13 @@ def _run_distributed(cfg: DemoConfig, on_step: Callable[[int, float, float], Non
     ]
     for p in procs:
         p.start()
+    return procs, results
+
+
+def _collect(
+    cfg: DemoConfig, procs: list[Any], results: Any, on_step: Callable[[int, float, float], None]
+) -> dict[int, dict]:
+    world = len(procs)
     done: dict[int, dict] = {}
     deadline = time.monotonic() + cfg.timeout
     try:
@@ -314,6 +328,7 @@ def run_demo(cfg: DemoConfig | None = None, console: Any = None) -> DemoReport:
         f"[bold]credit-dtensor demo[/bold]: {world} CPU processes, mesh dp={cfg.dp} x domain={cfg.domain} (gloo), "
         f"U-Net on a {cfg.nlat}x{cfg.nlon} synthetic globe, {cfg.steps} AdamW steps, FSDP2 + exact halos"
     )
+    procs, results = _start_workers(cfg)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -328,7 +343,7 @@ def run_demo(cfg: DemoConfig | None = None, console: Any = None) -> DemoReport:
         def on_step(step: int, loss: float, seconds: float) -> None:
             progress.update(task, completed=step + 1, loss=f"{loss:.5f}", dt=f"{seconds * 1e3:.0f} ms")
 
-        dist_results = _run_distributed(cfg, on_step)
+        dist_results = _collect(cfg, procs, results, on_step)
         ref_task = progress.add_task("1 process", total=cfg.steps, loss="-", dt="-")
 
         def on_ref_step(step: int, loss: float, seconds: float) -> None:
