@@ -27,7 +27,8 @@ __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
 
-#: Subcommands that exist in the interface but are implemented by later work.
+#: Subcommands of the interface; a ``credit_dtensor.cli_*`` module that registers one replaces
+#: its placeholder, which otherwise says "not available yet" and exits 2.
 PENDING = {
     "demo": "train a small model domain-parallel and compare it with one device",
     "plan": "audit a model: which layers convert, halo sizes, constraints",
@@ -36,6 +37,33 @@ PENDING = {
     "train": "training entry point",
 }
 EXIT_NOT_AVAILABLE = 2
+EXIT_BAD_CONFIG = 2  # a DomainParallelError raised by a subcommand handler
+
+#: ``{module: error}`` for ``cli_*`` extension modules that failed to import or register.
+EXTENSION_ERRORS: dict[str, str] = {}
+
+
+def _register_extensions(sub: argparse._SubParsersAction) -> None:
+    """Let every ``credit_dtensor.cli_*`` module with ``register(subparsers)`` add its subcommands.
+
+    Each registered subparser sets ``handler=fn(args, console) -> status``. A module that fails is
+    reported by ``info`` and its commands keep their placeholder, so one broken module cannot
+    break the command as a whole.
+    """
+    import credit_dtensor
+
+    EXTENSION_ERRORS.clear()
+    for mod in sorted(pkgutil.iter_modules(credit_dtensor.__path__), key=lambda m: m.name):
+        if not mod.name.startswith("cli_"):
+            continue
+        name = f"credit_dtensor.{mod.name}"
+        try:
+            register = getattr(importlib.import_module(name), "register", None)
+            if register is not None:
+                register(sub)
+        except Exception as exc:  # noqa: BLE001 - report in `info`, keep the placeholders
+            EXTENSION_ERRORS[name] = f"{type(exc).__name__}: {exc}"
+            logger.debug("could not register %s", name, exc_info=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="domain-parallel size under torchrun (default: the whole world)",
     )
+    _register_extensions(sub)
     for name, text in PENDING.items():
-        sub.add_parser(name, help=f"{text} (not available yet)")
+        if name not in sub.choices:
+            stub = sub.add_parser(name, help=f"{text} (not available yet)")
+            stub.set_defaults(placeholder=True)
     return parser
 
 
@@ -162,7 +193,7 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
         failed = _import_op_modules()
         ops = registered_ops()
         table.add_row("op rules", f"{len(ops)} aten ops intercepted on H-sharded DTensors" if ops else "none yet")
-        for name, err in failed.items():
+        for name, err in {**failed, **EXTENSION_ERRORS}.items():
             table.add_row(f"[red]import failed[/red] {name}", err)
         if manager is None or manager.mesh.get_rank() == 0:
             console.print(table)
@@ -177,20 +208,27 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``credit-dtensor``; returns the process exit status."""
     parser = build_parser()
-    # the pending subcommands accept (and ignore) any options until they are implemented
+    # placeholders accept (and ignore) any options until they are implemented
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in PENDING:
+    placeholder = getattr(args, "placeholder", False)
+    if extra and not placeholder:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console = Console()
     _setup_logging(args.verbose, console)
+    if placeholder:
+        console.print(f"[yellow]credit-dtensor {args.command}[/yellow]: not available yet ({PENDING[args.command]})")
+        return EXIT_NOT_AVAILABLE
     if args.command == "info":
         try:
             return cmd_info(args, console)
         except DomainParallelError as exc:
             console.print(f"[red]credit-dtensor info[/red]: {exc}")
             return 1
-    console.print(f"[yellow]credit-dtensor {args.command}[/yellow]: not available yet ({PENDING[args.command]})")
-    return EXIT_NOT_AVAILABLE
+    try:
+        return args.handler(args, console)
+    except DomainParallelError as exc:
+        console.print(f"[red]credit-dtensor {args.command}[/red]: {exc}")
+        return EXIT_BAD_CONFIG
 
 
 if __name__ == "__main__":
