@@ -114,6 +114,7 @@ class World:
             q.put((tid, fn, args, kwargs))
         results: dict[int, Any] = {}
         errors: dict[int, str] = {}
+        first_error = float("inf")
         deadline = time.monotonic() + timeout
         while len(results) + len(errors) < self.size:
             if errors:
@@ -136,7 +137,8 @@ class World:
             (results if status == "ok" else errors)[rank] = value
         if len(results) < self.size:
             missing = [r for r in range(self.size) if r not in results and r not in errors]
-            self.close()  # some ranks may be stuck in a collective: restart next time
+            if missing or any(not p.is_alive() for p in self._procs):
+                self.close()  # some ranks are stuck in a collective or dead: restart next time
             msg = "\n".join(errors[r] for r in sorted(errors))
             if missing:
                 msg += f"\nranks {missing} did not finish within the timeout (world restarted)"
