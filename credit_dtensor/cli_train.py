@@ -51,6 +51,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--domain", type=int, default=None, help="ranks that split one sample's latitude (default: world // dp)"
     )
     p.add_argument("--global-batch", type=int, default=4, help="samples per step over all dp ranks (default 4)")
+    p.add_argument("--model", choices=("demo", "unet"), default="demo", help="demo U-Net or models.unet.WeatherUNet")
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--width", type=int, default=16, help="model width (channels of the first level)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -152,12 +153,16 @@ def main_train(args: argparse.Namespace, console: Any) -> int:
     device_type = args.device or default_device_type()
     created = _init_process_group(device_type, timedelta(seconds=args.pg_timeout))
     try:
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+        if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # small per-rank work: intra-op threads only contend with the other ranks (set
+            # OMP_NUM_THREADS to override)
+            torch.set_num_threads(1)
         dp, domain = _sizes(dist.get_world_size(), args.dp, args.domain)
         manager = DomainParallelManager(domain, device_type=device_type)
         h, w = args.resolution
         cfg = TrainConfig(
             steps=args.steps,
+            model=args.model,
             nlat=h,
             nlon=w,
             channels=args.channels,

@@ -46,9 +46,13 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+MODELS = ("demo", "unet")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 30
+    model: str = "demo"  # "demo" (models.demo.DemoNet) or "unet" (models.unet.WeatherUNet)
     nlat: int = 32
     nlon: int = 64
     channels: int = 4
@@ -83,9 +87,18 @@ class TrainResult:
 
 def build_model(config: TrainConfig) -> nn.Module:
     """The demo model with a deterministic initialization (same on every rank and in the reference)."""
+    if config.model not in MODELS:
+        from .errors import DomainParallelError
+
+        raise DomainParallelError(f"train: unknown model {config.model!r}: choose one of {MODELS}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = DemoNet(config.channels, config.width)
+        if config.model == "unet":
+            from .models.unet import WeatherUNet
+
+            model: nn.Module = WeatherUNet(config.channels, config.width)
+        else:
+            model = DemoNet(config.channels, config.width)
     return model.to(config.torch_dtype)
 
 
