@@ -87,12 +87,12 @@ def read_matrix(op: str, kw: dict, n: int) -> torch.Tensor:
     """``(n_out, n)`` bool: which input rows each output row reads along a 1-D probe axis, from
     PyTorch itself (one-hot inputs; max pooling reads its whole window)."""
     eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, n, 1)
-    if op.startswith("max_pool"):
-        kw = dict(kw, return_indices=False)
-        op = op.replace("max", "avg")
+    kw = {k: v for k, v in kw.items() if k != "return_indices"}
+    if op.startswith("max_pool"):  # same windows as avg pooling (no dilation in these probes)
+        op, kw = op.replace("max", "avg"), dict(kw, count_include_pad=True)
         kw.pop("dilation", None)
-        kw["count_include_pad"] = True
-        kw.pop("return_indices")
+    elif op.startswith("adaptive_max"):
+        op = op.replace("max", "avg")
     y = getattr(F, op)(eye, **kw)
     return y[:, 0, :, 0].T != 0
 
