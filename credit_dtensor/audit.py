@@ -141,14 +141,14 @@ def render_plan(p: Plan, console: Console | None = None, *, show_local: bool = T
     """Print the plan as a rich table (``show_local=False`` hides plain local rows)."""
     console = console or Console()
     table = Table(title=p.summary(), title_justify="left", show_lines=False)
-    for col in ("module", "type", "rule", "halo ↑/↓", "min local H", "shape in → out", "hazards / notes"):
+    for col in ("module", "type", "rule", "halo ↑/↓", "min local H", "in → out (no batch)", "hazards / notes"):
         table.add_column(col, overflow="fold")
     for r in p.rows:
         if not show_local and r.rule == "local" and r.status == "ok" and not r.notes:
             continue
         style = {"error": "red", "hazard": "yellow"}.get(r.status, "")
         halo = "-" if r.halo is None else f"{r.halo[0]}/{r.halo[1]}"
-        shapes = "" if r.in_shape is None else f"{_shape(r.in_shape)} → {_shape(r.out_shape)}"
+        shapes = "" if r.in_shape is None else f"{_shape(r.in_shape[1:])} → {_shape((r.out_shape or (0,))[1:])}"
         text = [f"[red]ERROR[/red] {e}" for e in r.errors]
         text += [f"[yellow]HAZARD[/yellow] {h}" for h in r.hazards]
         text += [f"[dim]{n}[/dim]" for n in r.notes]
@@ -482,14 +482,14 @@ class _HTracker(TorchFunctionMode):
             sizes = "×".join(str(outs[d]) for d in go_n)
             self.event(
                 "split",
-                f"window partition over H: {name} splits H={ins[h]} into {sizes} (windows of {block} rows)",
+                f"window partition over H ({name} splits H={ins[h]} into {sizes}: windows of {block} rows)",
                 block,
             )
             return self.mark(o, go_n[0])
         others = "×".join(str(ins[d]) for d in gi_n if d != h)
         self.event(
             "merge",
-            f"{name} merges H={ins[h]} with dims of size {others} into one dim of {math.prod(outs[d] for d in go)}",
+            f"{name} merges H={ins[h]} with dims {others} into one of {math.prod(outs[d] for d in go)}",
         )
         if len(go_n) == 1:  # keep following: attention/Linear over the merged dim is caught later
             self.mark(o, go_n[0], merged=True)
@@ -501,15 +501,15 @@ class _HTracker(TorchFunctionMode):
             a, b, ha, hb = b, a, hb, ha
         if ha is not None:
             if a.ndim >= 2 and ha == a.ndim - 1:
-                self.event("hazard", "matmul contracts H: mixes the rows of every shard")
+                self.event("hazard", "matmul contracts H (mixes all shards)")
                 return
             self.mark(o, ha + (o.ndim - a.ndim))
         if hb is not None and isinstance(b, torch.Tensor):
             if b.ndim >= 2 and hb == b.ndim - 2:
-                self.event("hazard", "matmul contracts H: mixes the rows of every shard")
+                self.event("hazard", "matmul contracts H (mixes all shards)")
                 return
             if b.ndim >= 2 and hb == b.ndim - 1:
-                self.event("hazard", "attention over H: scores against keys from every row (tokens span shards)")
+                self.event("hazard", "attention over H: keys from every row (spans shards)")
                 return
             if ha is None:
                 self.mark(o, hb + (o.ndim - b.ndim))
@@ -818,15 +818,15 @@ def _attach_events(rows, row_for, tracker, opaque, domain, model) -> None:
             n = _module_h(tracker, path)
             fits = n is not None and block_fits(n, domain, block or 1)
             row.hazards.append(
-                f"{msg}: exact only if every shard holds whole windows"
-                + (f" (they would for H={n} over {domain})" if fits else "")
-                + "; declare the module shard-local (register_converter(T, shard_local))"
+                f"{msg}: exact only if each shard holds whole windows"
+                + (" (these shards do)" if fits else "")
+                + "; declare the module shard-local"
             )
             row.min_local_h = max(row.min_local_h, block or 0)
         elif kind == "merge":
             row.hazards.append(
-                f"{msg}: PyTorch's DTensor refuses this for uneven shards (and attention over the merged dim "
-                "spans shards); declare the module shard-local if each merged item lies in one shard"
+                f"{msg}: PyTorch refuses it for uneven shards; declare the module shard-local if each item "
+                "lies in one shard"
             )
         else:
             row.hazards.append(msg)
