@@ -249,3 +249,64 @@ def test_pad_invalid_configs_raise():
     msgs = get_world(2).run(_errors_task)[0]
     assert "no error" not in msgs, msgs
     assert "wrapping around more than once" in msgs[0] or "wraps around more than once" in msgs[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Converter pattern: a padding module followed by a padding=0 convolution, plain-tensor inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def _pad_conv_task(layers: list[str], hs: tuple[int, ...]) -> list[dict]:
+    return [_pad_conv_one(layers, h) for h in hs]
+
+
+def _pad_conv_one(layers: list[str], h: int) -> dict:
+    import copy
+
+    from credit_dtensor.nn.conv import DomainParallelConv2d
+    from credit_dtensor.nn.pad import pad_wrapper_for
+
+    m = manager()
+    torch.manual_seed(0)
+    mods = []
+    for name in layers:
+        if name == "conv":
+            mods.append(nn.Conv2d(3, 4, 3, padding=0, dtype=torch.float64))
+        else:
+            mods.append(eval(name))  # e.g. "nn.ZeroPad2d((1, 1, 2, 0))"
+    ref = nn.Sequential(*mods)
+    dist = copy.deepcopy(ref)
+    for i, mod in enumerate(dist):
+        wrapper = DomainParallelConv2d if isinstance(mod, nn.Conv2d) else pad_wrapper_for(mod)
+        dist[i] = wrapper(mod, m)
+    x = torch.randn(2, 3, h, 7, dtype=torch.float64)
+    conv_ref, conv_dist = ref[len(ref) - 1], dist[len(dist) - 1]
+    errs = parity(
+        m,
+        ref,
+        dist,
+        [x],
+        shard_dims=[2],
+        out_dim=2,
+        ref_params={"w": conv_ref.weight, "b": conv_ref.bias},
+        dist_params={"w": conv_dist.weight, "b": conv_dist.bias},
+    )
+    assert_parity(errs, torch.float64, layers)
+    # a plain (unsharded) input is sharded on H by the first wrapper
+    y = dist(x.clone())
+    assert (y.full_tensor() - ref(x)).abs().max() < 1e-12
+    return errs
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize(
+    "layers",
+    [
+        ["nn.ZeroPad2d((1, 1, 2, 0))", "conv"],
+        ["nn.ZeroPad2d(1)", "conv"],
+        ["nn.CircularPad2d((1, 1, 0, 0))", "nn.ReflectionPad2d((0, 0, 1, 1))", "conv"],  # periodic lon, pole
+        ["nn.ReplicationPad2d((0, 0, 3, 1))", "conv"],
+    ],
+)
+def test_pad_then_conv(world, layers):
+    get_world(world).run(_pad_conv_task, layers, (9, 4))
