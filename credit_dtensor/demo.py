@@ -33,8 +33,8 @@ __all__ = ["DemoConfig", "run_demo", "saved_tensor_bytes", "halo_minimum_bytes"]
 logger = logging.getLogger(__name__)
 
 #: fp32 agreement required between the 4-process run and the 1-process reference.
-LOSS_RTOL = 1e-4
-PARAM_ATOL = 1e-4
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 1e-5
 
 
 @dataclass

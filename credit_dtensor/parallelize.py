@@ -25,8 +25,8 @@ ones, then divides by the dp size (data-parallel mean) and writes each gradient 
 
 Only ``manager.dp_mesh`` is passed to ``fully_shard``. Passing the whole 2-D mesh would make
 FSDP2 use HSDP collectives, for which gloo needs
-``torch.distributed.fsdp.set_force_sum_reduction_for_comms(True)`` (gloo has no PREMUL_SUM/AVG);
-:func:`apply_fsdp` does that itself when it is given a 2-D mesh on gloo.
+``FSDPModule.set_force_sum_reduction_for_comms(True)`` (gloo has no PREMUL_SUM/AVG);
+:func:`apply_fsdp` calls it on every FSDP unit when it is given a 2-D CPU mesh.
 """
 
 from __future__ import annotations
@@ -190,14 +190,13 @@ def apply_fsdp(
 
     kwargs: dict = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     kwargs["mp_policy"] = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
+    units = [*blocks, model]
+    for unit in units:
+        fully_shard(unit, **kwargs)
     if mesh.ndim == 2 and mesh.device_type == "cpu":
-        # HSDP on gloo: gloo lacks PREMUL_SUM/AVG reductions
-        from torch.distributed.fsdp import set_force_sum_reduction_for_comms
-
-        set_force_sum_reduction_for_comms(True)
-    for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+        # HSDP on gloo: gloo lacks PREMUL_SUM/AVG all-reduce, so FSDP2 must sum then scale
+        for unit in units:
+            unit.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
     return model
 
 
