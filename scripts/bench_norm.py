@@ -40,6 +40,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch import nn
+    from torch.distributed.tensor import DTensor
 
     from credit_dtensor import DomainParallelManager, comm_stats, shard_tensor
     from credit_dtensor.nn.norm import DomainParallelGroupNorm
@@ -51,7 +52,11 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
     g = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
     ref = nn.GroupNorm(args.groups, args.channels).to(dtype)
     mod = DomainParallelGroupNorm(copy.deepcopy(ref), manager)
-    xd = shard_tensor(x, manager, 2).requires_grad_()
+    xd = shard_tensor(x, manager, 2)  # activations are contiguous in practice: so is the shard here
+    xd = DTensor.from_local(
+        xd.to_local().contiguous(), xd.device_mesh, xd.placements, shape=xd.shape, stride=xd.stride()
+    )
+    xd.requires_grad_()
     gd = shard_tensor(g, manager, 2)
     x_local = xd.to_local().detach().clone().requires_grad_()
     g_local = gd.to_local().contiguous()

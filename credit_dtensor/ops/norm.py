@@ -159,12 +159,10 @@ def _merge(mean: torch.Tensor, m2: torch.Tensor, n: int, plan: NormPlan) -> tupl
 
 
 def _local_moments(v: torch.Tensor, dims: tuple[int, ...], q: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's per-statistic mean and M2 (one fused pass; zeros for an empty shard)."""
-    if not n:
-        z = v.new_zeros(q)
-        return z, z.clone()
-    var, mean = torch.var_mean(v, dim=dims, correction=0)
-    return mean.reshape(q), var.reshape(q) * n
+    """This rank's per-statistic mean and M2, two-pass (zeros for an empty shard)."""
+    mean = v.sum(dims, keepdim=True) / max(n, 1)
+    m2 = torch.linalg.vector_norm(v - mean, dim=dims).square()
+    return mean.reshape(q), m2.reshape(q)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,14 +198,56 @@ def _to_stats(t: torch.Tensor, plan: NormPlan) -> torch.Tensor:
     return t.sum(0)
 
 
-def _channel_stats(xv: torch.Tensor, plan: NormPlan) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_normalized(xv: torch.Tensor, plan: NormPlan, eps: float) -> tuple[torch.Tensor, ...]:
+    """This rank's ``(d, mean_l, M2_l, inv_l)`` with ``d = (x - mean_l) * inv_l`` (a fresh buffer).
+
+    Normally torch's own fused kernel normalizes with the *local* statistics (one stats pass, one
+    write; its moments are Welford-stable) and ``M2_l = n * (1/rstd_l^2 - eps)`` (exact to a few
+    ulp of ``var + eps``, which is all the normalization uses). Empty shards, and ``eps <= 0`` (a
+    constant local group would give ``inf``), use plain two-pass moments with ``inv_l = 1``.
+    """
     n, c, k = xv.shape
-    if plan.layout.kind == "group":
-        g = plan.layout.groups
-        mean, m2 = _local_moments(xv.reshape(n, g, c // g * k), (2,), n * g, c // g * k)
-        return _merge(mean, m2, c // g * k, plan)
-    mean, m2 = _local_moments(xv, (0, 2), c, n * k)
-    return _merge(mean, m2, n * k, plan)
+    group = plan.layout.kind == "group"
+    g = plan.layout.groups
+    cnt = c // g * k if group else n * k
+    if cnt and eps > 0:
+        if group:
+            d, mean_l, inv_l = torch.native_group_norm(xv, None, None, n, c, k, g, eps)
+        else:
+            d, mean_l, inv_l = torch.native_batch_norm(xv, None, None, None, None, True, 0.0, eps)
+        mean_l, inv_l = mean_l.reshape(-1), inv_l.reshape(-1)
+        m2_l = (inv_l.pow(-2) - eps).clamp_min(0) * cnt
+        return d, mean_l, m2_l, inv_l
+    view, dims = (xv.reshape(n, g, c // g * k), (2,)) if group else (xv, (0, 2))
+    mean_l = view.sum(dims, keepdim=True) / max(cnt, 1)  # an empty shard: 0 (count 0 in the merge)
+    d = view - mean_l
+    m2_l = torch.linalg.vector_norm(d, dim=dims).square().reshape(-1)
+    mean_l = mean_l.reshape(-1)
+    return d.view(n, c, k), mean_l, m2_l, torch.ones_like(mean_l)
+
+
+def _channel_forward(
+    xv: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, plan: NormPlan, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, var, rstd)`` from the ``(N, C, K)`` view with batch statistics.
+
+    ``y = d * scale + shift`` in place on the locally normalized ``d`` (see
+    :func:`_local_normalized`), ``scale = rstd / inv_l * w``, ``shift = (mean_l - mean) * rstd * w
+    + b``: no cancellation against a large mean.
+    """
+    n, c, _ = xv.shape
+    d, mean_l, m2_l, inv_l = _local_normalized(xv, plan, eps)
+    cnt = c // plan.layout.groups * xv.shape[2] if plan.layout.kind == "group" else n * xv.shape[2]
+    mean, var = _merge(mean_l, m2_l, cnt, plan)
+    rstd = torch.rsqrt(var + eps)
+    wv = None if w is None else w.to(xv.dtype).view(1, c)
+    scale = _per_channel(rstd / inv_l, plan, n, c)
+    shift = _per_channel((mean_l - mean) * rstd, plan, n, c)
+    if wv is not None:
+        scale, shift = scale * wv, shift * wv
+    if b is not None:
+        shift = shift + b.to(xv.dtype).view(1, c)
+    return torch.addcmul(shift.unsqueeze(-1), d, scale.unsqueeze(-1), out=d), mean, var, rstd
 
 
 def _channel_apply(
@@ -218,7 +258,7 @@ def _channel_apply(
     b: torch.Tensor | None,
     plan: NormPlan,
 ) -> torch.Tensor:
-    """``y = x * scale + shift`` per (n, c), one fused pass (as torch's own CPU kernels)."""
+    """``y = x * scale + shift`` per (n, c) with given statistics (eval), one fused pass."""
     n, c, _ = xv.shape
     scale = _per_channel(rstd, plan, n, c)
     if w is not None:
@@ -269,7 +309,7 @@ def _channel_backward(
             mg, mgx = _per_channel(sums[0], plan, n, c), _per_channel(sums[1], plan, n, c)
             bcoef = -rstd_nc * rstd_nc * mgx
             ccoef = -rstd_nc * mg - bcoef * mean_nc
-            dxv = torch.addcmul(torch.addcmul(ccoef.unsqueeze(-1), xv, bcoef.unsqueeze(-1)), dyv, a.unsqueeze(-1))
+            dxv = torch.addcmul(ccoef.unsqueeze(-1), xv, bcoef.unsqueeze(-1)).addcmul_(dyv, a.unsqueeze(-1))
         dx = dxv.reshape(x.shape).to(x.dtype)
     return dx, dw, db
 
@@ -279,10 +319,8 @@ class _ChannelNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, plan: NormPlan, eps: float):  # type: ignore[override]
-        xv = _channel_view(x).to(_acc_dtype(x.dtype))
-        mean, var = _channel_stats(xv, plan)
-        rstd = torch.rsqrt(var + eps)
-        y = _channel_apply(xv, mean, rstd, w, b, plan).reshape(x.shape).to(x.dtype)
+        y, mean, var, rstd = _channel_forward(_channel_view(x).to(_acc_dtype(x.dtype)), w, b, plan, eps)
+        y = y.reshape(x.shape).to(x.dtype)
         ctx.save_for_backward(x, w, mean, rstd)
         ctx.plan, ctx.bias_dtype = plan, None if b is None else b.dtype
         ctx.mark_non_differentiable(mean, var)
@@ -502,6 +540,8 @@ def batch_norm(
         raise DomainParallelError(f"{label}: running_mean and running_var are required when training=False")
     if training:
         _verify_size(shape, 0, "value per channel", label)
+        if eps <= 0:
+            raise DomainParallelError(f"{label}: batch_norm eps must be positive during training, got {eps}")
     if not training or plan.counts is None:  # running statistics (pointwise) or local statistics
         y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
     else:
@@ -674,9 +714,8 @@ def _group_norm_rule(op, args, kwargs):
     _check_param(bias, plan, "bias")
     xl = x.to_local()
     xv = _channel_view(xl).to(_acc_dtype(xl.dtype))
-    mean, var = _channel_stats(xv, plan)
-    rstd = torch.rsqrt(var + eps)
-    y = _channel_apply(xv, mean, rstd, _local(weight), _local(bias), plan).reshape(xl.shape).to(xl.dtype)
+    y, mean, _var, rstd = _channel_forward(xv, _local(weight), _local(bias), plan, eps)
+    y = y.reshape(xl.shape).to(xl.dtype)
     return _dt(y, plan, plan.placement, x.shape), _stats_out(mean, plan, xl.dtype), _stats_out(rstd, plan, xl.dtype)
 
 
@@ -706,15 +745,15 @@ def _batch_norm_rule(op, args, kwargs):
     acc = _acc_dtype(xl.dtype)
     xv = _channel_view(xl).to(acc)
     if training:
-        mean, var = _channel_stats(xv, plan)
-        rstd = torch.rsqrt(var + eps)
+        y, mean, var, rstd = _channel_forward(xv, _local(weight), _local(bias), plan, eps)
         _running_update(running_mean, mean, momentum)
         _running_update(running_var, _unbiased(var, layout.count()), momentum)
     else:
         if running_mean is None or running_var is None:
             raise DomainParallelError("batch_norm: running_mean and running_var are required when training=False")
         mean, rstd = _local(running_mean).to(acc), torch.rsqrt(_local(running_var).to(acc) + eps)
-    y = _channel_apply(xv, mean, rstd, _local(weight), _local(bias), plan).reshape(xl.shape).to(xl.dtype)
+        y = _channel_apply(xv, mean, rstd, _local(weight), _local(bias), plan)
+    y = y.reshape(xl.shape).to(xl.dtype)
     if training:
         return _dt(y, plan, plan.placement, x.shape), _stats_out(mean, plan, xl.dtype), _stats_out(rstd, plan, xl.dtype)
     empty = xl.new_empty(0)  # what torch's CPU kernel saves in eval
