@@ -6,8 +6,9 @@ bit-identically and a 1-process run of the same config is the reference of every
 
 Loss: the global mean squared error. ``((pred - y) ** 2).sum() / y.numel()`` on an H-sharded
 DTensor is a ``Partial(sum)`` scalar whose local parts add up to the exact global value for any
-(uneven, empty) shards; its backward is exact. (``.mean()`` on the DTensor is avoided: a
-``Partial(avg)`` of local means would weight uneven shards wrongly.) Across dp ranks FSDP2
+(uneven, empty) shards; its backward is exact. (``.mean()`` is exact too -- measured: a
+``Partial(avg)`` scalar on even shards -- but on uneven shards PyTorch 2.13 first redistributes
+the whole field to ``Replicate``, an activation all-gather; ``sum() / numel`` never does.) Across dp ranks FSDP2
 averages gradients, which equals the gradient of the mean over the global batch because every
 dp rank gets the same number of samples.
 
