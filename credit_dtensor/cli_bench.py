@@ -1,0 +1,235 @@
+"""``credit-dtensor bench``: traffic, activation memory, FLOPs and time per rank (see :mod:`.bench`).
+
+    credit-dtensor bench                                    # spawns 1, 2 and 4 CPU ranks itself
+    credit-dtensor bench --worlds 2 --resolutions 64x128 --cases conv3x3,group_norm
+    credit-dtensor bench --raw rows.jsonl --plots docs/benchmarks
+    credit-dtensor bench --from-json rows.jsonl --plots docs/benchmarks   # re-render only
+    torchrun --nproc-per-node 4 -m credit_dtensor.cli bench  # the launched world only
+
+Prints one JSON line per (case, resolution, domain size) on stdout and a rich table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import DomainParallelError
+
+__all__ = ["register", "main", "cmd_bench", "table", "plot"]
+
+
+def _resolutions(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        return tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))  # type: ignore[misc]
+    except ValueError as exc:
+        raise DomainParallelError(f"bench: --resolutions {text!r}: expected HxW[,HxW...], e.g. 32x64,64x128") from exc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .bench import CASES
+
+    p.add_argument("--worlds", default="1,2,4", help="domain sizes (spawned CPU ranks), comma separated")
+    p.add_argument("--resolutions", default="32x64,64x128,128x256", help="HxW list")
+    p.add_argument("--cases", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--channels", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--raw", default=None, help="write every rank's row as JSON lines to this file")
+    p.add_argument("--from-json", default=None, help="render a --raw file instead of running")
+    p.add_argument("--plots", default=None, help="write PNG plots to this directory (needs matplotlib)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="communication, memory, FLOPs and time benchmarks")
+    add_arguments(p)
+    p.set_defaults(handler=cmd_bench)
+
+
+def _config(args: argparse.Namespace):
+    from .bench import CASES, BenchConfig
+
+    cases = tuple(c for c in args.cases.split(",") if c)
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        raise DomainParallelError(f"bench: unknown case(s) {bad}; choose from {','.join(CASES)}")
+    worlds = tuple(int(w) for w in args.worlds.split(","))
+    return BenchConfig(
+        worlds=worlds,
+        resolutions=_resolutions(args.resolutions),
+        cases=cases,
+        batch=args.batch,
+        channels=args.channels,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=args.threads,
+        dtype=args.dtype,
+    )
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1024:,.1f}"
+
+
+def table(summary: list[dict]) -> Table:
+    t = Table(title="fwd+bwd per rank: bytes sent (KiB) vs minimum, activations and FLOPs x N vs one device, time")
+    cols = (
+        "case",
+        "HxW",
+        "N",
+        "sent",
+        "min",
+        "ratio",
+        "grad red.",
+        "act xN/1",
+        "FLOPs xN/1",
+        "DTensor ms",
+        "bound ms",
+        "overhead",
+        "1 proc ms",
+    )
+    for c in cols:
+        t.add_column(c, justify="right" if c not in ("case",) else "left")
+    for s in summary:
+        t.add_row(
+            s["case"],
+            f"{s['H']}x{s['W']}",
+            str(s["world"]),
+            _kb(s["max_sent_bytes"]),
+            _kb(s["max_min_bytes"]),
+            f"{s['bytes_ratio']:.2f}",
+            f"{_kb(s['grad_reduce_sent_bytes'])}/{_kb(s['min_grad_reduce_bytes'])}",
+            f"{s.get('act_ratio', float('nan')):.3f}",
+            f"{s.get('flops_ratio', float('nan')):.3f}",
+            f"{1e3 * s['time_dtensor_s']:.2f}",
+            f"{1e3 * s['time_lower_bound_s']:.2f}" if "time_lower_bound_s" in s else "-",
+            f"{s['overhead']:.2f}" if "overhead" in s else "-",
+            f"{1e3 * s['time_plain_1proc_s']:.2f}" if "time_plain_1proc_s" in s else "-",
+        )
+    return t
+
+
+def plot(summary: list[dict], out: Path) -> list[Path]:
+    """Four PNGs: bytes ratio, activation ratio, FLOPs ratio, time overhead, each vs resolution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    cases = sorted({s["case"] for s in summary})
+    worlds = sorted({s["world"] for s in summary if s["world"] > 1})
+    panels = [
+        ("bytes_ratio", "bytes sent / minimum (fwd+bwd)", "bytes.png", 1.0),
+        ("act_ratio", "activation bytes x N / one device", "memory.png", 1.10),
+        ("flops_ratio", "FLOPs x N / one device", "flops.png", 1.05),
+        ("overhead", "DTensor time / hand-written bound", "overhead.png", 1.10),
+    ]
+    written = []
+    for key, title, fname, target in panels:
+        fig, axes = plt.subplots(1, len(worlds), figsize=(5 * len(worlds), 3.6), squeeze=False, sharey=True)
+        for ax, n in zip(axes[0], worlds):
+            for case in cases:
+                pts = sorted(
+                    (s["H"] * s["W"], s[key], s) for s in summary if s["case"] == case and s["world"] == n and key in s
+                )
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case)
+                    ax.set_xticks([p[0] for p in pts], [f"{p[2]['H']}x{p[2]['W']}" for p in pts])
+            ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target}")
+            ax.set_title(f"N = {n}")
+            ax.set_xscale("log")
+            ax.set_xlabel("resolution (H x W)")
+        axes[0][0].set_ylabel(title)
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    # time vs N
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for case in cases:
+        for hw in sorted({(s["H"], s["W"]) for s in summary if s["case"] == case})[-1:]:
+            pts = sorted(
+                (s["world"], s["time_dtensor_s"]) for s in summary if s["case"] == case and (s["H"], s["W"]) == hw
+            )
+            ax.plot([p[0] for p in pts], [1e3 * p[1] for p in pts], marker="o", label=f"{case} {hw[0]}x{hw[1]}")
+    ax.set_xlabel("domain size N (ranks on a shared 2-core CPU)")
+    ax.set_ylabel("fwd+bwd median (ms)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "time_vs_n.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def _run_under_torchrun(cfg) -> list[dict]:
+    import torch.distributed as dist
+
+    from .bench import bench_case
+    from .mesh import DomainParallelManager
+
+    world = int(os.environ["WORLD_SIZE"])
+    manager = DomainParallelManager(world)
+    try:
+        rows = [bench_case(c, hw, cfg, manager, dist.get_rank(), world) for c in cfg.cases for hw in cfg.resolutions]
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, rows)
+        return [r for rs in gathered for r in rs] if dist.get_rank() == 0 else []
+    finally:
+        manager.close()
+
+
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from .bench import run, summarize
+
+    if args.from_json:
+        rows = [json.loads(line) for line in Path(args.from_json).read_text().splitlines() if line.strip()]
+    else:
+        cfg = _config(args)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            rows = _run_under_torchrun(cfg)
+            if not rows:
+                return 0
+        else:
+            rows = run(cfg)
+        if args.raw:
+            with open(args.raw, "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+    summary = summarize(rows)
+    for s in summary:
+        print(json.dumps(s))
+    console.print(table(summary))
+    if args.plots:
+        try:
+            paths = plot(summary, Path(args.plots))
+        except ImportError as exc:
+            raise DomainParallelError("bench: --plots needs matplotlib: pip install 'credit-dtensor[bench]'") from exc
+        console.print("plots: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        return cmd_bench(args, console)
+    except DomainParallelError as exc:
+        console.print(f"[red]bench[/red]: {exc}")
+        return 2
