@@ -215,7 +215,9 @@ def _worker(rank: int, world: int, domain: int, port: int, config: dict, results
             "by_op": {k: v.sent_bytes / n_measured for k, v in traffic.by_op.items()},
             "dp_rank": manager.dp_rank,
             "domain_rank": manager.domain_rank,
-            "state": state if rank == 0 else None,
+            # numpy, not torch: a torch tensor would travel as a shared-memory handle that dies
+            # with this process
+            "state": {k: v.numpy() for k, v in state.items()} if rank == 0 else None,
         }
         results.put(("done", rank, payload))
         dist.barrier()
@@ -234,7 +236,8 @@ def _start_workers(cfg: DemoConfig) -> tuple[list[Any], Any]:
     from . import train  # noqa: F401
 
     world = cfg.dp * cfg.domain
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # fork shares the imported torch (seconds saved per rank); macOS/Windows need spawn
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
     ctx = mp.get_context(method)
     results = ctx.Queue()
     port = _free_port()
@@ -373,6 +376,7 @@ def run_demo(cfg: DemoConfig | None = None, console: Any = None) -> DemoReport:
             torch.set_num_threads(threads)
 
     r0 = dist_results[0]
+    r0["state"] = {k: torch.from_numpy(v) for k, v in r0["state"].items()}
     losses = r0["losses"]
     loss_rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref.losses, strict=False))
     param_abs = max((r0["state"][k] - v).abs().max().item() for k, v in ref_state.items())

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,6 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from . import comm
 from .errors import DomainParallelError
 from .mesh import DomainParallelManager
-from .nn._base import DomainParallelModule, replicate_parameters
 
 __all__ = [
     "parallelize",
@@ -66,74 +65,14 @@ BUCKET_BYTES = 25 * 1024 * 1024
 # ---------------------------------------------------------------------------------------------
 
 
-def _converter() -> Callable[[nn.Module, DomainParallelManager], nn.Module] | None:
-    """The project's converter once it exists (checked at call time), else ``None``."""
-    try:
-        from .convert import convert_to_domain_parallel
-    except ImportError:
-        return None
-    return convert_to_domain_parallel
-
-
-def _wrapper_for(module: nn.Module) -> type[DomainParallelModule] | None:
-    from .nn.conv import CONV_WRAPPERS
-    from .nn.norm import norm_wrapper_for
-
-    for torch_cls, wrapper in CONV_WRAPPERS.items():
-        if isinstance(module, torch_cls):
-            return wrapper
-    found = norm_wrapper_for(module)
-    if found is not None:
-        return found
-    try:
-        from .nn.pad import pad_wrapper_for
-    except ImportError:  # pragma: no cover - older trees without the pad wrappers
-        return None
-    return pad_wrapper_for(module)
-
-
-_SPATIAL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Upsample,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.PixelShuffle,
-    nn.PixelUnshuffle,
-)
-
-
-def _stand_in_convert(model: nn.Module, manager: DomainParallelManager) -> nn.Module:
-    """Minimal conversion used only until ``credit_dtensor.convert`` exists: conv, norm and pad
-    modules are swapped for their wrappers, every other parameter becomes Replicate; modules
-    that mix rows and have no wrapper here are refused (never silently wrong)."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, DomainParallelModule):
-            continue
-        wrapper = _wrapper_for(mod)
-        if wrapper is not None:
-            wrapper(mod, manager)
-            mod._dp_name = name or type(mod).__name__
-        elif isinstance(mod, _SPATIAL_MODULES):
-            raise DomainParallelError(
-                f"parallelize: module {name!r} ({type(mod).__name__}) mixes rows along H and the stand-in "
-                "converter has no wrapper for it: install credit_dtensor.convert or replace the module"
-            )
-    replicate_parameters(model, manager.domain_mesh)
-    return model
-
-
-def convert_model(model: nn.Module, manager: DomainParallelManager) -> nn.Module:
+def convert_model(
+    model: nn.Module, manager: DomainParallelManager, custom_converters: Mapping[type, Callable] | None = None
+) -> nn.Module:
     """Domain-parallel conversion in place (state_dict keys unchanged); returns the model."""
-    convert = _converter()
-    if convert is None:
-        logger.info("credit_dtensor.convert not available: using the stand-in conversion")
-        return _stand_in_convert(model, manager)
-    out = convert(model, manager)
-    model = out if isinstance(out, nn.Module) else model
-    # anything the converter left plain (e.g. a Linear on channels) still joins the domain mesh
-    replicate_parameters(model, manager.domain_mesh)
-    return model
+    from .convert import convert_to_domain_parallel
+
+    out = convert_to_domain_parallel(model, manager, custom_converters=custom_converters)
+    return out if isinstance(out, nn.Module) else model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +148,7 @@ def parallelize(
     reshard_after_forward: bool = True,
     activation_checkpointing: bool = False,
     blocks: Iterable[nn.Module] | None = None,
+    custom_converters: Mapping[type, Callable] | None = None,
 ) -> nn.Module:
     """Make ``model`` domain-parallel on ``manager.domain_mesh`` and FSDP2-sharded on ``manager.dp_mesh``.
 
@@ -220,6 +160,7 @@ def parallelize(
         reshard_after_forward: FSDP2's option (free gathered params after forward).
         activation_checkpointing: recompute every block in backward.
         blocks: FSDP/checkpoint units (default :func:`default_blocks`).
+        custom_converters: passed to ``convert_to_domain_parallel``.
 
     Returns the same model object (FSDP2 swaps its class in place).
     """
@@ -232,7 +173,7 @@ def parallelize(
             f"move the model with .to({manager.device_type!r}) first"
         )
     blocks = list(blocks) if blocks is not None else default_blocks(model)
-    model = convert_model(model, manager)
+    model = convert_model(model, manager, custom_converters)
     if activation_checkpointing:
         apply_activation_checkpointing(blocks)
     if fsdp:

@@ -149,3 +149,21 @@ def test_reduce_gradients_single_bucket() -> None:
     for _before, after, collectives in harness.get_world(4).run(task_reduce_gradients):
         assert after == "['(Replicate(),)']", after
         assert collectives == "1", collectives
+
+
+def test_demo_small_run_passes() -> None:
+    """The main job's machinery end to end (4 forked ranks vs 1 process), on a small config, in a
+    fresh interpreter (the demo forks; this process holds harness threads)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from rich.console import Console; from credit_dtensor.demo import DemoConfig, run_demo; "
+        "rep = run_demo(DemoConfig(steps=4, nlat=12, nlon=16), Console(width=200)); "
+        "print('HALO', rep.halo_traffic_per_rank, rep.halo_minimum); sys.exit(0 if rep.ok else 1)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PASS" in proc.stdout and "matches the single-device run" in proc.stdout
+    sent, minimum = (float(v) for v in proc.stdout.split("HALO")[-1].split()[:2])
+    assert minimum > 0 and sent == minimum, (sent, minimum)
