@@ -80,7 +80,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     final = checkpoint_path(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
-        for stale in (tmp, final):
+        # leftovers of saves interrupted by a crash, and an older checkpoint of the same step
+        for stale in [*Path(root).glob("step_*.tmp"), final] if Path(root).is_dir() else []:
             if stale.exists():
                 shutil.rmtree(stale)
         tmp.mkdir(parents=True)

@@ -438,7 +438,7 @@ def _print_summary(rep: DemoReport, cfg: DemoConfig, console: Any) -> None:
     t.add_row(
         "activations saved for backward",
         f"{_fmt_bytes(act)} per rank (max) vs {_fmt_bytes(rep.activation_one_device)} on one device "
-        f"({act / max(rep.activation_one_device, 1):.2f}x)",
+        f"({act / max(rep.activation_one_device, 1):.2f}x; 1/{world} = {1 / world:.2f}x without halos)",
     )
     t.add_row(
         "halo traffic per rank per step",
