@@ -75,6 +75,21 @@ def _app_state(step: int) -> dict[str, Any]:
     }
 
 
+def _rng_state() -> dict[str, torch.Tensor]:
+    """This rank's CPU (and current CUDA device's) RNG state, keyed by global rank."""
+    state = {f"rank{_rank()}": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state[f"cuda_rank{_rank()}"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    if f"rank{_rank()}" in state:
+        torch.set_rng_state(state[f"rank{_rank()}"])
+    if f"cuda_rank{_rank()}" in state:
+        torch.cuda.set_rng_state(state[f"cuda_rank{_rank()}"])
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
     """Write ``<root>/step_<step>`` on every rank (collective); returns its path."""
     final = checkpoint_path(root, step)
@@ -91,7 +106,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
         "model": model_sd,
         "optim": optim_sd,
         "app": _app_state(step),
-        "rng": {f"rank{_rank()}": torch.get_rng_state()},
+        "rng": _rng_state(),
     }
     dcp.save(state, checkpoint_id=str(tmp))
     _barrier()
@@ -130,9 +145,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     step = int(state["app"]["step"])
     saved_world = int(state["app"]["world_size"])
     if saved_world == _world():
-        rng = {"rng": {f"rank{_rank()}": torch.get_rng_state()}}
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        rng = {"rng": {k: v for k, v in _rng_state().items() if f"rng.{k}" in saved}}
         dcp.load(rng, checkpoint_id=str(path))
-        torch.set_rng_state(rng["rng"][f"rank{_rank()}"])
+        _set_rng_state(rng["rng"])
     else:
         logger.info("checkpoint world %d != %d: RNG states not restored", saved_world, _world())
     logger.info("loaded checkpoint %s (step %d)", path, step)
