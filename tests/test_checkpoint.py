@@ -40,11 +40,14 @@ def task_resume(root: str) -> dict:
     full = train(_cfg(steps=2 * N), m)
     cfg_a = _cfg(steps=N, checkpoint_dir=root, checkpoint_every=N)
     first = train(cfg_a, m)
+    rng_at_save = torch.get_rng_state()
+    torch.manual_seed(1000 + dist.get_rank())  # the restart must bring the saved RNG state back
     cfg_b = _cfg(steps=2 * N, checkpoint_dir=root, checkpoint_every=N, resume=True)
     model, opt = setup(cfg_b, m)  # a restart: new model and optimizer objects
     second = train(cfg_b, m, model_and_optimizer=(model, opt))
     state = full_state_dict(model)  # collective: every rank
     return {
+        "rng_restored": torch.equal(torch.get_rng_state(), rng_at_save),
         "full": full.losses,
         "resumed": first.losses + second.losses,
         "start": second.start_step,
@@ -80,6 +83,7 @@ def test_resume_is_bit_identical_and_reshards(tmp_path) -> None:
     world = harness.get_world(4)
     res = world.run(task_resume, root)[0]
     assert res["start"] == N
+    assert res["rng_restored"], "RNG state not restored on resume"
     assert res["resumed"] == res["full"], "resumed loss curve differs from the uninterrupted run"
     assert latest_checkpoint(root) == checkpoint_path(root, 2 * N)
     assert not list((tmp_path / "ckpt").glob("*.tmp")), "temporary checkpoint directories left behind"
