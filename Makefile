@@ -8,8 +8,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # Extra pip arguments for torch only, e.g. TORCH_PIP_ARGS='--index-url <CPU wheel index>'
 TORCH_PIP_ARGS ?=
-# The main job (becomes `credit-dtensor demo` once the training demo exists).
-DEMO_CMD ?= credit-dtensor info
+# The main job: train domain-parallel on 4 local CPU ranks (2 x 2 mesh) and verify against one device.
+DEMO_CMD ?= credit-dtensor demo
 PYTEST_ARGS ?= --durations=15
 LINT_PATHS := credit_dtensor tests $(wildcard scripts)
 
