@@ -418,10 +418,31 @@ def _median_time(fn: Callable[[], None], repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _flops(fn: Callable[[], None]) -> int:
+def _local_flop_counter():
+    """``FlopCounterMode`` that counts ops seen on DTensors with the rank's *local* shapes.
+
+    A dispatch mode sees DTensor-level aten ops (e.g. a 1x1 conv PyTorch's own DTensor rule runs)
+    with global shapes and never sees the local kernel underneath; stock FlopCounterMode would
+    charge every rank the whole field's FLOPs for them.
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.utils._pytree import tree_map
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as fc:
+    class LocalFlopCounterMode(FlopCounterMode):
+        def _count_flops(self, func_packet, out, args, kwargs):
+            def loc(t):
+                return t._local_tensor if isinstance(t, DTensor) else t
+
+            largs, lkwargs, lout = tree_map(loc, (args, kwargs, out))
+            super()._count_flops(func_packet, lout, largs, lkwargs)
+            return out
+
+    return LocalFlopCounterMode(display=False)
+
+
+def _flops(fn: Callable[[], None]) -> int:
+    with _local_flop_counter() as fc:
         fn()
     return int(fc.get_total_flops())
 
@@ -627,8 +648,12 @@ def summarize(rows: list[dict]) -> list[dict]:
             s["overhead"] = s["time_dtensor_s"] / s["time_lower_bound_s"]
             s["lower_bound_sent_bytes"] = max(r["lower_bound_sent_bytes"] for r in rs)
         if one is not None:
-            s["act_ratio"] = n * s["act_bytes_max_rank"] / one["act_bytes_plain"]
-            s["flops_ratio"] = n * s["flops_max_rank"] / one["flops_plain"]
+            s["act_bytes_1proc"] = one["act_bytes_plain"]
+            s["flops_1proc"] = one["flops_plain"]
+            if one["act_bytes_plain"]:
+                s["act_ratio"] = n * s["act_bytes_max_rank"] / one["act_bytes_plain"]
+            if one["flops_plain"]:  # FlopCounterMode counts matmuls and convolutions only
+                s["flops_ratio"] = n * s["flops_max_rank"] / one["flops_plain"]
             s["time_plain_1proc_s"] = one["time_plain_s"]
             s["speedup_vs_1proc"] = one["time_plain_s"] / s["time_dtensor_s"]
         out.append(s)
@@ -637,3 +662,48 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def config_dict(cfg: BenchConfig) -> dict:
     return asdict(cfg)
+
+
+def profile_case(name: str, hw: tuple[int, int], cfg: BenchConfig, row_limit: int = 12) -> str:
+    """torch.profiler tables (self CPU time) of one DTensor step and one lower-bound step in a
+    single-rank gloo world: what the DTensor path spends beyond the local kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from . import shard_tensor
+    from .convert import convert_to_domain_parallel
+    from .mesh import DomainParallelManager
+
+    torch.set_num_threads(cfg.threads)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        manager = DomainParallelManager(1, device_type="cpu")
+        dtype = getattr(torch, cfg.dtype)
+        torch.manual_seed(0)
+        plain, cin = build_case(name, cfg.channels)
+        plain = plain.to(dtype)
+        x = torch.randn(cfg.batch, cin, *hw, dtype=dtype)
+        g = torch.randn(plain(x).shape, dtype=dtype)
+        model = convert_to_domain_parallel(copy.deepcopy(plain), manager)
+        xd = shard_tensor(x, manager, 2).detach().requires_grad_()
+        gd = shard_tensor(g, manager, 2)
+        lb = lower_bound_fn(name, plain, hw[0], 0, 1)
+        xl = x.clone().requires_grad_()
+        steps = {"DTensor path": lambda: model(xd).backward(gd)}
+        if lb is not None:
+            steps["lower bound"] = lambda: lb(xl).backward(g)
+        out = []
+        for label, fn in steps.items():
+            for _ in range(2):
+                fn()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(cfg.repeats):
+                    fn()
+            out.append(f"== {label}: {name} {hw[0]}x{hw[1]}, {cfg.repeats} steps ==")
+            out.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit))
+        manager.close()
+        return "\n".join(out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -47,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", default=None, help="write every rank's row as JSON lines to this file")
     p.add_argument("--from-json", default=None, help="render a --raw file instead of running")
     p.add_argument("--plots", default=None, help="write PNG plots to this directory (needs matplotlib)")
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="CASE",
+        help="print torch.profiler tables of CASE (first resolution) on one rank and exit",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -196,6 +202,12 @@ def _run_under_torchrun(cfg) -> list[dict]:
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from .bench import run, summarize
 
+    if args.profile:
+        from .bench import profile_case
+
+        cfg = _config(args)
+        print(profile_case(args.profile, cfg.resolutions[0], cfg))
+        return 0
     if args.from_json:
         rows = [json.loads(line) for line in Path(args.from_json).read_text().splitlines() if line.strip()]
     else:
