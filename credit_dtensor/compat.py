@@ -1,30 +1,39 @@
 """Names of CREDIT's original ``credit.domain_parallel`` module, with the same meaning.
 
-``_needs_halo_conv*`` answer "can this layer's output rows read input rows held by another
-shard?" for the sharded (H) dim. A layer that needs no halo (1x1, or kernel <= stride with no
-padding) still runs through the exact rule; with stride-aligned shards it sends nothing.
+As in the original: a conv needs a halo when its kernel is larger than 1 along H; a transposed
+conv when its kernel is larger than its stride along H (H is kernel index 0 for 2-D, 1 for 3-D).
+These are the original's coarse answers, kept bit-for-bit so callers see no change; our rules do
+not depend on them: every conv runs through the exact output-driven rule, which sends exactly
+the rows needed (nothing for a 1x1 conv or a stride-aligned patch embedding).
+:func:`credit_dtensor.nn.conv.module_needs_halo` is the finer, padding- and dilation-aware test.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .nn.conv import module_needs_halo
-
 __all__ = ["_needs_halo_conv2d", "_needs_halo_conv3d", "_needs_halo_conv_transpose2d", "_needs_halo_conv_transpose3d"]
 
 
+def _h(value: int | tuple[int, ...], index: int) -> int:
+    return value if isinstance(value, int) else value[index]
+
+
 def _needs_halo_conv2d(module: nn.Conv2d) -> bool:
-    return module_needs_halo(module)
+    """Kernel > 1 along H."""
+    return _h(module.kernel_size, 0) > 1
 
 
 def _needs_halo_conv3d(module: nn.Conv3d) -> bool:
-    return module_needs_halo(module)
+    """Kernel > 1 along H (index 1 of (T, H, W))."""
+    return _h(module.kernel_size, 1) > 1
 
 
 def _needs_halo_conv_transpose2d(module: nn.ConvTranspose2d) -> bool:
-    return module_needs_halo(module)
+    """Kernel > stride along H (overlapping output windows)."""
+    return _h(module.kernel_size, 0) > _h(module.stride, 0)
 
 
 def _needs_halo_conv_transpose3d(module: nn.ConvTranspose3d) -> bool:
-    return module_needs_halo(module)
+    """Kernel > stride along H (index 1 of (T, H, W))."""
+    return _h(module.kernel_size, 1) > _h(module.stride, 1)

@@ -291,8 +291,15 @@ def _bind_manager(fn: Callable, manager: Any) -> Callable[[nn.Module], Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _replace_module(parent: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` (relative to ``parent``) by ``new``."""
+def _replace_module(parent: nn.Module, name: str, *modules: nn.Module | None) -> None:
+    """Replace the submodule at dotted path ``name`` (relative to ``parent``) by the new module.
+
+    Accepts the original signature ``(parent, name, old_module, new_module)`` as well as
+    ``(parent, name, new_module)``.
+    """
+    if len(modules) not in (1, 2):
+        raise TypeError("_replace_module(parent, name, [old_module,] new_module)")
+    new = modules[-1]
     *path, last = name.split(".")
     owner = parent
     for part in path:
