@@ -208,3 +208,39 @@ def test_split_pad():
     assert split_pad((1, 2, 3, 4), 4) == {3: (1, 2), 2: (3, 4)}
     with pytest.raises(ValueError):
         split_pad((1, 2, 3), 4)
+
+
+@SET
+@given(
+    st.sampled_from(["nearest", "nearest-exact"]),
+    st.integers(1, 3),
+    st.integers(1, 12),
+    st.sampled_from([1.1, 1.3, 2.2, 2.05, 0.7, 1.5, 2.0, 3.0, 1.9, 1.05]),
+)
+def test_nearest_forward_and_backward_maps_per_rank(mode, nd, n, scale):
+    """PyTorch's nearest kernels take the out==in / out==2*in shortcuts in the 2-D forward and in
+    every backward only: the backward is then not the forward's adjoint. Both maps are probed."""
+    from credit_dtensor.geometry.resample import nearest_uses_shortcuts
+
+    if int(n * scale) < 1:
+        return
+    shape = [1, 1] + [1] * nd
+    shape[2] = n
+    sf = [scale] + [1.0] * (nd - 1)
+    x = torch.arange(float(n), dtype=torch.float64).reshape(shape).requires_grad_()
+    y = F.interpolate(x, scale_factor=sf, mode=mode)
+    out = y.shape[2]
+    fwd = y.flatten().long().tolist()
+    jac = torch.stack(
+        [
+            torch.autograd.grad(y, x, torch.eye(out, dtype=torch.float64)[o].reshape(y.shape), retain_graph=True)[
+                0
+            ].flatten()
+            for o in range(out)
+        ]
+    )
+    bwd = jac.argmax(1).tolist()
+    for backward, truth in ((False, fwd), (True, bwd)):
+        special = nearest_uses_shortcuts(nd, backward)
+        got = [interp_taps(mode, o, n, out, None, scale, False, special)[0][0] for o in range(out)]
+        assert got == truth, (backward, got, truth)

@@ -210,3 +210,32 @@ def test_needs_domain_parallel_pools():
         nn.AdaptiveMaxPool2d(2),
     ):
         assert needs_domain_parallel(mod)
+
+
+def _invalid_task() -> list[str]:
+    from credit_dtensor.ops import resample as R
+    from credit_dtensor.sharding import shard_tensor
+    from tests.harness import manager
+
+    m = manager()
+    xd = shard_tensor(torch.randn(1, 2, 9, 6), m, 2)
+    out = []
+    for fn in (
+        lambda: F.max_pool2d(xd, 2, padding=2),
+        lambda: R.max_pool2d(xd, 2, padding=2),
+        lambda: F.avg_pool2d(xd, 3, padding=2),
+        lambda: F.max_pool2d(xd, 11),
+    ):
+        try:
+            fn()
+        except (RuntimeError, ValueError) as e:
+            out.append(str(e))
+        else:
+            out.append("no error")
+    return out
+
+
+def test_invalid_pools_raise_like_pytorch():
+    msgs = get_world(2).run(_invalid_task)[0]
+    assert "no error" not in msgs, msgs
+    assert all("pad should be" in m or "too small" in m for m in msgs), msgs

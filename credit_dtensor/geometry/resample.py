@@ -29,6 +29,7 @@ __all__ = [
     "interp_taps",
     "nearest_source",
     "nearest_exact_source",
+    "nearest_uses_shortcuts",
     "linear_taps",
     "cubic_taps",
     "adaptive_range",
@@ -86,14 +87,27 @@ def _guard(real, n: int, T: type) -> tuple[int, object]:
     return idx, lam
 
 
-def nearest_source(o: int, n_in: int, n_out: int, scale: float | None = None) -> int:
-    """Input row of output row ``o`` for ``mode='nearest'`` (``nearest_idx``)."""
-    if n_out == n_in:
+def nearest_source(o: int, n_in: int, n_out: int, scale: float | None = None, special: bool = True) -> int:
+    """Input row of output row ``o`` for ``mode='nearest'``: ``floorf(o * scale)``.
+
+    ``special``: PyTorch's ``nearest_idx`` shortcuts ``out == in`` (identity) and ``out == 2*in``
+    (``o >> 1``), which differ from the formula when the user's ``scale_factor`` disagrees with
+    ``out / in`` (e.g. 3 rows at 2.2). The CPU kernels of torch 2.13 take them in the 2-D forward
+    and in every backward, not in the 1-D/3-D forward (contiguous inputs) -- see
+    :func:`nearest_uses_shortcuts`.
+    """
+    if special and n_out == n_in:
         return o
-    if n_out == 2 * n_in:
+    if special and n_out == 2 * n_in:
         return o >> 1
     s = _scale_value(scale, n_in, n_out, np.float32)
     return min(int(math.floor(np.float32(o) * s)), n_in - 1)
+
+
+def nearest_uses_shortcuts(nd: int, backward: bool) -> bool:
+    """Whether PyTorch's CPU nearest kernel for an ``nd``-D input takes the ``nearest_idx``
+    shortcuts (measured on torch 2.13, contiguous inputs)."""
+    return backward or nd == 2
 
 
 def nearest_exact_source(o: int, n_in: int, n_out: int, scale: float | None = None) -> int:
@@ -154,11 +168,19 @@ def area_taps(o: int, n_in: int, n_out: int) -> list[Tap]:
 
 
 def interp_taps(
-    mode: str, o: int, n_in: int, n_out: int, align_corners: bool | None, scale: float | None, single: bool
+    mode: str,
+    o: int,
+    n_in: int,
+    n_out: int,
+    align_corners: bool | None,
+    scale: float | None,
+    single: bool,
+    special: bool = True,
 ) -> list[Tap]:
-    """Taps of output row ``o`` along one axis for any ``F.interpolate`` mode."""
+    """Taps of output row ``o`` along one axis for any ``F.interpolate`` mode (``special``: see
+    :func:`nearest_source`)."""
     if mode == "nearest":
-        return [(nearest_source(o, n_in, n_out, scale), 1.0)]
+        return [(nearest_source(o, n_in, n_out, scale, special), 1.0)]
     if mode == "nearest-exact":
         return [(nearest_exact_source(o, n_in, n_out, scale), 1.0)]
     if mode in ("linear", "bilinear", "trilinear"):

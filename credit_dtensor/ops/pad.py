@@ -187,6 +187,7 @@ def _constant_pad_rule(op, args, kwargs):
     if dim is None:
         return NotImplemented
     pad_, value = list(_arg(args, kwargs, 1, "pad")), _arg(args, kwargs, 2, "value", 0)
+    _validate(x.shape, pad_, "constant", float(value))
     _, _, world, rank = domain_info(x)
     padop = pad_op(tuple(x.shape), pad_, "constant", float(value), dim, world, rank)
     y, _, _ = padop.run_forward(x)
@@ -200,7 +201,9 @@ def _mode_pad_rule(mode: str):
         if dim is None:
             return NotImplemented
         _, _, world, rank = domain_info(x)
-        padop = pad_op(tuple(x.shape), list(_arg(args, kwargs, 1, "padding")), mode, None, dim, world, rank)
+        padding = list(_arg(args, kwargs, 1, "padding"))
+        _validate(x.shape, padding, mode, None)
+        padop = pad_op(tuple(x.shape), padding, mode, None, dim, world, rank)
         y, _, _ = padop.run_forward(x)
         return y
 

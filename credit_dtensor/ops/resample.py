@@ -38,6 +38,7 @@ from ..geometry.resample import (
     adaptive_range,
     avg_pool_taps,
     interp_taps,
+    nearest_uses_shortcuts,
     pixel_shuffle_rows,
     pixel_unshuffle_rows,
     pool_first_real,
@@ -140,21 +141,39 @@ def _interp_aten(mode: str, nd: int):
 
 
 @functools.lru_cache(maxsize=256)
-def _interp_global_taps(mode, n_in, n_out, align_corners, scale, single):
-    return tuple(tuple(interp_taps(mode, o, n_in, n_out, align_corners, scale, single)) for o in range(n_out))
+def _interp_global_taps(mode, n_in, n_out, align_corners, scale, single, special=True):
+    return tuple(tuple(interp_taps(mode, o, n_in, n_out, align_corners, scale, single, special)) for o in range(n_out))
 
 
 class _SeparableOp(RowOp):
     """Taps along the sharded dim + PyTorch's kernel on the other spatial dims."""
 
-    def _setup_taps(self, n: int, n_out: int, taps_of, world: int, rank: int) -> None:
+    def _setup_taps(self, n: int, n_out: int, taps_of, world: int, rank: int, bwd_taps_of=None) -> None:
+        """Forward taps, and (when PyTorch's backward is not the forward's adjoint, see
+        :func:`~credit_dtensor.geometry.resample.nearest_source`) separate backward taps; the
+        extended input holds the rows of both."""
         allt = [taps_of(o) for o in range(n_out)]
-        needs = _rows_needs(n_out, world, lambda o0, o1: taps_rows(allt[o0:o1]))
+        allb = [bwd_taps_of(o) for o in range(n_out)] if bwd_taps_of is not None else None
+        if allb == allt:
+            allb = None
+
+        def rows_of(o0, o1):
+            rows = set(taps_rows(allt[o0:o1]))
+            if allb is not None:
+                rows.update(taps_rows(allb[o0:o1]))
+            return tuple(sorted(rows))
+
+        needs = _rows_needs(n_out, world, rows_of)
         self.plan = cached_plan(n, world, rank, needs)
         self.o0, self.o1 = chunk_range(n_out, world, rank)
         pos = {g: i for i, g in enumerate(needs[rank])}
         self.ext_len = len(needs[rank])
-        self.taps = Taps([[(pos[r], w) for r, w in allt[o] if w != 0.0] for o in range(self.o0, self.o1)])
+
+        def local(taps):
+            return Taps([[(pos[r], w) for r, w in taps[o] if w != 0.0] for o in range(self.o0, self.o1)])
+
+        self.taps = local(allt)
+        self.taps_bwd = local(allb) if allb is not None else self.taps
 
     @property
     def rows(self) -> int:
@@ -181,7 +200,7 @@ class _SeparableOp(RowOp):
             g_ext = g.new_zeros(ext_shape)
         else:
             yh_shape = _local_shape(ext_shape, self.dim, self.rows)
-            g_ext = self.taps.adjoint(self._other_adjoint(g, yh_shape), self.dim, self.ext_len)
+            g_ext = self.taps_bwd.adjoint(self._other_adjoint(g, yh_shape), self.dim, self.ext_len)
         return halo_scatter_add(g_ext.contiguous(), self.dim, self.plan, group)
 
     def out_shape_local(self, x: torch.Tensor) -> list[int]:
@@ -200,8 +219,14 @@ class InterpOp(_SeparableOp):
         self.scales, self.align_corners = tuple(scales), align_corners
         sd = dim - 2
         n, n_out = in_shape[dim], out_size[sd]
-        allt = _interp_global_taps(mode, n, n_out, align_corners, scales[sd], single)
-        self._setup_taps(n, n_out, lambda o: allt[o], world, rank)
+        nd = len(in_shape) - 2
+        allt = _interp_global_taps(
+            mode, n, n_out, align_corners, scales[sd], single, nearest_uses_shortcuts(nd, backward=False)
+        )
+        allb = _interp_global_taps(
+            mode, n, n_out, align_corners, scales[sd], single, nearest_uses_shortcuts(nd, backward=True)
+        )
+        self._setup_taps(n, n_out, lambda o: allt[o], world, rank, lambda o: allb[o])
         self.fwd_op, self.bwd_op, self.takes_ac = _interp_aten(mode, self.nd)
         self.c_out = list(out_size)
         self.c_out[sd] = 1
@@ -630,9 +655,15 @@ def interpolate(
             f"interpolate(mode={mode!r}, antialias={antialias}) on an input sharded on dim {dim}: antialiased "
             "resampling is not supported on sharded tensors: use antialias=False, or gather_tensor() first"
         )
-    meta = F.interpolate(
-        _meta(input.shape, input.dtype), size, scale_factor, mode, align_corners, recompute_scale_factor, antialias
-    )
+    try:
+        meta = F.interpolate(
+            _meta(input.shape, input.dtype), size, scale_factor, mode, align_corners, recompute_scale_factor, antialias
+        )
+    except ZeroDivisionError as e:  # the meta kernel divides by an empty output size
+        raise DomainParallelError(
+            f"interpolate: input of shape {tuple(input.shape)} with size={size}, scale_factor={scale_factor} gives an "
+            "empty output: PyTorch rejects output sizes < 1; use a larger size or scale_factor"
+        ) from e
     scales = _interp_scales(nd, size, scale_factor, mode, recompute_scale_factor)
     op = _interp_op(input, mode, tuple(meta.shape[2:]), scales, align_corners, dim)  # type: ignore[arg-type]
     _check_out("interpolate", op.out_shape, meta.shape)
@@ -868,6 +899,18 @@ def _bind(op, args: tuple, kwargs: dict) -> dict:
     return out
 
 
+def _validate_meta(op, args: tuple, kwargs: dict) -> None:
+    """Run the aten op on meta tensors of the global shapes: PyTorch's own argument checks."""
+
+    def meta(a):
+        return torch.empty(tuple(a.shape), device="meta", dtype=a.dtype) if isinstance(a, torch.Tensor) else a
+
+    try:
+        op(*[meta(a) for a in args], **{k: meta(v) for k, v in kwargs.items()})
+    except ZeroDivisionError as e:
+        raise DomainParallelError(f"{op}: the output would be empty (PyTorch rejects output sizes < 1)") from e
+
+
 def _scales_of(b: dict, nd: int) -> tuple[float | None, ...]:
     names = {1: ("scales",), 2: ("scales_h", "scales_w"), 3: ("scales_d", "scales_h", "scales_w")}[nd]
     return tuple(None if b.get(n) is None else float(b[n]) for n in names)
@@ -880,6 +923,7 @@ def _upsample_rule(mode: str, nd: int):
         dim = spatial_shard_dim(x, nd, str(op))
         if dim is None:
             return NotImplemented
+        _validate_meta(op, args, kwargs)
         interp = _interp_op(x, mode, tuple(b["output_size"]), _scales_of(b, nd), b.get("align_corners"), dim)
         y, _, _ = interp.run_forward(x)
         return y
@@ -935,6 +979,7 @@ def _max_pool_rule(nd: int):
         dim = spatial_shard_dim(x, nd, str(op))
         if dim is None:
             return NotImplemented
+        _validate_meta(op, args, kwargs)
         mop = _max_pool_op(x, nd, b)
         y, idx, _ = mop.run_forward(x)
         return y, idx
@@ -999,6 +1044,7 @@ def _avg_pool_rule(nd: int):
         x = b["self"]
         if spatial_shard_dim(x, nd, str(op)) is None:
             return NotImplemented
+        _validate_meta(op, args, kwargs)
         y, _, _ = _avg_pool_op(x, nd, b).run_forward(x)
         return y
 
@@ -1025,6 +1071,7 @@ def _adaptive_avg_rule(nd: int):
         dim = spatial_shard_dim(x, nd, str(op))
         if dim is None:
             return NotImplemented
+        _validate_meta(op, args, kwargs)
         _, _, world, rank = domain_info(x)
         aop = _cached(AdaptiveAvgPoolOp, tuple(x.shape), tuple(int(v) for v in b["output_size"]), dim, world, rank)
         y, _, _ = aop.run_forward(x)
@@ -1057,6 +1104,7 @@ def _adaptive_max_rule(nd: int):
         dim = spatial_shard_dim(x, nd, str(op))
         if dim is None:
             return NotImplemented
+        _validate_meta(op, args, kwargs)
         _, _, world, rank = domain_info(x)
         mop = _cached(
             AdaptiveMaxPoolOp, tuple(x.shape), tuple(int(v) for v in b["output_size"]), True, dim, world, rank
@@ -1097,6 +1145,7 @@ def _pixel_rule(shuffle: bool):
             return NotImplemented
         if not shuffle:
             _check_unshuffle(x.shape, int(factor))
+        _validate_meta(op, args, kwargs)
         _, _, world, rank = domain_info(x)
         pop = _cached(PixelShuffleOp, tuple(x.shape), int(factor), shuffle, dim, world, rank)
         y, _, _ = pop.run_forward(x)
