@@ -236,3 +236,23 @@ def test_needs_domain_parallel():
         assert resample_wrapper_for(mod) is not None
     for mod in (nn.Conv2d(1, 1, 3), nn.ReLU(), nn.ZeroPad2d(1)):
         assert not needs_domain_parallel(mod)
+
+
+QUIRKS = [  # PyTorch's backward is not its forward's adjoint here; we reproduce both
+    dict(op="interpolate", kw={"scale_factor": 1.1, "mode": "bicubic"}, shape=(1, 2, 9, 5)),  # no size change
+    dict(op="interpolate", kw={"scale_factor": (1.1, 1.5), "mode": "bicubic"}, shape=(1, 2, 9, 5)),
+    dict(op="interpolate", kw={"scale_factor": (1.5, 1.1), "mode": "bicubic"}, shape=(1, 2, 9, 5)),
+    dict(op="interpolate", kw={"scale_factor": 2.2, "mode": "nearest"}, shape=(1, 2, 7)),  # out == 2*in, 1-D
+    dict(op="interpolate", kw={"scale_factor": 1.1, "mode": "nearest"}, shape=(1, 2, 3, 9, 4)),  # out == in, 3-D
+    dict(op="interpolate", kw={"scale_factor": 2.2, "mode": "nearest"}, shape=(1, 2, 7, 4)),  # 2-D shortcuts
+]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pytorch_nearest_and_bicubic_quirks(world):
+    cases = [
+        dict(c, dim=len(c["shape"]) - 2 if len(c["shape"]) > 3 else 2, path=p, dtype="f64", seed=i)
+        for i, c in enumerate(QUIRKS)
+        for p in ("api", "functional")
+    ]
+    get_world(world).run(run_cases, cases)

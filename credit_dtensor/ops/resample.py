@@ -223,9 +223,14 @@ class InterpOp(_SeparableOp):
         allt = _interp_global_taps(
             mode, n, n_out, align_corners, scales[sd], single, nearest_uses_shortcuts(nd, backward=False)
         )
-        allb = _interp_global_taps(
-            mode, n, n_out, align_corners, scales[sd], single, nearest_uses_shortcuts(nd, backward=True)
-        )
+        if mode == "bicubic" and tuple(out_size) == tuple(in_shape[2:]):
+            # PyTorch's bicubic backward copies the gradient when no spatial size changes, while
+            # its forward still applies the (user-scaled) cubic weights: match both
+            allb = tuple(((o, 1.0),) for o in range(n_out))
+        else:
+            allb = _interp_global_taps(
+                mode, n, n_out, align_corners, scales[sd], single, nearest_uses_shortcuts(nd, backward=True)
+            )
         self._setup_taps(n, n_out, lambda o: allt[o], world, rank, lambda o: allb[o])
         self.fwd_op, self.bwd_op, self.takes_ac = _interp_aten(mode, self.nd)
         self.c_out = list(out_size)
@@ -233,6 +238,16 @@ class InterpOp(_SeparableOp):
         self.c_scales = list(scales)
         self.c_scales[sd] = None
         self.trivial = self.nd == 1
+        self.cubic_other = None
+        if mode == "bicubic":
+            # the other axis with our own taps: PyTorch's backward shortcut depends on *both* axes,
+            # which a folded call cannot see
+            od = 1 - sd  # the other spatial index of a 2-D op
+            m_in, m_out = in_shape[2 + od], out_size[od]
+            fwd = [interp_taps(mode, o, m_in, m_out, align_corners, scales[od], single) for o in range(m_out)]
+            same = tuple(out_size) == tuple(in_shape[2:])
+            bwd = [[(o, 1.0)] for o in range(m_out)] if same else fwd
+            self.cubic_other = (2 + od, m_in, Taps(fwd), Taps(bwd))
 
     def _args(self) -> list:
         return [bool(self.align_corners)] if self.takes_ac else []
@@ -240,12 +255,18 @@ class InterpOp(_SeparableOp):
     def _other(self, yh: torch.Tensor) -> torch.Tensor:
         if self.trivial:
             return yh
+        if self.cubic_other is not None:
+            od, _, taps, _ = self.cubic_other
+            return taps.apply(yh, od)
         u = self.fwd_op(_fold(yh, self.dim), self.c_out, *self._args(), *self.c_scales)
         return _unfold(u, self.dim, yh.shape[0])
 
     def _other_adjoint(self, g: torch.Tensor, yh_shape: list[int]) -> torch.Tensor:
         if self.trivial:
             return g
+        if self.cubic_other is not None:
+            od, m_in, _, taps_b = self.cubic_other
+            return taps_b.adjoint(g, od, m_in)
         b, rows = yh_shape[0], yh_shape[self.dim]
         rest = [s for i, s in enumerate(yh_shape) if i not in (0, self.dim)]
         folded_in = [b * rows, *rest]
