@@ -184,6 +184,9 @@ class DomainParallelManager:
         left alone.
         """
         if self.owns_process_group and dist.is_initialized():
+            # every rank must be past its last message before any tears its connections down:
+            # gloo aborts a peer whose pair closes while it is still draining
+            dist.barrier()
             dist.destroy_process_group()
         self.owns_process_group = False
 
