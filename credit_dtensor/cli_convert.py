@@ -155,6 +155,7 @@ def _worker(rank: int, world: int, port: int, job: tuple, queue: Any) -> None:
         report = _run_check(*job, world)
         if rank == 0:
             queue.put(("report", report))
+        dist.barrier()  # all ranks done before any tears the gloo pairs down
     except DomainParallelError as exc:
         if rank == 0:
             queue.put(("error", str(exc)))

@@ -205,6 +205,8 @@ def main_train(args: argparse.Namespace, console: Any) -> int:
             final = repr(result.losses[-1]) if result.losses else "n/a (nothing left to train)"
             # one machine-readable line: tests and scripts parse it
             console.print(f"final step {cfg.steps} loss {final} (started at step {result.start_step})")
+        if created and dist.is_initialized():
+            dist.barrier()  # all ranks done before any tears the gloo pairs down
         return 0
     finally:
         if created and dist.is_initialized():
