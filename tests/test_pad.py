@@ -310,3 +310,18 @@ def _pad_conv_one(layers: list[str], h: int) -> dict:
 )
 def test_pad_then_conv(world, layers):
     get_world(world).run(_pad_conv_task, layers, (9, 4))
+
+
+def test_needs_domain_parallel_pads():
+    from credit_dtensor.nn.pad import needs_domain_parallel
+
+    for mod in (
+        nn.ZeroPad2d(1),
+        nn.ConstantPad3d(1, 2.0),
+        nn.ReflectionPad1d(2),
+        nn.ReplicationPad2d(1),
+        nn.CircularPad2d((1, 1, 0, 0)),
+    ):
+        assert needs_domain_parallel(mod)
+    for mod in (nn.Conv2d(1, 1, 3), nn.MaxPool2d(2), nn.Identity()):
+        assert not needs_domain_parallel(mod)

@@ -86,7 +86,7 @@ def pool_case(draw, path: str, kind: str):
         kw["output_size"] = tuple(size) if nd > 1 else size[0]
         if kind == "amax":
             kw["return_indices"] = draw(st.booleans())
-        if path == "functional" and kind == "aavg" and all(v == 1 for v in size):
+        if path == "functional" and kind == "aavg" and all((n if v is None else v) == 1 for v, n in zip(size, spatial)):
             size[0] = 2  # output 1 everywhere is computed by PyTorch as a mean (exact Partial), not pooling
             kw["output_size"] = tuple(size) if nd > 1 else size[0]
     assume(_valid(op, shape, kw))

@@ -256,3 +256,29 @@ def test_pytorch_nearest_and_bicubic_quirks(world):
         for p in ("api", "functional")
     ]
     get_world(world).run(run_cases, cases)
+
+
+def _plain_input_task() -> list[float]:
+    from torch import nn
+
+    from credit_dtensor.nn.resample import resample_wrapper_for
+
+    m = manager()
+    errs = []
+    for mod, shape in (
+        (nn.Upsample(scale_factor=2, mode="bilinear"), (2, 3, 7, 5)),
+        (nn.MaxPool2d(3, 2, 1), (2, 3, 9, 6)),
+        (nn.MaxPool1d(2), (2, 3, 9)),
+        (nn.PixelUnshuffle(2), (1, 2, 6, 4)),
+        (nn.AdaptiveAvgPool3d((2, 3, 2)), (1, 2, 3, 7, 4)),
+    ):
+        x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))  # same on all ranks
+        ref = mod(x)
+        out = resample_wrapper_for(mod)(mod, m)(x)  # a plain input is sharded on H (dim -2; -1 for 3-D)
+        errs.append((out.full_tensor() - ref).abs().max().item())
+    return errs
+
+
+def test_wrappers_accept_plain_tensors():
+    for errs in get_world(3).run(_plain_input_task):
+        assert max(errs) < 1e-12, errs
