@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -108,6 +109,7 @@ class World:
         """Run ``fn(*args, **kwargs)`` on every rank; return the results ordered by rank."""
         if not self.alive:
             self._start()
+        pickle.dumps((fn, args, kwargs))  # fail here, not after a timeout, if the task cannot travel
         self._next_id += 1
         tid = self._next_id
         for q in self._tasks:
