@@ -416,15 +416,46 @@ def _local_param(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _param_grad(g: torch.Tensor | None, like, group: dist.ProcessGroup, mesh: DeviceMesh):
-    """A replicated parameter's gradient: Partial DTensor for DTensor params, summed plain tensor
-    for plain ones (plain parameters have no placement that could defer the sum)."""
-    if g is None or like is None:
+def _param_grad(g: torch.Tensor | None, like, group: dist.ProcessGroup):
+    """A replicated parameter's gradient: Partial DTensor when ``like`` (the weight) is a DTensor,
+    summed plain tensor otherwise (plain parameters have no placement that could defer the sum).
+    Replicated, so the local gradient has the global shape."""
+    if g is None:
         return None
     if isinstance(like, DTensor):
         return DTensor.from_local(g, like.device_mesh, [Partial()] * like.device_mesh.ndim, run_check=False,
-                                  shape=like.shape, stride=like.stride())
+                                  shape=g.shape, stride=g.stride())
     return comm.all_reduce_sum(g.contiguous(), group)
+
+
+def _local_grad(gy, mesh: DeviceMesh, dim: int) -> torch.Tensor:
+    """The output gradient as this rank's contiguous ``Shard(dim)`` slice, whatever its placement."""
+    if isinstance(gy, DTensor):
+        if tuple(gy.placements) != (Shard(dim),):
+            gy = gy.redistribute(mesh, [Shard(dim)])
+        gy = gy.to_local()
+    return gy.contiguous()
+
+
+def _geometry(x: DTensor, spec: ConvSpec, dim: int) -> tuple[HaloPlan, _Local]:
+    """This rank's halo plan and local-op setup for ``x`` sharded on tensor dim ``dim``."""
+    mesh = x.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    sd = dim - (x.ndim - spec.nd)
+    spatial = tuple(x.shape[-spec.nd:])
+    return _plan(spec, sd, spatial[sd], world, rank), _local_setup(spec, sd, spatial, world, rank)
+
+
+def _halo_forward(x: DTensor, w, b, spec: ConvSpec, dim: int):
+    """Gather the halo, run the local op, wrap the output. Returns ``(y, ext, w_local, plan, loc)``."""
+    mesh = x.device_mesh
+    plan, loc = _geometry(x, spec, dim)
+    with stats.op_label(spec.name):
+        ext = halo_gather(x.to_local(), dim, plan, mesh.get_group())
+    wl = _local_param(w)
+    y = local_forward(ext, wl, _local_param(b), loc)
+    out_channels = wl.shape[1] * spec.groups if spec.transposed else wl.shape[0]
+    return _wrap(y, mesh, dim, conv_out_shape(spec, tuple(x.shape), out_channels)), ext, wl, plan, loc
 
 
 def _wrap(local: torch.Tensor, mesh: DeviceMesh, dim: int, shape) -> DTensor:
@@ -437,22 +468,11 @@ class _HaloConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: DTensor, w, b, spec: ConvSpec, dim: int):
-        mesh = x.device_mesh
-        group = mesh.get_group()
-        world, rank = mesh.size(), mesh.get_local_rank()
-        sd = dim - (x.ndim - spec.nd)
-        spatial = tuple(x.shape[-spec.nd:])
-        plan = _plan(spec, sd, spatial[sd], world, rank)
-        loc = _local_setup(spec, sd, spatial, world, rank)
-        with stats.op_label(spec.name):
-            ext = halo_gather(x.to_local(), dim, plan, group)
-        wl, bl = _local_param(w), _local_param(b)
-        y = local_forward(ext, wl, bl, loc)
-        out_channels = wl.shape[1] * spec.groups if spec.transposed else wl.shape[0]
+        y, ext, wl, plan, loc = _halo_forward(x, w, b, spec, dim)
         ctx.save_for_backward(ext, wl)
-        ctx.meta = (spec, dim, plan, loc, mesh, x.shape, b is not None)
+        ctx.meta = (spec, dim, plan, loc, x.device_mesh, x.shape, b is not None)
         ctx.params = (w, b)
-        return _wrap(y, mesh, dim, conv_out_shape(spec, tuple(x.shape), out_channels))
+        return y
 
     @staticmethod
     def backward(ctx, gy: DTensor):
@@ -462,16 +482,14 @@ class _HaloConv(torch.autograd.Function):
         group = mesh.get_group()
         if not isinstance(gy, DTensor):
             raise DomainParallelError(f"{spec.name}: expected a DTensor gradient")
-        if tuple(gy.placements) != (Shard(dim),):
-            gy = gy.redistribute(mesh, [Shard(dim)])
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        gx_ext, gw, gb = local_backward(gy.to_local().contiguous(), ext, wl, has_bias, loc, mask)
+        gx_ext, gw, gb = local_backward(_local_grad(gy, mesh, dim), ext, wl, has_bias, loc, mask)
         gx = None
         if mask[0]:  # the same on every rank (SPMD), so skipping the adjoint exchange is symmetric
             with stats.op_label(spec.name):
                 gx_local = halo_scatter_add(gx_ext.contiguous(), dim, plan, group)
             gx = _wrap(gx_local, mesh, dim, x_shape)
-        return gx, _param_grad(gw, w, group, mesh), _param_grad(gb, b, group, mesh), None, None
+        return gx, _param_grad(gw, w, group), _param_grad(gb, b, group), None, None
 
 
 def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
@@ -576,18 +594,7 @@ def _convolution_rule(op, args, kwargs):
     spec = _spec_from_aten(w.shape, stride, padding, dilation, transposed, output_padding, groups)
     _check_operands(x, w, b, f"aten.convolution ({spec.name})")
     _validate(spec, tuple(x.shape), spec.name)
-    mesh = x.device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
-    sd = dim - 2
-    spatial = tuple(x.shape[2:])
-    plan = _plan(spec, sd, spatial[sd], world, rank)
-    loc = _local_setup(spec, sd, spatial, world, rank)
-    with stats.op_label(spec.name):
-        ext = halo_gather(x.to_local(), dim, plan, mesh.get_group())
-    wl, bl = _local_param(w), _local_param(b)
-    y = local_forward(ext, wl, bl, loc)
-    out_channels = wl.shape[1] * spec.groups if spec.transposed else wl.shape[0]
-    return _wrap(y, mesh, dim, conv_out_shape(spec, tuple(x.shape), out_channels))
+    return _halo_forward(x, w, b, spec, dim)[0]
 
 
 def _convolution_backward_rule(op, args, kwargs):
@@ -604,52 +611,26 @@ def _convolution_backward_rule(op, args, kwargs):
     spec = _spec_from_aten(w.shape, stride, padding, dilation, transposed, output_padding, groups)
     mesh = x.device_mesh
     group = mesh.get_group()
-    world, rank = mesh.size(), mesh.get_local_rank()
-    sd = dim - 2
-    spatial = tuple(x.shape[2:])
-    plan = _plan(spec, sd, spatial[sd], world, rank)
-    loc = _local_setup(spec, sd, spatial, world, rank)
-    if isinstance(gy, DTensor) and tuple(gy.placements) != (Shard(dim),):
-        gy = gy.redistribute(mesh, [Shard(dim)])
-    gyl = gy.to_local() if isinstance(gy, DTensor) else gy
+    plan, loc = _geometry(x, spec, dim)
+    gyl = _local_grad(gy, mesh, dim)
     with stats.op_label(spec.name):
         ext = halo_gather(x.to_local(), dim, plan, group)  # recomputed: aten saved only the shard
     wl = _local_param(w)
     has_bias = bias_sizes is not None and bool(mask[2])
-    gx_ext, gw, gb = local_backward(gyl.contiguous(), ext, wl, has_bias, loc, (True, bool(mask[1]), bool(mask[2])))
+    gx_ext, gw, gb = local_backward(gyl, ext, wl, has_bias, loc, (True, bool(mask[1]), bool(mask[2])))
     with stats.op_label(spec.name):
         gx_local = halo_scatter_add(gx_ext.contiguous(), dim, plan, group)
     gx = _wrap(gx_local, mesh, dim, x.shape) if mask[0] else None
-    gw_out = _param_grad(gw, w, group, mesh) if mask[1] else None
-    gb_out = None
-    if mask[2] and gb is not None:
-        gb_like = w if isinstance(w, DTensor) else None
-        if gb_like is not None:
-            gb_out = DTensor.from_local(gb, w.device_mesh, [Partial()] * w.device_mesh.ndim, run_check=False,
-                                        shape=gb.shape, stride=gb.stride())
-        else:
-            gb_out = comm.all_reduce_sum(gb.contiguous(), group)
-    return gx, gw_out, gb_out
+    return gx, _param_grad(gw, w, group) if mask[1] else None, _param_grad(gb, w, group) if mask[2] else None
 
 
 def _batch_backward(gy, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
     mesh = x.device_mesh
     group = mesh.get_group()
-    if isinstance(gy, DTensor) and tuple(gy.placements) != (Shard(0),):
-        gy = gy.redistribute(mesh, [Shard(0)])
-    gyl = gy.to_local() if isinstance(gy, DTensor) else gy
-    gx, gw, gb = aten.convolution_backward(gyl.contiguous(), x.to_local(), _local_param(w), bias_sizes, stride,
+    gx, gw, gb = aten.convolution_backward(_local_grad(gy, mesh, 0), x.to_local(), _local_param(w), bias_sizes, stride,
                                            padding, dilation, transposed, output_padding, groups, mask)
     gx_out = _wrap(gx, mesh, 0, x.shape) if mask[0] else None
-    gw_out = _param_grad(gw, w, group, mesh) if mask[1] else None
-    gb_out = None
-    if mask[2] and gb is not None:
-        if isinstance(w, DTensor):
-            gb_out = DTensor.from_local(gb, w.device_mesh, [Partial()] * w.device_mesh.ndim, run_check=False,
-                                        shape=gb.shape, stride=gb.stride())
-        else:
-            gb_out = comm.all_reduce_sum(gb.contiguous(), group)
-    return gx_out, gw_out, gb_out
+    return gx_out, _param_grad(gw, w, group) if mask[1] else None, _param_grad(gb, w, group) if mask[2] else None
 
 
 register_rule(aten.convolution.default, _convolution_rule)
