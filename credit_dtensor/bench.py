@@ -20,7 +20,6 @@ import contextlib
 import copy
 import logging
 import os
-import socket
 import statistics
 import time
 from collections import defaultdict
@@ -31,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .launch import free_port
 
 __all__ = ["BenchConfig", "CASES", "WireCounter", "minimum_bytes", "run", "summarize"]
 
@@ -558,19 +559,13 @@ def _worker(rank: int, world: int, port: int, cfg: BenchConfig, queue) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(world: int, cfg: BenchConfig, timeout: float = 1800.0) -> list[dict]:
     """Spawn ``world`` CPU processes (gloo), run every case, return all ranks' rows."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, queue)) for r in range(world)]
     for p in procs:
         p.start()
@@ -675,7 +670,7 @@ def profile_case(name: str, hw: tuple[int, int], cfg: BenchConfig, row_limit: in
 
     torch.set_num_threads(cfg.threads)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         manager = DomainParallelManager(1, device_type="cpu")

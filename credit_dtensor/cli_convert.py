@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import json
 import os
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -29,6 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from .errors import DomainParallelError
+from .launch import free_port
 
 __all__ = ["register", "main", "load_factory", "cmd_plan", "cmd_check"]
 
@@ -163,12 +163,6 @@ def _worker(rank: int, world: int, port: int, job: tuple, queue: Any) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
     from .check import render_check
 
@@ -187,7 +181,7 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     console.print(f"starting {domain} local CPU processes (gloo)")
-    mp.start_processes(_worker, args=(domain, _free_port(), job, queue), nprocs=domain, start_method="spawn")
+    mp.start_processes(_worker, args=(domain, free_port(), job, queue), nprocs=domain, start_method="spawn")
     kind, payload = queue.get() if not queue.empty() else ("error", "no report (a rank failed)")
     if kind == "error":
         console.print(f"[red]credit-dtensor check[/red]: {payload}")

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import multiprocessing as mp
 import queue
-import socket
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+
+from .launch import free_port
 
 __all__ = ["DemoConfig", "run_demo", "saved_tensor_bytes", "halo_minimum_bytes"]
 
@@ -163,12 +164,6 @@ def _fsdp_estimate(param_bytes: int, dp: int, domain: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, domain: int, port: int, config: dict, results: Any) -> None:
     try:
         torch.set_num_threads(1)
@@ -240,7 +235,7 @@ def _start_workers(cfg: DemoConfig) -> tuple[list[Any], Any]:
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     ctx = mp.get_context(method)
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     tcfg = asdict(cfg.train_config())
     procs = [
         ctx.Process(target=_worker, args=(r, world, cfg.domain, port, tcfg, results), daemon=True) for r in range(world)

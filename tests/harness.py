@@ -17,12 +17,13 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
+
+from credit_dtensor.launch import free_port
 
 TASK_TIMEOUT = float(os.environ.get("CREDIT_DTENSOR_TEST_TIMEOUT", "300"))
 GRACE_AFTER_ERROR = 5.0  # once one rank failed, how long the others get to report
@@ -30,12 +31,6 @@ GRACE_AFTER_ERROR = 5.0  # once one rank failed, how long the others get to repo
 
 class RankError(AssertionError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, size: int, port: int, tasks: mp.Queue, results: mp.Queue) -> None:
@@ -71,7 +66,7 @@ class World:
         self._start()
 
     def _start(self) -> None:
-        port = _free_port()
+        port = free_port()
         self._results: mp.Queue = self._ctx.Queue()
         self._tasks = [self._ctx.Queue() for _ in range(self.size)]
         self._procs = [

@@ -196,13 +196,13 @@ def test_cuda_requested_without_gpu():
 
 
 def test_manager_creates_group_from_torchrun_env_and_close_destroys_it(monkeypatch):
-    from tests.harness import _free_port
+    from credit_dtensor.launch import free_port
 
     assert not dist.is_initialized()
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     try:
         m = DomainParallelManager(1, device_type="cpu")
         assert m.owns_process_group and dist.is_initialized() and dist.get_backend() == "gloo"
