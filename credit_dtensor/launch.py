@@ -1,14 +1,16 @@
-"""Helpers for the local multi-process launches of the CLI, benchmarks and tests."""
+"""Deprecated alias of :mod:`credit_dtensor.tools.launch` (tooling moved out of the core package).
 
-from __future__ import annotations
+Kept so that existing imports keep working; import ``credit_dtensor.tools.launch`` instead.
+"""
 
-import socket
+import sys
+import warnings
 
-__all__ = ["free_port"]
+from .tools import launch as _module
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a local rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+warnings.warn(
+    "credit_dtensor.launch moved to credit_dtensor.tools.launch; the old name will be removed",
+    DeprecationWarning,
+    stacklevel=2,
+)
+sys.modules[__name__] = _module

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from credit_dtensor.cli_bench import main
+from credit_dtensor.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

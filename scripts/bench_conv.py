@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from credit_dtensor.launch import free_port
+from credit_dtensor.tools.launch import free_port
 
 
 def _exchange_rows(top: torch.Tensor | None, bottom: torch.Tensor | None, rank: int, world: int):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from credit_dtensor.launch import free_port
+from credit_dtensor.tools.launch import free_port
 
 
 def _worker(rank: int, world: int, port: int, args, queue) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from credit_dtensor.cli_train import main
+from credit_dtensor.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from credit_dtensor.launch import free_port
+from credit_dtensor.tools.launch import free_port
 
 TASK_TIMEOUT = float(os.environ.get("CREDIT_DTENSOR_TEST_TIMEOUT", "300"))
 GRACE_AFTER_ERROR = 5.0  # once one rank failed, how long the others get to report

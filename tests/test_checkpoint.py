@@ -12,7 +12,7 @@ BASE = dict(nlat=10, nlon=16, channels=3, width=8, global_batch=4, lr=1e-2)
 
 
 def _cfg(**kw):
-    from credit_dtensor.train import TrainConfig
+    from credit_dtensor.tools.train import TrainConfig
 
     return TrainConfig(**{**BASE, **kw})
 
@@ -34,7 +34,7 @@ def task_resume(root: str) -> dict:
     """2N uninterrupted steps vs N steps + save + fresh model/optimizer + resume N steps (2 x 2)."""
     import torch.distributed as dist
 
-    from credit_dtensor.train import full_state_dict, setup, train
+    from credit_dtensor.tools.train import full_state_dict, setup, train
 
     m = harness.manager(2)
     full = train(_cfg(steps=2 * N), m)
@@ -60,8 +60,8 @@ def task_state_at(root: str, step: int, domain: int) -> dict:
     and the loss of one more step."""
     import torch.distributed as dist
 
-    from credit_dtensor.checkpoint import checkpoint_path, load_checkpoint
-    from credit_dtensor.train import full_state_dict, setup, train
+    from credit_dtensor.tools.checkpoint import checkpoint_path, load_checkpoint
+    from credit_dtensor.tools.train import full_state_dict, setup, train
 
     m = harness.manager(domain)
     cfg = _cfg(steps=step + 1)
@@ -76,8 +76,8 @@ def task_state_at(root: str, step: int, domain: int) -> dict:
 
 
 def test_resume_is_bit_identical_and_reshards(tmp_path) -> None:
-    from credit_dtensor.checkpoint import checkpoint_path, latest_checkpoint, load_plain_state_dict
-    from credit_dtensor.train import build_model
+    from credit_dtensor.tools.checkpoint import checkpoint_path, latest_checkpoint, load_plain_state_dict
+    from credit_dtensor.tools.train import build_model
 
     root = str(tmp_path / "ckpt")
     world = harness.get_world(4)

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .errors import DomainParallelError
+from ..errors import DomainParallelError
 
 __all__ = ["register", "main", "cmd_bench", "table", "plot"]
 
@@ -33,7 +33,7 @@ def _resolutions(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .bench import CASES
+    from ..tools.bench import CASES
 
     p.add_argument("--worlds", default="1,2,4", help="domain sizes (spawned CPU ranks), comma separated")
     p.add_argument("--resolutions", default="32x64,64x128,128x256", help="HxW list")
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from .bench import CASES, BenchConfig
+    from ..tools.bench import CASES, BenchConfig
 
     cases = tuple(c for c in args.cases.split(",") if c)
     bad = [c for c in cases if c not in CASES]
@@ -188,8 +188,8 @@ def plot(summary: list[dict], out: Path) -> list[Path]:
 def _run_under_torchrun(cfg) -> list[dict]:
     import torch.distributed as dist
 
-    from .bench import bench_case
-    from .mesh import DomainParallelManager
+    from ..mesh import DomainParallelManager
+    from ..tools.bench import bench_case
 
     world = int(os.environ["WORLD_SIZE"])
     manager = DomainParallelManager(world)
@@ -203,10 +203,10 @@ def _run_under_torchrun(cfg) -> list[dict]:
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    from .bench import run, summarize
+    from ..tools.bench import run, summarize
 
     if args.profile:
-        from .bench import profile_case
+        from ..tools.bench import profile_case
 
         cfg = _config(args)
         print(profile_case(args.profile, cfg.resolutions[0], cfg))

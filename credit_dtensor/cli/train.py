@@ -126,7 +126,7 @@ def _init_process_group(device_type: str, timeout: timedelta) -> bool:
 
 
 def _sizes(world: int, dp: int | None, domain: int | None) -> tuple[int, int]:
-    from .errors import DomainParallelError
+    from ..errors import DomainParallelError
 
     if dp is None and domain is None:
         domain = world
@@ -147,8 +147,8 @@ def main_train(args: argparse.Namespace, console: Any) -> int:
     import torch.distributed as dist
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .mesh import DomainParallelManager, default_device_type
-    from .train import TrainConfig, train
+    from ..mesh import DomainParallelManager, default_device_type
+    from ..tools.train import TrainConfig, train
 
     device_type = args.device or default_device_type()
     created = _init_process_group(device_type, timedelta(seconds=args.pg_timeout))
@@ -214,7 +214,7 @@ def main_train(args: argparse.Namespace, console: Any) -> int:
 
 
 def cmd_train(args: argparse.Namespace, console: Any) -> int:
-    from .errors import DomainParallelError
+    from ..errors import DomainParallelError
 
     try:
         return main_train(args, console)
@@ -224,7 +224,7 @@ def cmd_train(args: argparse.Namespace, console: Any) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, console: Any) -> int:
-    from .demo import run_demo
+    from ..tools.demo import run_demo
 
     return 0 if run_demo(console=console).ok else 1
 
