@@ -9,7 +9,7 @@ same threads. Traffic per call is reported next to the statistics-only minimum.
     python scripts/bench_norm.py                                  # (4, 64, 256, 256) fp32, 32 groups
     python scripts/bench_norm.py --height 64 --width 64 --repeats 5
 
-Prints a rich table (stderr) and one JSON line per rank (stdout; appended to --json if given).
+Prints a rich table; with --json FILE also appends one JSON line per rank to FILE.
 """
 
 from __future__ import annotations
@@ -24,16 +24,14 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from credit_dtensor.tools.launch import free_port
+from credit_dtensor.cli._args import HelpFormatter, nonneg_int, positive_int
+from credit_dtensor.tools.launch import RankContext, run_ranks
 
 
-def _worker(rank: int, world: int, port: int, args, queue) -> None:
-    torch.set_num_threads(args.threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _rank(ctx: RankContext, args: argparse.Namespace) -> dict:
+    rank, world = ctx.rank, ctx.world
     from torch import nn
     from torch.distributed.tensor import DTensor
 
@@ -127,34 +125,36 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         "activation_bytes": x_local.numel() * item,
         "threads": args.threads,
     }
-    queue.put(result)
-    dist.destroy_process_group()
+    return result
+
+
+DESCRIPTION = (
+    "Time the exact distributed GroupNorm on an H-sharded DTensor (module wrapper and functional call, "
+    "forward and forward+backward) against nn.GroupNorm on a plain tensor of the same local size, and "
+    "compare the bytes sent with the statistics-only minimum."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", type=int, default=2)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--channels", type=int, default=64)
-    p.add_argument("--groups", type=int, default=32)
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
-    p.add_argument("--json", default=None, help="append JSON lines to this file")
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
+    p.add_argument("--world", type=positive_int, default=2, help="ranks that split H (local CPU processes)")
+    p.add_argument("--batch", type=positive_int, default=4, help="batch size")
+    p.add_argument("--channels", type=positive_int, default=64, help="channels (a multiple of --groups)")
+    p.add_argument("--groups", type=positive_int, default=32, help="GroupNorm groups")
+    p.add_argument("--height", type=positive_int, default=256, help="H of the global input")
+    p.add_argument("--width", type=positive_int, default=256, help="W of the global input")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="data dtype")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per round (median)")
+    p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed repeats per round")
+    p.add_argument("--rounds", type=positive_int, default=2, help="alternating rounds of every variant")
+    p.add_argument(
+        "--threads", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per rank"
+    )
+    p.add_argument("--json", default=None, metavar="FILE", help="append one JSON line per rank to FILE")
     args = p.parse_args(argv)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, args.world, port, args, queue)) for r in range(args.world)]
-    for pr in procs:
-        pr.start()
-    results = sorted((queue.get(timeout=3600) for _ in procs), key=lambda r: r["rank"])
-    for pr in procs:
-        pr.join()
+    if args.channels % args.groups:
+        p.error(f"argument --channels: {args.channels} is not a multiple of --groups {args.groups}")
+    results = run_ranks(_rank, args.world, (args,), threads=args.threads, timeout=3600)
     from rich.console import Console
     from rich.table import Table
 
@@ -180,13 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['stats_bytes_fwd']:,}/{r['stats_bytes_bwd']:,}",
             f"{r['activation_bytes']:,}",
         )
-    Console(stderr=True).print(table)
-    for r in results:
-        line = json.dumps(r)
-        print(line)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(line + "\n")
+    Console().print(table)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
     return 0
 
 

@@ -3,6 +3,7 @@ as a plain 1-process state_dict with the original module keys."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests import harness
@@ -111,3 +112,132 @@ def test_resume_is_bit_identical_and_reshards(tmp_path) -> None:
     raw = load_plain_state_dict(checkpoint_path(root, N))
     assert raw.keys() == ref["state"].keys()
     assert all(torch.equal(raw[k], v) for k, v in ref["state"].items())
+
+
+# --- damaged checkpoints: resume falls back to the newest one that loads -----------------------
+
+DAMAGES = ("corrupt_metadata", "truncated_distcp", "missing_distcp", "empty_dir")
+
+
+def _damage(path, how: str) -> None:
+    import shutil
+
+    shards = sorted(path.glob("*.distcp"))
+    if how == "corrupt_metadata":
+        data = bytearray((path / ".metadata").read_bytes())
+        data[: len(data) // 2] = b"\0" * (len(data) // 2)  # same size: only reading it can tell
+        (path / ".metadata").write_bytes(bytes(data))
+    elif how == "truncated_distcp":
+        with open(shards[-1], "r+b") as f:
+            f.truncate(shards[-1].stat().st_size // 2)
+    elif how == "missing_distcp":
+        shards[0].unlink()
+    elif how == "empty_dir":
+        shutil.rmtree(path)
+        path.mkdir()
+    else:
+        raise ValueError(how)
+
+
+def task_resume_damaged(root: str) -> dict:
+    """Checkpoints at N and 2N; for each damage of step 2N, resume to 3N from step N; then with
+    every checkpoint damaged, resume fails on every rank with CheckpointError."""
+    import logging
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from credit_dtensor.tools.checkpoint import CheckpointError, checkpoint_path
+    from credit_dtensor.tools.train import setup, train
+
+    m = harness.manager(2)
+    base = Path(root) / "base"
+    full = train(_cfg(steps=3 * N), m)
+    train(_cfg(steps=2 * N, checkpoint_dir=str(base), checkpoint_every=N), m)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: records.append(rec.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("credit_dtensor.tools.checkpoint")
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    out: dict = {"full": full.losses[-1], "runs": {}}
+    try:
+        for how in DAMAGES:
+            d = Path(root) / how
+            if dist.get_rank() == 0:
+                shutil.copytree(base, d)
+                _damage(checkpoint_path(d, 2 * N), how)
+            dist.barrier()
+            records.clear()
+            cfg = _cfg(steps=3 * N, checkpoint_dir=str(d), resume=True)
+            res = train(cfg, m, model_and_optimizer=setup(cfg, m))
+            out["runs"][how] = {"start": res.start_step, "final": res.losses[-1], "log": list(records)}
+        d = Path(root) / "all_damaged"
+        if dist.get_rank() == 0:
+            shutil.copytree(base, d)
+            _damage(checkpoint_path(d, 2 * N), "truncated_distcp")
+            _damage(checkpoint_path(d, N), "missing_distcp")
+        dist.barrier()
+        try:
+            cfg = _cfg(steps=3 * N, checkpoint_dir=str(d), resume=True)
+            train(cfg, m, model_and_optimizer=setup(cfg, m))
+            out["none_loads"] = None
+        except CheckpointError as exc:
+            out["none_loads"] = str(exc)
+    finally:
+        log.removeHandler(handler)
+    return out
+
+
+def test_resume_skips_damaged_checkpoints(tmp_path) -> None:
+    per_rank = harness.get_world(4).run(task_resume_damaged, str(tmp_path))
+    why = {
+        "corrupt_metadata": "unreadable .metadata",
+        "truncated_distcp": "truncated",
+        "missing_distcp": "is missing",
+        "empty_dir": "COMPLETE.json",
+    }
+    for rank, res in enumerate(per_rank):
+        for how in DAMAGES:
+            run = res["runs"][how]
+            assert run["start"] == N, (rank, how, run)
+            assert run["final"] == res["full"], f"{how}: final loss {run['final']} != undamaged {res['full']}"
+            if rank == 0:  # rank 0 reports, once per skipped checkpoint
+                (msg,) = run["log"]
+                assert f"step_{2 * N:08d}" in msg and why[how] in msg, (how, msg)
+            else:
+                assert run["log"] == []
+        msg = res["none_loads"]
+        assert msg is not None, f"rank {rank}: resume with no loadable checkpoint did not raise"
+        assert "no checkpoint under" in msg and f"step_{N:08d}" in msg and f"step_{2 * N:08d}" in msg, msg
+
+
+def test_interrupted_save_leaves_no_complete_looking_directory(tmp_path, monkeypatch) -> None:
+    """One process, no process group: a crash before the marker leaves only ``step_N.tmp``."""
+    from credit_dtensor.tools import checkpoint as ck
+    from credit_dtensor.tools.train import build_model
+
+    model = build_model(_cfg())
+    opt = torch.optim.AdamW(model.parameters())
+    ck.save_checkpoint(tmp_path, 1, model, opt)
+
+    def crash(*a, **k):
+        raise RuntimeError("simulated crash before the marker")
+
+    monkeypatch.setattr(ck, "_write_marker", crash)
+    try:
+        ck.save_checkpoint(tmp_path, 2, model, opt)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the simulated crash did not happen")
+    assert (tmp_path / "step_00000002.tmp").is_dir() and not (tmp_path / "step_00000002").exists()
+    assert ck.latest_checkpoint(tmp_path) == ck.checkpoint_path(tmp_path, 1)
+    monkeypatch.undo()
+    ck.save_checkpoint(tmp_path, 2, model, opt)  # the next save clears the leftover
+    assert not list(tmp_path.glob("*.tmp"))
+    assert ck.latest_checkpoint(tmp_path) == ck.checkpoint_path(tmp_path, 2)
+    assert ck.checkpoint_problem(tmp_path / "step_00000002") is None
+    with pytest.raises(ck.CheckpointError, match="incomplete or damaged"):
+        ck.load_checkpoint(tmp_path / "nope", model, opt)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,17 @@ class UsageError(Exception):
     """A bad option value or combination: reported like an argparse error, exit status 2."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after every option's help; descriptions and epilogs keep their line breaks."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown after every option's help; descriptions and epilogs keep their line breaks
+    (each line is wrapped on its own, at its own indentation)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for line in text.splitlines():
+            lead = line[: len(line) - len(line.lstrip())]
+            wrapped = textwrap.fill(line.strip(), width, initial_indent=indent + lead, subsequent_indent=indent + lead)
+            out.append(wrapped if line.strip() else "")
+        return "\n".join(out)
 
 
 def _int(text: str) -> int:

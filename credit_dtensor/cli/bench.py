@@ -1,4 +1,4 @@
-"""``credit-dtensor bench``: traffic, activation memory, FLOPs and time per rank (see :mod:`.bench`).
+"""``credit-dtensor bench``: traffic, activation memory, FLOPs and time per rank (see tools/bench.py).
 
     credit-dtensor bench                                    # spawns 1, 2 and 4 CPU ranks itself
     credit-dtensor bench --worlds 2 --resolutions 64x128 --cases conv3x3,group_norm
@@ -6,7 +6,7 @@
     credit-dtensor bench --from-json rows.jsonl --plots docs/benchmarks   # re-render only
     torchrun --nproc-per-node 4 -m credit_dtensor.cli bench  # the launched world only
 
-Prints one JSON line per (case, resolution, domain size) on stdout and a rich table.
+Prints a rich table; ``--json`` prints one JSON line per (case, resolution, domain size) instead.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,58 +22,96 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import DomainParallelError
+from ._args import (
+    HelpFormatter,
+    UsageError,
+    check_torchrun_env,
+    choices_list,
+    existing_file,
+    int_list,
+    nonneg_int,
+    positive_int,
+    resolutions,
+)
 
 __all__ = ["register", "main", "cmd_bench", "table", "plot"]
 
+DESCRIPTION = (
+    "Benchmark the domain-parallel path per rank, forward and backward: bytes sent against the geometric "
+    "minimum, activation memory and FLOPs against one device, and time against a hand-written lower bound."
+)
+EPILOG = """\
+examples:
+  %(prog)s                                      spawn 1, 2 and 4 CPU ranks, every case
+  %(prog)s --worlds 2 --resolutions 64x128 --cases conv3x3,group_norm
+  %(prog)s --raw rows.jsonl --plots docs/benchmarks
+  %(prog)s --from-json rows.jsonl --json > summary.jsonl
+  torchrun --nproc-per-node 4 -m credit_dtensor.cli bench     the launched world only
 
-def _resolutions(text: str) -> tuple[tuple[int, int], ...]:
-    try:
-        return tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))  # type: ignore[misc]
-    except ValueError as exc:
-        raise DomainParallelError(f"bench: --resolutions {text!r}: expected HxW[,HxW...], e.g. 32x64,64x128") from exc
+exit status: 0 ok, 1 a rank failed, 2 usage error.
+"""
+
+
+def _cases() -> tuple[str, ...]:
+    from ..tools.bench import CASES
+
+    return CASES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..tools.bench import CASES
-
-    p.add_argument("--worlds", default="1,2,4", help="domain sizes (spawned CPU ranks), comma separated")
-    p.add_argument("--resolutions", default="32x64,64x128,128x256", help="HxW list")
-    p.add_argument("--cases", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--channels", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--raw", default=None, help="write every rank's row as JSON lines to this file")
-    p.add_argument("--from-json", default=None, help="render a --raw file instead of running")
-    p.add_argument("--plots", default=None, help="write PNG plots to this directory (needs matplotlib)")
+    cases = _cases()
+    p.add_argument("--worlds", type=int_list, default="1,2,4", help="domain sizes (spawned CPU ranks), comma separated")
+    p.add_argument("--resolutions", type=resolutions, default="32x64,64x128,128x256", help="HxW list, comma separated")
+    p.add_argument("--cases", type=choices_list(cases), default=",".join(cases), help="comma-separated subset")
+    p.add_argument("--batch", type=positive_int, default=2, help="samples per input")
+    p.add_argument("--channels", type=positive_int, default=8, help="channels of the single-layer cases")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (the median is reported)")
+    p.add_argument("--warmup", type=nonneg_int, default=1, help="untimed repeats before timing")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per rank")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="data and parameter dtype")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON lines on stdout instead of a table")
+    p.add_argument("--raw", default=None, metavar="FILE", help="also write every rank's row as JSON lines to FILE")
+    p.add_argument(
+        "--from-json", type=existing_file, default=None, metavar="FILE", help="render a --raw FILE instead of running"
+    )
+    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots to DIR (needs matplotlib)")
     p.add_argument(
         "--profile",
         default=None,
+        choices=cases,
         metavar="CASE",
         help="print torch.profiler tables of CASE (first resolution) on one rank and exit",
     )
 
 
+def _validate(args: argparse.Namespace) -> None:
+    check_torchrun_env()
+    if args.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("argument --plots: needs matplotlib: pip install 'credit-dtensor[bench]'") from None
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="communication, memory, FLOPs and time benchmarks")
+    p = subparsers.add_parser(
+        "bench",
+        help="communication, memory, FLOPs and time benchmarks",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
     add_arguments(p)
-    p.set_defaults(handler=cmd_bench)
+    p.set_defaults(handler=cmd_bench, validate=_validate)
 
 
 def _config(args: argparse.Namespace):
-    from ..tools.bench import CASES, BenchConfig
+    from ..tools.bench import BenchConfig
 
-    cases = tuple(c for c in args.cases.split(",") if c)
-    bad = [c for c in cases if c not in CASES]
-    if bad:
-        raise DomainParallelError(f"bench: unknown case(s) {bad}; choose from {','.join(CASES)}")
-    worlds = tuple(int(w) for w in args.worlds.split(","))
     return BenchConfig(
-        worlds=worlds,
-        resolutions=_resolutions(args.resolutions),
-        cases=cases,
+        worlds=args.worlds,
+        resolutions=args.resolutions,
+        cases=args.cases,
         batch=args.batch,
         channels=args.channels,
         repeats=args.repeats,
@@ -204,47 +243,63 @@ def _run_under_torchrun(cfg) -> list[dict]:
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from ..tools.bench import run, summarize
+    from ..tools.launch import LaunchError
 
     if args.profile:
         from ..tools.bench import profile_case
 
         cfg = _config(args)
-        print(profile_case(args.profile, cfg.resolutions[0], cfg))
+        console.out(profile_case(args.profile, cfg.resolutions[0], cfg), highlight=False)
         return 0
     if args.from_json:
         rows = [json.loads(line) for line in Path(args.from_json).read_text().splitlines() if line.strip()]
     else:
         cfg = _config(args)
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            rows = _run_under_torchrun(cfg)
-            if not rows:
-                return 0
-        else:
-            rows = run(cfg)
+        try:
+            if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+                rows = _run_under_torchrun(cfg)
+                if not rows:
+                    return 0
+            else:
+                rows = run(cfg)
+        except LaunchError as exc:
+            console.print(f"[red]credit-dtensor bench[/red]: {exc}")
+            return 1
         if args.raw:
             with open(args.raw, "w") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
     summary = summarize(rows)
-    for s in summary:
-        print(json.dumps(s))
-    console.print(table(summary))
+    if args.json:
+        for s in summary:
+            console.out(json.dumps(s), highlight=False, soft_wrap=True)
+    else:
+        console.print(table(summary))
     if args.plots:
-        try:
-            paths = plot(summary, Path(args.plots))
-        except ImportError as exc:
-            raise DomainParallelError("bench: --plots needs matplotlib: pip install 'credit-dtensor[bench]'") from exc
-        console.print("plots: " + ", ".join(str(p) for p in paths))
+        paths = plot(summary, Path(args.plots))
+        (Console(stderr=True) if args.json else console).print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    """``scripts/bench.py``: the ``bench`` subcommand as a program of its own."""
+    from . import _setup_logging
+
+    p = argparse.ArgumentParser(
+        prog=os.path.basename(sys.argv[0]) if argv is None else "bench",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
     add_arguments(p)
     args = p.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console()
+    _setup_logging(False, console)
     try:
+        _validate(args)
         return cmd_bench(args, console)
+    except UsageError as exc:
+        p.error(str(exc))
     except DomainParallelError as exc:
         console.print(f"[red]bench[/red]: {exc}")
-        return 2
+    return 2

@@ -7,9 +7,6 @@
 returning the plain model (``--kwargs '{"width": 16}'`` passes keyword arguments). ``plan`` needs
 no processes. ``check`` runs under torchrun as launched, or else starts ``--domain`` local CPU
 processes itself (gloo); every rank builds the model with the same seed.
-
-``register(subparsers)`` adds both subcommands to the main parser; each sets ``handler`` to a
-``(args, console) -> exit status`` function (0 ok, 1 plan/check failed, 2 bad arguments).
 """
 
 from __future__ import annotations
@@ -17,22 +14,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
+import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from ..errors import DomainParallelError
-from ..tools.launch import free_port
+from ._args import HelpFormatter, UsageError, check_torchrun_env, json_object, nonneg_int, positive_float, positive_int
 
-__all__ = ["register", "main", "load_factory", "cmd_plan", "cmd_check"]
+__all__ = ["register", "load_factory", "cmd_plan", "cmd_check"]
+
+logger = logging.getLogger(__name__)
 
 DTYPES = ("float64", "float32")
+EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 def load_factory(target: str) -> Callable[..., Any]:
@@ -67,52 +66,58 @@ def _shape_arg(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected integers like 1,3,32,64") from None
-    if len(shape) < 3 or any(s < 0 for s in shape):
-        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected at least B,C,H")
+        raise argparse.ArgumentTypeError(f"expected integers like 1,3,32,64, got {text!r}") from None
+    if len(shape) < 3 or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"expected at least B,C,H, every size >= 1, got {text!r}")
     return shape
 
 
 def _add_common(p: argparse.ArgumentParser, dtype: str) -> None:
     p.add_argument("target", metavar="MODULE:FACTORY", help="callable returning the plain model")
     p.add_argument("--input-shape", required=True, type=_shape_arg, help="full input shape, e.g. 1,3,32,64")
-    p.add_argument("--domain", type=int, default=None, help="domain-parallel ranks (default: torchrun's world)")
-    p.add_argument("--kwargs", default="{}", help="JSON keyword arguments for the factory")
-    p.add_argument("--dtype", choices=DTYPES, default=dtype)
+    p.add_argument(
+        "--domain", type=positive_int, default=None, help="domain-parallel ranks (None: torchrun's world size)"
+    )
+    p.add_argument("--kwargs", type=json_object, default="{}", help="JSON object of keyword arguments for the factory")
+    p.add_argument("--dtype", choices=DTYPES, default=dtype, help="parameter and input dtype")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    check_torchrun_env()
+    if args.domain is None and "WORLD_SIZE" not in os.environ:
+        raise UsageError("argument --domain: required outside torchrun (the number of ranks that split H)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``plan`` and ``check`` to the ``credit-dtensor`` parser."""
-    p = subparsers.add_parser("plan", help="audit a model: rule per layer, halo rows, min local H, hazards")
+    p = subparsers.add_parser(
+        "plan",
+        help="audit a model: rule per layer, halo rows, min local H, hazards",
+        description="Audit a model before running it: the rule each layer runs under, halo rows, the minimum "
+        "local H and the operations whose meaning changes when H is split. Exit 1 when the plan has errors.",
+        formatter_class=HelpFormatter,
+    )
     _add_common(p, "float32")
     p.add_argument("--hide-local", action="store_true", help="hide layers that are plainly local")
-    p.set_defaults(handler=cmd_plan)
-    c = subparsers.add_parser("check", help="run the model sharded and on one device; first diverging layer")
+    p.set_defaults(handler=cmd_plan, validate=_validate)
+    c = subparsers.add_parser(
+        "check",
+        help="run the model sharded and on one device; first diverging layer",
+        description="Run the model sharded and on one device on the same input, compare every layer's output "
+        "and every gradient. Exit 1 when a layer diverges or raises.",
+        formatter_class=HelpFormatter,
+    )
     _add_common(c, "float64")
-    c.add_argument("--atol", type=float, default=None, help="relative max error allowed (default by dtype)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--atol", type=positive_float, default=None, help="relative max error allowed (None: 1e-10 fp64, 1e-5 fp32)"
+    )
+    c.add_argument("--seed", type=nonneg_int, default=0, help="seed of the model and the input")
     c.add_argument("--no-backward", action="store_true", help="compare forward outputs only")
-    c.set_defaults(handler=cmd_check)
-
-
-def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        kw = json.loads(args.kwargs)
-    except json.JSONDecodeError as exc:
-        raise DomainParallelError(f"--kwargs {args.kwargs!r} is not JSON: {exc}") from exc
-    if not isinstance(kw, dict):
-        raise DomainParallelError("--kwargs must be a JSON object")
-    return kw
+    c.set_defaults(handler=cmd_check, validate=_validate)
 
 
 def _domain(args: argparse.Namespace) -> int:
-    if args.domain is not None:
-        if args.domain < 1:
-            raise DomainParallelError(f"--domain {args.domain} must be >= 1")
-        return args.domain
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    raise DomainParallelError("--domain N is required outside torchrun")
+    return args.domain if args.domain is not None else int(os.environ["WORLD_SIZE"])
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
@@ -120,10 +125,10 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
     from ..audit import plan, render_plan
 
-    model = load_factory(args.target)(**_kwargs(args))
+    model = load_factory(args.target)(**args.kwargs)
     p = plan(model, _domain(args), args.input_shape, dtype=getattr(torch, args.dtype))
     render_plan(p, console, show_local=not args.hide_local)
-    return 0 if p.ok else 1
+    return 0 if p.ok else EXIT_FAILED
 
 
 def _run_check(
@@ -142,31 +147,16 @@ def _run_check(
     return check(model, manager, x, atol=atol, backward=backward, seed=seed)
 
 
-def _worker(rank: int, world: int, port: int, job: tuple, queue: Any) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=300)
-    )
-    try:
-        report = _run_check(*job, world)
-        if rank == 0:
-            queue.put(("report", report))
-        dist.barrier()  # all ranks done before any tears the gloo pairs down
-    except DomainParallelError as exc:
-        if rank == 0:
-            queue.put(("error", str(exc)))
-    finally:
-        dist.destroy_process_group()
+def _check_rank(ctx: Any, job: tuple) -> Any:
+    report = _run_check(*job, ctx.world)
+    return report if ctx.rank == 0 else None
 
 
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
     from ..check import render_check
+    from ..tools.launch import LaunchError, run_ranks
 
-    job = (args.target, _kwargs(args), args.input_shape, args.dtype, args.atol, args.seed, not args.no_backward)
+    job = (args.target, args.kwargs, args.input_shape, args.dtype, args.atol, args.seed, not args.no_backward)
     load_factory(args.target)  # fail early, before starting processes
     domain = _domain(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
@@ -175,33 +165,13 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
         report = _run_check(*job, domain)
         if not dist.is_initialized() or dist.get_rank() == 0:
             render_check(report, console)
-        return 0 if report.ok else 1
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+        return 0 if report.ok else EXIT_FAILED
     console.print(f"starting {domain} local CPU processes (gloo)")
-    mp.start_processes(_worker, args=(domain, free_port(), job, queue), nprocs=domain, start_method="spawn")
-    kind, payload = queue.get() if not queue.empty() else ("error", "no report (a rank failed)")
-    if kind == "error":
-        console.print(f"[red]credit-dtensor check[/red]: {payload}")
-        return 1
-    render_check(payload, console)
-    return 0 if payload.ok else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m credit_dtensor.cli_convert plan ...``)."""
-    parser = argparse.ArgumentParser(prog="credit-dtensor", description="Audit and check domain-parallel conversion.")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    console = Console()
     try:
-        return args.handler(args, console)
-    except DomainParallelError as exc:
-        console.print(f"[red]credit-dtensor {args.command}[/red]: {exc}")
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        report = run_ranks(_check_rank, domain, (job,), timeout=1800)[0]
+    except LaunchError as exc:
+        console.print(f"[red]credit-dtensor check[/red]: {exc}")
+        logger.info("rank %d traceback:\n%s", exc.rank, exc.detail)
+        return EXIT_USAGE if exc.domain_error else EXIT_FAILED
+    render_check(report, console)
+    return 0 if report.ok else EXIT_FAILED

@@ -1,13 +1,10 @@
 """``credit-dtensor train`` and ``credit-dtensor demo``.
 
-``register(subparsers)`` adds both subcommands; each sets ``handler=fn`` with
-``fn(args, console) -> exit status``, so ``cli.main`` runs ``args.handler(args, console)``.
-
 ``train`` runs under torchrun (``torchrun --nproc-per-node N -m credit_dtensor.cli train --dp D
 --domain M``) or, without torchrun, as a single process. The process-group timeout
-(``--pg-timeout``, default 300 s) bounds how long a rank waits in a collective for a dead peer
-before failing: under ``torchrun --max-restarts`` the agent usually restarts the job sooner, when
-it sees the dead rank; the timeout is the backstop that keeps any rank from hanging forever.
+(``--pg-timeout``) bounds how long a rank waits in a collective for a dead peer before failing:
+under ``torchrun --max-restarts`` the agent usually restarts the job sooner, when it sees the dead
+rank; the timeout is the backstop that keeps any rank from hanging forever.
 """
 
 from __future__ import annotations
@@ -15,67 +12,106 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["register", "add_train_arguments", "cmd_train", "cmd_demo", "main_train"]
+from ..errors import DomainParallelError
+from ._args import (
+    HelpFormatter,
+    UsageError,
+    check_device,
+    check_torchrun_env,
+    existing_dir,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    resolution,
+)
+
+__all__ = ["register", "add_train_arguments", "cmd_train", "cmd_demo"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PG_TIMEOUT_S = 300
+DEFAULT_PG_TIMEOUT_S = 300.0
+EXIT_FAILED = 1
 
 
-def _resolution(text: str) -> tuple[int, int]:
-    """``"32x64"`` -> (32, 64); ``"32"`` -> (32, 64) (a 1:2 lat-lon grid)."""
-    try:
-        if "x" in text.lower():
-            h, w = (int(v) for v in text.lower().split("x"))
-        else:
-            h = int(text)
-            w = 2 * h
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--resolution {text!r}: expected HxW (e.g. 32x64) or H") from None
+def _even_resolution(text: str) -> tuple[int, int]:
+    h, w = resolution(text)
     if h < 2 or w < 2 or h % 2 or w % 2:
-        raise argparse.ArgumentTypeError(
-            f"--resolution {text!r}: H and W must be even and >= 2 (the U-Net halves them)"
-        )
+        raise argparse.ArgumentTypeError(f"H and W must be even and >= 2 (the U-Net halves them), got {text!r}")
     return h, w
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps in total (default 30)")
-    p.add_argument("--resolution", type=_resolution, default=(32, 64), help="grid HxW (lat x lon), default 32x64")
-    p.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world // domain)")
+    p.add_argument("--steps", type=positive_int, default=30, help="optimizer steps in total")
+    p.add_argument("--resolution", type=_even_resolution, default="32x64", help="grid HxW (lat x lon), or H for Hx2H")
+    p.add_argument("--dp", type=positive_int, default=None, help="data-parallel size (None: world // domain)")
     p.add_argument(
-        "--domain", type=int, default=None, help="ranks that split one sample's latitude (default: world // dp)"
+        "--domain", type=positive_int, default=None, help="ranks that split one sample's latitude (None: world // dp)"
     )
-    p.add_argument("--global-batch", type=int, default=4, help="samples per step over all dp ranks (default 4)")
+    p.add_argument("--global-batch", type=positive_int, default=4, help="samples per step over all dp ranks")
     p.add_argument("--model", choices=("demo", "unet"), default="demo", help="demo U-Net or models.unet.WeatherUNet")
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--width", type=int, default=16, help="model width (channels of the first level)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--channels", type=positive_int, default=4, help="variables per grid point (input = output)")
+    p.add_argument("--width", type=positive_int, default=16, help="model width (channels of the first level)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW learning rate")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the model initialization and the data")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter and data dtype")
     p.add_argument("--no-fsdp", action="store_true", help="replicate parameters and all-reduce gradients instead")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
-    p.add_argument("--checkpoint-dir", default=None, help="directory for DCP checkpoints")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: never)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
-    p.add_argument("--resume-from", default=None, help="continue from this checkpoint directory")
+    p.add_argument("--checkpoint-dir", default=None, help="directory of the DCP checkpoints (None: no checkpoints)")
     p.add_argument(
-        "--pg-timeout", type=float, default=DEFAULT_PG_TIMEOUT_S, help="process-group timeout in seconds (default 300)"
+        "--checkpoint-every",
+        type=positive_int,
+        default=None,
+        help="save every N steps (None: only after the last step); needs --checkpoint-dir",
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --checkpoint-dir that loads completely (damaged ones are "
+        "skipped and reported; none yet: start from step 0)",
+    )
+    resume.add_argument(
+        "--resume-from", type=existing_dir, default=None, help="continue from this checkpoint directory"
+    )
+    p.add_argument(
+        "--pg-timeout", type=positive_float, default=DEFAULT_PG_TIMEOUT_S, help="process-group timeout in seconds"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="None: cuda if a GPU is visible, else cpu")
+
+
+def validate_train(args: argparse.Namespace) -> None:
+    """Checks that span options or need the machine; raise :class:`UsageError`."""
+    check_device(args.device)
+    check_torchrun_env()
+    if args.checkpoint_dir is None:
+        if args.checkpoint_every is not None:
+            raise UsageError("argument --checkpoint-every: needs --checkpoint-dir DIR (where checkpoints are written)")
+        if args.resume:
+            raise UsageError("argument --resume: needs --checkpoint-dir DIR (where checkpoints are found)")
+    if args.dp is not None and args.global_batch % args.dp:
+        raise UsageError(f"argument --global-batch: {args.global_batch} is not divisible by --dp {args.dp}")
 
 
 def register(subparsers: Any) -> None:
     """Add ``train`` and ``demo`` to the ``credit-dtensor`` subcommands."""
-    train = subparsers.add_parser("train", help="train the demo model on synthetic global data (torchrun or 1 process)")
+    train = subparsers.add_parser(
+        "train",
+        help="train the demo model on synthetic global data (torchrun or 1 process)",
+        description="Train a domain-parallel model on synthetic global weather data, FSDP2 over dp. "
+        "Run under torchrun for several ranks, or as one process.",
+        formatter_class=HelpFormatter,
+    )
     add_train_arguments(train)
-    train.set_defaults(handler=cmd_train)
+    train.set_defaults(handler=cmd_train, validate=validate_train)
     demo = subparsers.add_parser(
-        "demo", help="the main job: 4 local CPU processes (2x2 mesh) vs 1 process, with a summary"
+        "demo",
+        help="the main job: 4 local CPU processes (2x2 mesh) vs 1 process, with a summary",
+        description="Train on 4 local CPU processes (a 2 x 2 dp x domain mesh, gloo) and in one process, "
+        "and compare loss curves and final parameters.",
+        formatter_class=HelpFormatter,
     )
     demo.set_defaults(handler=cmd_demo)
 
@@ -126,8 +162,6 @@ def _init_process_group(device_type: str, timeout: timedelta) -> bool:
 
 
 def _sizes(world: int, dp: int | None, domain: int | None) -> tuple[int, int]:
-    from ..errors import DomainParallelError
-
     if dp is None and domain is None:
         domain = world
     if domain is None:
@@ -136,19 +170,57 @@ def _sizes(world: int, dp: int | None, domain: int | None) -> tuple[int, int]:
         dp = world // domain if domain and world % domain == 0 else 0
     if dp * domain != world:
         raise DomainParallelError(
-            f"train: --dp {dp} x --domain {domain} != world size {world}: launch dp*domain processes "
-            f"(torchrun --nproc-per-node ...) or change the flags"
+            f"train: --dp {dp or '?'} x --domain {domain or '?'} does not match the world size {world}: launch "
+            "dp*domain processes (torchrun --nproc-per-node ...) or change the flags"
         )
     return dp, domain
+
+
+def _config(args: argparse.Namespace):
+    from ..tools.train import TrainConfig
+
+    h, w = args.resolution
+    every = args.checkpoint_every if args.checkpoint_every is not None else args.steps
+    return TrainConfig(
+        steps=args.steps,
+        model=args.model,
+        nlat=h,
+        nlon=w,
+        channels=args.channels,
+        width=args.width,
+        global_batch=args.global_batch,
+        lr=args.lr,
+        seed=args.seed,
+        dtype=args.dtype,
+        fsdp=not args.no_fsdp,
+        activation_checkpointing=args.activation_checkpointing,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=every if args.checkpoint_dir else 0,
+        resume=args.resume,
+        resume_from=str(args.resume_from) if args.resume_from else None,
+    )
+
+
+def _progress(console: Any, rank0: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("step {task.fields[dt]}"),
+        TimeElapsedColumn(),
+    )
+    return Progress(*columns, console=console, disable=not rank0)
 
 
 def main_train(args: argparse.Namespace, console: Any) -> int:
     import torch
     import torch.distributed as dist
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..mesh import DomainParallelManager, default_device_type
-    from ..tools.train import TrainConfig, train
+    from ..tools.train import train
 
     device_type = args.device or default_device_type()
     created = _init_process_group(device_type, timedelta(seconds=args.pg_timeout))
@@ -159,41 +231,15 @@ def main_train(args: argparse.Namespace, console: Any) -> int:
             torch.set_num_threads(1)
         dp, domain = _sizes(dist.get_world_size(), args.dp, args.domain)
         manager = DomainParallelManager(domain, device_type=device_type)
-        h, w = args.resolution
-        cfg = TrainConfig(
-            steps=args.steps,
-            model=args.model,
-            nlat=h,
-            nlon=w,
-            channels=args.channels,
-            width=args.width,
-            global_batch=args.global_batch,
-            lr=args.lr,
-            seed=args.seed,
-            dtype=args.dtype,
-            fsdp=not args.no_fsdp,
-            activation_checkpointing=args.activation_checkpointing,
-            checkpoint_dir=args.checkpoint_dir,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            resume_from=args.resume_from,
-        )
+        cfg = _config(args)
         rank0 = dist.get_rank() == 0
         if rank0:
             console.print(
                 f"[bold]credit-dtensor train[/bold]: world {dist.get_world_size()} = dp {dp} x domain {domain} "
-                f"on {device_type}, grid {h}x{w}, {cfg.steps} steps, restart "
+                f"on {device_type}, grid {cfg.nlat}x{cfg.nlon}, {cfg.steps} steps, restart "
                 f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
             )
-        columns = (
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("step {task.fields[dt]}"),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=console, disable=not rank0) as progress:
+        with _progress(console, rank0) as progress:
             task = progress.add_task("train", total=cfg.steps, loss="-", dt="-")
 
             def on_step(step: int, loss: float, seconds: float) -> None:
@@ -204,6 +250,8 @@ def main_train(args: argparse.Namespace, console: Any) -> int:
         if rank0:
             final = repr(result.losses[-1]) if result.losses else "n/a (nothing left to train)"
             # one machine-readable line: tests and scripts parse it
+            if result.resumed_from:
+                console.print(f"resumed from {result.resumed_from}")
             console.print(f"final step {cfg.steps} loss {final} (started at step {result.start_step})")
         if created and dist.is_initialized():
             dist.barrier()  # all ranks done before any tears the gloo pairs down
@@ -214,33 +262,23 @@ def main_train(args: argparse.Namespace, console: Any) -> int:
 
 
 def cmd_train(args: argparse.Namespace, console: Any) -> int:
-    from ..errors import DomainParallelError
+    from ..tools.checkpoint import CheckpointError
 
     try:
         return main_train(args, console)
-    except DomainParallelError as exc:
+    except CheckpointError as exc:  # the run itself was fine; its checkpoints are not
         console.print(f"[red]credit-dtensor train[/red]: {exc}")
-        return 1
+        return EXIT_FAILED
 
 
 def cmd_demo(args: argparse.Namespace, console: Any) -> int:
     from ..tools.demo import run_demo
+    from ..tools.launch import LaunchError
 
-    return 0 if run_demo(console=console).ok else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m credit_dtensor.cli_train train ...``) until cli.py wires us in."""
-    from rich.console import Console
-
-    parser = argparse.ArgumentParser(prog="credit-dtensor")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    return args.handler(args, Console())
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        return 0 if run_demo(console=console).ok else EXIT_FAILED
+    except LaunchError as exc:
+        console.print(f"[red]credit-dtensor demo[/red]: the 4-process run failed: {exc}")
+        if exc.detail:
+            logger.warning("rank %d traceback:\n%s", exc.rank, exc.detail)
+        return EXIT_FAILED

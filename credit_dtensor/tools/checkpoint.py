@@ -10,12 +10,17 @@ Model and optimizer states go through ``torch.distributed.checkpoint.state_dict`
 The step is a tensor; each rank's torch RNG state is stored under its own key and restored only
 when the world size is unchanged (after a reshard there is no rank-to-rank correspondence).
 
-Writes are atomic: DCP writes into ``step_N.tmp`` and rank 0 renames it after a barrier, so a
-rank killed mid-save leaves no directory that :func:`latest_checkpoint` would pick up.
+Why a completion marker: a crash, a full disk or a copy cut short can leave a directory that has
+the right name and some of the files. Saves write into ``step_N.tmp``; after every rank's shards
+and DCP's ``.metadata`` are on disk, rank 0 writes :data:`MARKER` (the name and size of every
+file) and only then renames the directory. Only directories whose marker matches their files and
+whose ``.metadata`` reads count as checkpoints; :func:`resume_checkpoint` also falls back past
+one that fails to load, and says which it skipped and why.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -31,11 +36,28 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from ..errors import DomainParallelError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_plain_state_dict", "checkpoint_path"]
+__all__ = [
+    "CheckpointError",
+    "MARKER",
+    "save_checkpoint",
+    "load_checkpoint",
+    "resume_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "checkpoint_problem",
+    "load_plain_state_dict",
+    "checkpoint_path",
+]
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+#: written last into a checkpoint directory: ``{"step", "world_size", "files": {name: bytes}}``
+MARKER = "COMPLETE.json"
+
+
+class CheckpointError(DomainParallelError):
+    """A checkpoint is incomplete or damaged, or none under a directory loads."""
 
 
 def _dist() -> bool:
@@ -59,13 +81,48 @@ def checkpoint_path(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The completed checkpoint with the highest step under ``root`` (``None`` if there is none)."""
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Every ``step_NNNNNNNN`` directory under ``root``, newest first, complete or not."""
     root = Path(root)
     if not root.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a complete checkpoint (``None`` if it is): cheap checks, no tensor read."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        files = dict(marker["files"])
+    except FileNotFoundError:
+        return f"no {MARKER} (an interrupted save, or not written by save_checkpoint)"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {MARKER} ({type(exc).__name__})"
+    for name, size in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written (truncated or overwritten)"
+    try:
+        dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a damaged file
+        return f"unreadable .metadata ({type(exc).__name__}: {_first_line(exc)})"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The complete checkpoint (:func:`checkpoint_problem` is ``None``) with the highest step."""
+    return next((p for p in list_checkpoints(root) if checkpoint_problem(p) is None), None)
 
 
 def _app_state(step: int) -> dict[str, Any]:
@@ -90,28 +147,52 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state[f"cuda_rank{_rank()}"])
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. directories cannot be opened on this platform
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_marker(tmp: Path, step: int) -> None:
+    files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MARKER}
+    part = tmp / (MARKER + ".part")
+    with open(part, "w") as fh:
+        json.dump({"step": step, "world_size": _world(), "files": files}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(part, tmp / MARKER)
+    _fsync_dir(tmp)
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
-    """Write ``<root>/step_<step>`` on every rank (collective); returns its path."""
+    """Write ``<root>/step_<step>`` on every rank (collective); returns its path.
+
+    Atomic: shards and metadata go to ``step_<step>.tmp``, rank 0 adds :data:`MARKER` once all
+    are written and renames the directory; a crash at any point leaves no complete-looking
+    ``step_*`` directory.
+    """
     final = checkpoint_path(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
-        # leftovers of saves interrupted by a crash, and an older checkpoint of the same step
+        # leftovers of saves interrupted by a crash, and an older (possibly damaged) one of this step
         for stale in [*Path(root).glob("step_*.tmp"), final] if Path(root).is_dir() else []:
             if stale.exists():
                 shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {
-        "model": model_sd,
-        "optim": optim_sd,
-        "app": _app_state(step),
-        "rng": _rng_state(),
-    }
+    state = {"model": model_sd, "optim": optim_sd, "app": _app_state(step), "rng": _rng_state()}
     dcp.save(state, checkpoint_id=str(tmp))
-    _barrier()
+    _barrier()  # every rank's shards are on disk
     if _rank() == 0:
+        _write_marker(tmp, step)
         os.replace(tmp, final)
+        _fsync_dir(final.parent)
     _barrier()
     logger.info("saved checkpoint %s", final)
     return final
@@ -121,12 +202,13 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     """Load a checkpoint into a (parallelized) model and optimizer on any mesh; returns the step.
 
     Collective: every rank calls it. The RNG state is restored only if the world size matches.
+    Raises :class:`CheckpointError` if ``path`` is not a complete checkpoint.
     """
     path = Path(path)
-    if not (path / ".metadata").is_file():
-        raise DomainParallelError(
-            f"load_checkpoint: {path} is not a complete DCP checkpoint (no .metadata): pass a directory "
-            "written by save_checkpoint, e.g. latest_checkpoint(root)"
+    problem = _agreed(checkpoint_problem(path) if _rank() == 0 else None)  # every rank raises, or none
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or damaged: {problem}; pass a step_NNNNNNNN directory of a completed save"
         )
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -155,6 +237,43 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     return step
 
 
+def _agreed(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (file-system views may differ in timing)."""
+    if not _dist() or _world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def resume_checkpoint(
+    root: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[Path | None, int]:
+    """Load the newest checkpoint under ``root`` that loads completely; ``(path, step)``.
+
+    Damaged or incomplete ones are skipped, each with a warning naming the reason. ``(None, 0)``
+    when ``root`` holds no ``step_*`` directory at all (a fresh start); :class:`CheckpointError`
+    listing every reason when there are some but none loads. Collective.
+    """
+    candidates = _agreed([(str(p), checkpoint_problem(p)) for p in list_checkpoints(root)] if _rank() == 0 else None)
+    skipped: list[str] = []
+    for name, problem in candidates:
+        if problem is None:
+            try:
+                return Path(name), load_checkpoint(name, model, optimizer)
+            except Exception as exc:  # noqa: BLE001 - DCP raises on every rank alike; try the next one
+                problem = f"failed to load ({type(exc).__name__}: {_first_line(exc)})"
+        skipped.append(f"{Path(name).name}: {problem}")
+        if _rank() == 0:
+            logger.warning("skipping checkpoint %s: %s", name, problem)
+    if candidates:
+        raise CheckpointError(
+            f"no checkpoint under {root} loads completely ({'; '.join(skipped)}): remove the damaged "
+            "directories to start from step 0, or restore a good copy"
+        )
+    return None, 0
+
+
 def load_plain_state_dict(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The model's full ``state_dict`` with the original module keys, in one process, no process group.
 
@@ -162,6 +281,9 @@ def load_plain_state_dict(path: str | os.PathLike, model: nn.Module | None = Non
     checkpoint and loaded into it; without, every ``model.*`` entry of the checkpoint is read.
     """
     path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is incomplete or damaged: {problem}")
     if model is not None:
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state = {"model": sd}

@@ -37,7 +37,7 @@ from .. import comm, stats
 from ..mesh import DomainParallelManager
 from ..models.demo import DemoNet
 from ..parallelize import parallelize, reduce_gradients
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from .data import WeatherDataset, sample_indices
 
 __all__ = ["TrainConfig", "TrainResult", "build_model", "global_mse", "train", "train_reference"]
@@ -67,7 +67,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
-    resume: bool = False
+    resume: bool = False  # newest checkpoint under checkpoint_dir that loads (damaged ones skipped)
     resume_from: str | None = None  # a specific checkpoint directory (overrides ``resume``)
 
     @property
@@ -84,6 +84,7 @@ class TrainResult:
     step_times: list[float] = field(default_factory=list)
     start_step: int = 0
     config: dict = field(default_factory=dict)
+    resumed_from: str | None = None  # the checkpoint directory the run continued from
 
 
 def build_model(config: TrainConfig) -> nn.Module:
@@ -113,14 +114,21 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 
 def _loss_value(loss: torch.Tensor, manager: DomainParallelManager) -> float:
-    """The global mean loss over all dp ranks (one small all-reduce, labelled "loss")."""
-    local = loss.to_local() if isinstance(loss, DTensor) else loss
+    """The global mean loss over all dp ranks (one small all-reduce over the world, labelled "loss").
+
+    Whatever placement the loss comes back with on the domain mesh -- ``Partial(sum)`` (local
+    parts add up), ``Partial(avg)`` or ``Replicate`` / a plain scalar (every domain rank holds the
+    whole value) -- the world sum is scaled so that each domain group counts once.
+    """
+    local, per_domain = loss, manager.domain_world_size
+    if isinstance(loss, DTensor):
+        local = loss.to_local()
+        if any(p.is_partial() and getattr(p, "reduce_op", "sum") == "sum" for p in loss.placements):
+            per_domain = 1
     buf = local.detach().reshape(1).to(torch.float64).clone()
     with stats.op_label("loss"):
         comm.all_reduce_sum(buf, dist.group.WORLD)
-    if not isinstance(loss, DTensor):  # plain scalar: every domain rank holds the full value
-        buf /= manager.domain_world_size
-    return float(buf) / manager.dp_world_size
+    return float(buf) / per_domain / manager.dp_world_size
 
 
 def _maybe_fault(step: int) -> None:
@@ -166,16 +174,14 @@ def train(
     """
     model, optimizer = model_and_optimizer or setup(config, manager)
     ds = config.dataset()
-    start = 0
-    ckpt = None
+    start, ckpt = 0, None
     if config.resume_from:
-        ckpt = config.resume_from
+        ckpt, start = config.resume_from, load_checkpoint(config.resume_from, model, optimizer)
     elif config.resume and config.checkpoint_dir:
-        ckpt = latest_checkpoint(config.checkpoint_dir)
+        ckpt, start = resume_checkpoint(config.checkpoint_dir, model, optimizer)
     if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optimizer)
         logger.info("resumed from %s at step %d", ckpt, start)
-    result = TrainResult(start_step=start, config=asdict(config))
+    result = TrainResult(start_step=start, config=asdict(config), resumed_from=str(ckpt) if ckpt else None)
     for step in range(start, config.steps):
         _maybe_fault(step)
         t0 = time.perf_counter()
