@@ -23,17 +23,29 @@ from credit_dtensor.geometry import (
 from credit_dtensor.halo import make_plan
 
 
-@pytest.mark.parametrize("n", range(0, 23))
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 8])
-def test_chunks_follow_torch_chunk(n, world):
-    expected = [len(c) for c in torch.arange(n).chunk(world)] if n else []
-    expected += [0] * (world - len(expected))
-    assert chunk_sizes(n, world) == expected
-    offs = chunk_offsets(n, world)
-    assert offs[0] == 0 and offs[-1] == n
-    for r in range(world):
-        a, b = chunk_range(n, world, r)
-        assert all(owner_of(g, n, world) == r for g in range(a, b))
+def test_chunks_follow_torch_chunk():
+    """Exhaustive over n = 0..40 rows and worlds 1..9 (one test instead of 138 parametrized ones,
+    a wider space): each rank's range holds exactly the indices ``torch.chunk`` gives it (trailing
+    ranks short or empty), sizes and offsets agree, and every row's owner is the rank holding it."""
+    for world in range(1, 10):
+        for n in range(0, 41):
+            chunks = [c.tolist() for c in torch.arange(n).chunk(world)] if n else []
+            expected = chunks + [[] for _ in range(world - len(chunks))]
+            assert chunk_sizes(n, world) == [len(c) for c in expected], (n, world)
+            offs = chunk_offsets(n, world)
+            assert len(offs) == world + 1 and offs[0] == 0 and offs[-1] == n, (n, world, offs)
+            assert all(a <= b for a, b in zip(offs, offs[1:])), (n, world, offs)
+            for r in range(world):
+                a, b = chunk_range(n, world, r)
+                assert list(range(a, b)) == expected[r], (n, world, r, (a, b))
+                assert (a, b) == (offs[r], offs[r + 1])
+                assert all(owner_of(g, n, world) == r for g in range(a, b)), (n, world, r)
+            for outside in (-1, n):
+                with pytest.raises(ValueError, match="outside"):
+                    owner_of(outside, n, world)
+    for bad in ((-1, 2), (3, 0)):
+        with pytest.raises(ValueError):
+            chunk_sizes(*bad)
 
 
 def test_known_uneven_layouts():
