@@ -1,9 +1,13 @@
-"""The ``credit-dtensor`` command: ``info`` in-process, as a module, under torchrun; stubs exit 2."""
+"""The ``credit-dtensor`` command: ``info`` in-process, as a module and under torchrun; the README
+quick start; every misuse is a usage error (exit 2, an argparse-style message); one exit-status
+policy; help texts with defaults; the local process launcher; benchmark scripts' help."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from credit_dtensor import DomainParallelError
-from credit_dtensor.cli import EXIT_BAD_CONFIG, EXIT_NOT_AVAILABLE, EXTENSION_ERRORS, PENDING, build_parser, main
+from credit_dtensor.cli import COMMANDS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser, main
+from credit_dtensor.cli._args import HelpFormatter
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -61,47 +66,6 @@ def test_info_as_module():
     assert torch.__version__ in proc.stdout and "backends" in proc.stdout
 
 
-def _subcommands() -> dict:
-    parser = build_parser()
-    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return action.choices
-
-
-@pytest.mark.parametrize("command", sorted(PENDING))
-def test_every_subcommand_is_implemented_or_a_placeholder(command, capsys):
-    sub = _subcommands()[command]
-    if sub.get_default("placeholder"):
-        assert main([command, "--anything"]) == EXIT_NOT_AVAILABLE
-        assert "not available yet" in capsys.readouterr().out
-    else:  # registered by a credit_dtensor.cli_* module
-        assert callable(sub.get_default("handler")), command
-    assert not EXTENSION_ERRORS, EXTENSION_ERRORS
-
-
-def test_extension_handler_errors_are_reported_cleanly(monkeypatch, capsys):
-    def boom(args, console):
-        raise DomainParallelError("boom: use fewer ranks")
-
-    original = argparse.ArgumentParser.parse_known_args
-
-    def patched(self, *a, **kw):
-        args, extra = original(self, *a, **kw)
-        if getattr(args, "command", None) == "info" and self.prog == "credit-dtensor":
-            args.command, args.handler = "fake", boom
-        return args, extra
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", patched)
-    assert main(["info"]) == EXIT_BAD_CONFIG
-    assert "boom: use fewer ranks" in capsys.readouterr().out
-
-
-def test_missing_or_unknown_command_is_a_usage_error():
-    for argv in ([], ["frobnicate"], ["info", "--bogus"]):
-        with pytest.raises(SystemExit) as info:
-            main(argv)
-        assert info.value.code == 2
-
-
 def _torchrun() -> list[str] | None:
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     return [exe] if exe else None
@@ -117,19 +81,8 @@ def test_info_under_torchrun():
     assert proc.stdout.count("credit-dtensor") == 1  # only rank 0 prints
 
 
-def test_info_reports_bad_launch_without_traceback(monkeypatch, capsys):
-    # RANK/WORLD_SIZE set but no rendezvous address: a clean message and status 1, no group left
-    for k in TORCHRUN_VARS:
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert main(["info"]) == 1
-    out = capsys.readouterr().out
-    assert "MASTER_ADDR" in out and "torchrun" in out and "Traceback" not in out
-    assert not dist.is_initialized()
-
-
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
 
 
 @pytest.mark.skipif(_torchrun() is None, reason="torchrun not installed next to this python")
@@ -143,3 +96,255 @@ def test_readme_quick_start_runs(tmp_path):
     cmd = [*_torchrun(), "--standalone", "--nproc-per-node", "2", str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- misuses: exit status 2 and an argparse-style message naming the option -----------------------
+
+NO_DIR = "/nonexistent/credit_dtensor_dir"
+SHAPE = ["--input-shape", "1,3,8,8"]
+MISUSES = [
+    (["train", "--steps", "-3"], ["--steps", "positive integer", "-3"]),
+    (["train", "--steps", "abc"], ["--steps", "integer", "abc"]),
+    (["train", "--pg-timeout", "0"], ["--pg-timeout", "positive"]),
+    (["train", "--pg-timeout", "inf"], ["--pg-timeout", "finite"]),
+    (["train", "--global-batch", "0"], ["--global-batch", "positive integer"]),
+    (["train", "--lr", "nan"], ["--lr", "positive"]),
+    (["train", "--channels", "0"], ["--channels", "positive"]),
+    (["train", "--width", "-1"], ["--width", "positive"]),
+    (["train", "--dp", "0"], ["--dp", "positive"]),
+    (["train", "--domain", "0"], ["--domain", "positive"]),
+    (["train", "--seed", "-1"], ["--seed", "non-negative"]),
+    (["train", "--resolution", "7x16"], ["--resolution", "even"]),
+    (["train", "--resolution", "0x16"], ["--resolution", "positive"]),
+    (["train", "--resolution", "axb"], ["--resolution", "HxW"]),
+    (["train", "--checkpoint-every", "0", "--checkpoint-dir", "ck"], ["--checkpoint-every", "positive"]),
+    (["train", "--checkpoint-every", "5"], ["--checkpoint-every", "--checkpoint-dir"]),
+    (["train", "--resume"], ["--resume", "--checkpoint-dir"]),
+    (["train", "--resume", "--resume-from", ".", "--checkpoint-dir", "ck"], ["--resume-from", "not allowed"]),
+    (["train", "--resume-from", NO_DIR], ["--resume-from", "no such directory"]),
+    (["train", "--dp", "3", "--global-batch", "4"], ["--global-batch", "not divisible", "--dp 3"]),
+    (["train", "--device", "tpu"], ["--device", "invalid choice"]),
+    (["train", "--model", "resnet"], ["--model", "invalid choice"]),
+    (["info", "--domain", "0"], ["--domain", "positive"]),
+    (["plan", "credit_dtensor.models:unet", "--input-shape", "1,3"], ["--input-shape", "B,C,H"]),
+    (["plan", "credit_dtensor.models:unet", "--input-shape", "1,0,8"], ["--input-shape", ">= 1"]),
+    (["plan", "credit_dtensor.models:unet", *SHAPE, "--domain", "0"], ["--domain", "positive"]),
+    (["plan", "credit_dtensor.models:unet", *SHAPE, "--kwargs", "[1]"], ["--kwargs", "JSON object"]),
+    (["plan", "credit_dtensor.models:unet", *SHAPE, "--kwargs", "{bad"], ["--kwargs", "not valid JSON"]),
+    (["plan", "credit_dtensor.models:unet", *SHAPE], ["--domain", "required outside torchrun"]),
+    (["plan", "credit_dtensor.models:unet"], ["--input-shape", "required"]),
+    (["check", "credit_dtensor.models:unet", *SHAPE, "--domain", "2", "--atol", "0"], ["--atol", "positive"]),
+    (["check", "credit_dtensor.models:unet", *SHAPE, "--domain", "2", "--seed", "-2"], ["--seed", "non-negative"]),
+    (["check", "credit_dtensor.models:unet", *SHAPE, "--dtype", "float16"], ["--dtype", "invalid choice"]),
+    (["bench", "--worlds", "0"], ["--worlds", "positive"]),
+    (["bench", "--worlds", "1,x"], ["--worlds", "integer"]),
+    (["bench", "--resolutions", "32"], ["--resolutions", "HxW"]),
+    (["bench", "--cases", "conv3x3,nope"], ["--cases", "nope", "choose from"]),
+    (["bench", "--batch", "0"], ["--batch", "positive"]),
+    (["bench", "--channels", "0"], ["--channels", "positive"]),
+    (["bench", "--repeats", "0"], ["--repeats", "positive"]),
+    (["bench", "--warmup", "-1"], ["--warmup", "non-negative"]),
+    (["bench", "--threads", "0"], ["--threads", "positive"]),
+    (["bench", "--from-json", NO_DIR], ["--from-json", "no such file"]),
+    (["bench", "--profile", "nope"], ["--profile", "invalid choice"]),
+    (["frobnicate"], ["invalid choice"]),
+    ([], ["required", "COMMAND"]),
+    (["info", "--bogus"], ["unrecognized arguments", "--bogus"]),
+]
+
+
+def _no_torchrun(monkeypatch) -> None:
+    for k in TORCHRUN_VARS:
+        monkeypatch.delenv(k, raising=False)
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, (argv, info.value.code, err)
+    return err
+
+
+@pytest.mark.parametrize("argv,words", MISUSES, ids=[" ".join(a) or "no-args" for a, _ in MISUSES])
+def test_misuse_is_a_usage_error(argv, words, capsys, monkeypatch):
+    _no_torchrun(monkeypatch)
+    err = _usage_error(argv, capsys)
+    assert "usage: credit-dtensor" in err and "error:" in err, err
+    missing = [w for w in words if w not in err]
+    assert not missing, f"{argv}: message lacks {missing}:\n{err}"
+    assert not re.search(r"\w\(", err.split("error:", 1)[1]), f"message suggests a Python call: {err}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_is_a_usage_error(capsys, monkeypatch):
+    _no_torchrun(monkeypatch)
+    err = _usage_error(["train", "--device", "cuda", "--steps", "1"], capsys)
+    assert "--device" in err and "no CUDA GPU" in err and "--device cpu" in err
+    assert "NCCL" not in err and "Traceback" not in err
+    assert not dist.is_initialized()
+
+
+def test_bad_torchrun_environment_is_a_usage_error(capsys, monkeypatch):
+    # RANK/WORLD_SIZE set but no rendezvous address: a clean message, no group left behind
+    _no_torchrun(monkeypatch)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for command in (["info"], ["train", "--steps", "1"], ["plan", "credit_dtensor.models:unet", *SHAPE]):
+        err = _usage_error(command, capsys)
+        assert "MASTER_ADDR" in err and "torchrun" in err and "Traceback" not in err
+        assert not re.search(r"\w\(", err.split("error:", 1)[1]), err
+    assert not dist.is_initialized()
+
+
+def test_misuse_exit_status_of_the_installed_command():
+    """The real process exit status, through ``python -m credit_dtensor.cli``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "credit_dtensor.cli", "train", "--steps", "-3"],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "argument --steps: must be a positive integer" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --- the exit-status policy: 0 ok, 1 failed check, 2 usage/configuration --------------------------
+
+
+def test_configuration_rejected_by_the_library_exits_2(monkeypatch, capsys):
+    from credit_dtensor.cli import info as info_mod
+
+    def boom(args, console):
+        raise DomainParallelError("boom: use fewer ranks")
+
+    monkeypatch.setattr(info_mod, "cmd_info", boom)
+    assert main(["info"]) == EXIT_USAGE == 2
+    assert "credit-dtensor info" in capsys.readouterr().out
+
+
+def test_unimportable_factory_exits_2_and_failed_plan_exits_1(monkeypatch, capsys):
+    _no_torchrun(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["plan", "no_such_module:f", *SHAPE, "--domain", "2"]) == EXIT_USAGE
+    assert "cannot import no_such_module" in capsys.readouterr().out
+    bad = ["plan", "credit_dtensor.models:crossformer", "--input-shape", "1,3,32,16", "--domain", "4"]
+    assert main([*bad, "--kwargs", '{"windows": [[2, 4], [2, 2]]}']) == EXIT_FAILED == 1
+
+
+def test_train_without_any_loadable_checkpoint_exits_1(tmp_path, monkeypatch, capsys):
+    _no_torchrun(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "200")
+    (tmp_path / "step_00000002").mkdir()  # looks like a checkpoint, holds nothing
+    argv = ["train", "--steps", "3", "--resolution", "8x16", "--width", "4", "--checkpoint-dir", str(tmp_path)]
+    assert main([*argv, "--resume"]) == EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and "COMPLETE.json" in out and "no checkpoint under" in out
+    assert not dist.is_initialized()
+    # with the empty directory removed: a fresh start, and the final checkpoint is written
+    (tmp_path / "step_00000002").rmdir()
+    assert main([*argv, "--resume"]) == EXIT_OK
+    assert "(started at step 0)" in capsys.readouterr().out
+    assert (tmp_path / "step_00000003" / "COMPLETE.json").is_file()
+
+
+# --- help texts, --version -----------------------------------------------------------------------
+
+
+def test_version(capsys):
+    import credit_dtensor
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"credit-dtensor {credit_dtensor.__version__}"
+
+
+def test_every_option_has_help_with_its_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "exit status:" in top and "usage error" in top and "CREDIT_DTENSOR_PG_TIMEOUT" in top
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == set(COMMANDS)
+    for name, p in sub.choices.items():
+        assert p.formatter_class is HelpFormatter, name
+        text = p.format_help().split("\noptions:", 1)[1]
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help text"
+            if action.option_strings and action.default is not argparse.SUPPRESS:
+                flag = action.option_strings[-1]
+                line = text.split(f"  {flag}", 1)[1].split("\n  -", 1)[0]
+                assert "(default:" in " ".join(line.split()), f"{name} {flag}: help shows no default"
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    path = os.path.join(ROOT, "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["bench", "bench_conv", "bench_norm", "train"])
+def test_script_help_is_plain_text_with_complete_sentences(name, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    module = _load_script(name)
+    with pytest.raises(SystemExit) as info:
+        module.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for markup in ("``", ":func:", ":mod:", ":class:", ":meth:"):
+        assert markup not in text, f"scripts/{name}.py --help shows Sphinx markup {markup!r}"
+    description = text.split("\n\n", 2)[1]
+    assert description[0].isupper() and description.rstrip().endswith("."), description
+
+
+# --- bench output: a table, JSON only with --json ------------------------------------------------
+
+
+def test_bench_prints_a_table_and_json_only_when_asked(tmp_path, monkeypatch, capsys):
+    _no_torchrun(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "250")
+    raw = tmp_path / "rows.jsonl"
+    small = ["--worlds", "1,2", "--resolutions", "8x16", "--cases", "conv3x3", "--repeats", "1", "--warmup", "0"]
+    assert main(["bench", *small, "--raw", str(raw)]) == 0
+    out = capsys.readouterr().out
+    assert "conv3x3" in out and "overhead" in out and not any(line.startswith("{") for line in out.splitlines())
+    assert len(raw.read_text().splitlines()) == 3  # every rank's row: 1 + 2
+    assert main(["bench", "--from-json", str(raw), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [(s["case"], s["world"]) for s in lines] == [("conv3x3", 1), ("conv3x3", 2)]
+    assert all("bytes_ratio" in s and "overhead" in s for s in lines)
+
+
+# --- the local process launcher ------------------------------------------------------------------
+
+
+def _launched(ctx, fail_rank: int, domain_error: bool):
+    if ctx.rank == fail_rank:
+        raise (DomainParallelError if domain_error else RuntimeError)(f"rank {ctx.rank} says no")
+    ctx.post(("hello", ctx.rank))
+    total = torch.tensor([ctx.rank + 1.0])
+    dist.all_reduce(total)
+    return float(total)
+
+
+def test_launcher_collects_results_and_reports_a_failing_rank():
+    from credit_dtensor.tools.launch import LaunchError, run_ranks
+
+    seen = []
+    got = run_ranks(_launched, 2, (-1, False), on_message=lambda r, v: seen.append((r, v)), timeout=120)
+    assert got == [3.0, 3.0] and sorted(seen) == [(0, ("hello", 0)), (1, ("hello", 1))]
+    with pytest.raises(LaunchError, match="rank 1 failed: DomainParallelError: rank 1 says no") as info:
+        run_ranks(_launched, 2, (1, True), timeout=120)
+    assert info.value.rank == 1 and info.value.domain_error
+    assert "Traceback" in info.value.detail

@@ -272,7 +272,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     summary = summarize(rows)
     if args.json:
         for s in summary:
-            console.out(json.dumps(s), highlight=False, soft_wrap=True)
+            console.out(json.dumps(s), highlight=False)
     else:
         console.print(table(summary))
     if args.plots:
