@@ -183,23 +183,30 @@ def _bytes_task(shape, pad, mode, dim) -> dict:
         y = dpad(xd, pad, mode)
     with comm_stats() as bwd:
         y.backward(torch.ones_like(y))
-    return dict(fwd_recv=fwd.recv_bytes, fwd_sent=fwd.sent_bytes, bwd_sent=bwd.sent_bytes, by_op=sorted(fwd.by_op))
+    return dict(
+        fwd_recv=fwd.recv_bytes, fwd_sent=fwd.sent_bytes, bwd_sent=bwd.sent_bytes, bwd_recv=bwd.recv_bytes,
+        by_op=sorted(fwd.by_op), shape=tuple(y.shape), placements=tuple(y.placements),
+        local_rows=y.to_local().shape[dim], grad_placements=tuple(xd.grad.placements),
+    )
 
 
-def _expected_remote_rows(shape, pad, mode, dim, world) -> list[int]:
-    """Independent of our geometry: pad an index ramp with PyTorch and count remote sources."""
+def _expected_rows(shape, pad, mode, dim, world) -> tuple[list[int], list[int]]:
+    """Independent of our geometry: pad an index ramp with PyTorch; per rank, the rows of other
+    ranks its output chunk reads (received) and its own rows other ranks read (sent, per reader)."""
     n = shape[dim]
     ramp = torch.arange(n, dtype=torch.float64).reshape(1, 1, n)  # pad along the last dim
     lo, hi = pad[2 * (len(shape) - 1 - dim)], pad[2 * (len(shape) - 1 - dim) + 1]
     src = F.pad(ramp, (lo, hi), mode=mode, **({"value": -1.0} if mode == "constant" else {})).flatten().long()
     out_chunks = torch.arange(len(src)).chunk(world)
     in_chunks = torch.arange(n).chunk(world)
-    rows = []
+    owned, reads = [], []
     for r in range(world):
-        own = set(in_chunks[r].tolist()) if r < len(in_chunks) else set()
+        owned.append(set(in_chunks[r].tolist()) if r < len(in_chunks) else set())
         mine = set(src[out_chunks[r]].tolist()) if r < len(out_chunks) else set()
-        rows.append(len({s for s in mine if s >= 0} - own))
-    return rows
+        reads.append({s for s in mine if s >= 0})
+    recv = [len(reads[r] - owned[r]) for r in range(world)]
+    sent = [sum(len(reads[d] & owned[r]) for d in range(world) if d != r) for r in range(world)]
+    return recv, sent
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -214,41 +221,75 @@ def _expected_remote_rows(shape, pad, mode, dim, world) -> list[int]:
 )
 def test_pad_bytes_are_minimal(world, shape, pad, mode):
     dim = 2
+    from torch.distributed.tensor import Shard
+
     res = get_world(world).run(_bytes_task, shape, pad, mode, dim)
-    rows = _expected_remote_rows(shape, pad, mode, dim, world)
-    out_w = shape[3] + pad[0] + pad[1]
+    rows, sent = _expected_rows(shape, pad, mode, dim, world)
     row_bytes = shape[0] * shape[1] * shape[3] * 8  # rows travel before W is padded
     assert [r["fwd_recv"] for r in res] == [k * row_bytes for k in rows]
-    # backward sends each received row's gradient back, nothing more
+    assert [r["fwd_sent"] for r in res] == [k * row_bytes for k in sent]
+    # backward sends each received row's gradient back and receives each sent row's, nothing more
     assert [r["bwd_sent"] for r in res] == [k * row_bytes for k in rows]
-    assert sum(r["fwd_sent"] for r in res) == sum(k * row_bytes for k in rows)
+    assert [r["bwd_recv"] for r in res] == [k * row_bytes for k in sent]
     if any(rows):
         assert all(r["by_op"] in (["pad"], []) for r in res)
-    assert out_w > 0
+    # the result is F.pad's global shape, H-sharded by torch.chunk on every rank (input grad too)
+    full = F.pad(torch.empty(shape), pad, mode=mode).shape
+    chunks = [len(c) for c in torch.arange(full[dim]).chunk(world)]
+    for r, got in enumerate(res):
+        assert got["shape"] == tuple(full) and got["placements"] == (Shard(dim),), (r, got)
+        assert got["local_rows"] == (chunks[r] if r < len(chunks) else 0), (r, got)
+        assert got["grad_placements"] == (Shard(dim),), (r, got)
 
 
-def _errors_task() -> list[str]:
-    from credit_dtensor.errors import DomainParallelError
+def _error_of(fn) -> tuple[str, str]:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the class is asserted by the caller
+        return type(e).__name__, str(e)
+    return "no error", ""
+
+
+#: (pad, mode) that F.pad rejects for H=5, and what the message must say
+INVALID = [
+    ((0, 0, 6, 0), "circular", "wrapping around more than once"),
+    ((0, 0, 5, 0), "reflect", "Padding size should be less than the corresponding input dimension"),
+    ((0, 0, -6, 0), "constant", "length must be non-negative"),
+]
+
+
+def _errors_task() -> list[dict]:
+    """Each invalid pad through our API and through F.pad on the DTensor, next to what F.pad
+    raises for the same global shape on one device."""
     from credit_dtensor.ops.pad import pad
     from credit_dtensor.sharding import shard_tensor
 
     m = manager()
-    xd = shard_tensor(torch.randn(1, 1, 5, 3), m, 2)
-    msgs = []
-    for p, mode in [((0, 0, 6, 0), "circular"), ((0, 0, 5, 0), "reflect"), ((0, 0, -6, 0), "constant")]:
-        try:
-            pad(xd, p, mode)
-        except (DomainParallelError, RuntimeError) as e:
-            msgs.append(str(e))
-        else:
-            msgs.append("no error")
-    return msgs
+    x = torch.randn(1, 1, 5, 3)
+    xd = shard_tensor(x, m, 2)
+    out = []
+    for p, mode, _ in INVALID:
+        out.append(
+            dict(
+                api=_error_of(lambda p=p, mode=mode: pad(xd, p, mode)),
+                functional=_error_of(lambda p=p, mode=mode: F.pad(xd, p, mode)),
+                single=_error_of(lambda p=p, mode=mode: F.pad(x, p, mode)),
+            )
+        )
+    return out
 
 
-def test_pad_invalid_configs_raise():
-    msgs = get_world(2).run(_errors_task)[0]
-    assert "no error" not in msgs, msgs
-    assert "wrapping around more than once" in msgs[0] or "wraps around more than once" in msgs[0]
+@pytest.mark.parametrize("world", [2, 3])
+def test_pad_invalid_configs_raise(world):
+    """Every rank raises PyTorch's own error (the class and the key words F.pad raises on one
+    device) for pads PyTorch rejects, on both entry points; never a silent result or another
+    exception."""
+    for rank, res in enumerate(get_world(world).run(_errors_task)):
+        for (p, mode, words), got in zip(INVALID, res):
+            assert got["single"][0] == "RuntimeError" and words in got["single"][1], (p, mode, got)  # PyTorch's
+            for path in ("api", "functional"):
+                cls, msg = got[path]
+                assert cls == "RuntimeError" and words in msg, (f"rank {rank}", path, p, mode, got)
 
 
 # ------------------------------------------------------------------------------------------------
