@@ -212,30 +212,40 @@ def test_needs_domain_parallel_pools():
         assert needs_domain_parallel(mod)
 
 
-def _invalid_task() -> list[str]:
+def _invalid_task() -> list[dict]:
+    """Each invalid pooling on the DTensor (F.* and our API) next to the same call on one device."""
     from credit_dtensor.ops import resample as R
     from credit_dtensor.sharding import shard_tensor
     from tests.harness import manager
 
     m = manager()
-    xd = shard_tensor(torch.randn(1, 2, 9, 6), m, 2)
+    x = torch.randn(1, 2, 9, 6)
+    xd = shard_tensor(x, m, 2)
+
+    def err(fn, t):
+        try:
+            fn(t)
+        except Exception as e:  # noqa: BLE001 - the class is asserted by the test
+            return type(e).__name__, str(e)
+        return "no error", ""
+
     out = []
     for fn in (
-        lambda: F.max_pool2d(xd, 2, padding=2),
-        lambda: R.max_pool2d(xd, 2, padding=2),
-        lambda: F.avg_pool2d(xd, 3, padding=2),
-        lambda: F.max_pool2d(xd, 11),
+        lambda t: F.max_pool2d(t, 2, padding=2),
+        lambda t: R.max_pool2d(t, 2, padding=2) if isinstance(t, type(xd)) else F.max_pool2d(t, 2, padding=2),
+        lambda t: F.avg_pool2d(t, 3, padding=2),
+        lambda t: F.max_pool2d(t, 11),
     ):
-        try:
-            fn()
-        except (RuntimeError, ValueError) as e:
-            out.append(str(e))
-        else:
-            out.append("no error")
+        out.append({"sharded": err(fn, xd), "single": err(fn, x)})
     return out
 
 
 def test_invalid_pools_raise_like_pytorch():
-    msgs = get_world(2).run(_invalid_task)[0]
-    assert "no error" not in msgs, msgs
-    assert all("pad should be" in m or "too small" in m for m in msgs), msgs
+    """Every rank raises what PyTorch raises on one device: the same class, and the key words."""
+    words = ["pad should be at most half", "pad should be at most half", "pad should be at most half",
+             "Output size is too small"]
+    for rank, res in enumerate(get_world(2).run(_invalid_task)):
+        for w, got in zip(words, res, strict=True):
+            assert got["single"][0] == "RuntimeError" and w in got["single"][1], got  # PyTorch's own
+            cls, msg = got["sharded"]
+            assert cls == got["single"][0] and w in msg, (f"rank {rank}", w, got)

@@ -186,14 +186,13 @@ def test_pixel_unshuffle_bytes_are_minimal():
 # ------------------------------------------------------------------------------------------------
 
 
-def _errors_task() -> list[str]:
-    from credit_dtensor.errors import DomainParallelError
+def _errors_task() -> list[tuple[str, str]]:
     from credit_dtensor.ops import resample as R
     from credit_dtensor.sharding import shard_tensor
 
     m = manager()
     x = shard_tensor(torch.randn(1, 2, 8, 6), m, 2)
-    msgs = []
+    out = []
     for fn in (
         lambda: R.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True),
         lambda: F.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True),
@@ -202,19 +201,24 @@ def _errors_task() -> list[str]:
     ):
         try:
             fn()
-        except (DomainParallelError, RuntimeError) as e:
-            msgs.append(f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - the class is asserted by the test
+            out.append((type(e).__name__, str(e)))
         else:
-            msgs.append("no error")
-    return msgs
+            out.append(("no error", ""))
+    return out
 
 
 def test_unsupported_configs_raise_clear_errors():
-    msgs = get_world(2).run(_errors_task)[0]
-    assert "antialias" in msgs[0] and "DomainParallelError" in msgs[0]
-    assert "antialias" in msgs[1] and "DomainParallelError" in msgs[1]
-    assert "channel" in msgs[2]
-    assert "DomainParallelError" in msgs[3] and "H=5" in msgs[3] and "divisible" in msgs[3]
+    """Every rank raises our error class with a message naming the constraint and the fix."""
+    expect = [
+        ("DomainParallelError", ("antialias", "not supported", "antialias=False")),
+        ("DomainParallelError", ("antialias", "not supported", "antialias=False")),
+        ("UnsupportedShardingError", ("pixel_shuffle", "channel dim 1", "shard on H")),
+        ("DomainParallelError", ("pixel_unshuffle", "H=5", "not divisible by downscale_factor=2")),
+    ]
+    for rank, msgs in enumerate(get_world(2).run(_errors_task)):
+        for (cls, words), (got_cls, msg) in zip(expect, msgs, strict=True):
+            assert got_cls == cls and all(w in msg for w in words), (f"rank {rank}", cls, words, got_cls, msg)
 
 
 def test_needs_domain_parallel():
