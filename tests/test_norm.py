@@ -405,12 +405,30 @@ def _misc() -> dict:
     assert (xr.grad.full_tensor() - xl.grad).abs().max() < 1e-12
     assert (dp.weight.grad.full_tensor() - gn.weight.grad).abs().max() < 1e-12
 
-    # BatchNorm1d on (N, C): plain input is replicated
-    bn1 = nn.BatchNorm1d(3).double()
+    # BatchNorm1d on (N, C): a plain input is replicated. Output, input grad, weight/bias grads and
+    # running stats vs one device (parity), then the same module on (N, C, L) sharded on L (H=7
+    # over 2: uneven; L=1: an empty shard) and on a batch-sharded (N, C) input.
+    def bn1d():
+        mod = nn.BatchNorm1d(3).double()
+        with torch.no_grad():
+            mod.weight.uniform_(-1.5, 1.5)
+            mod.bias.uniform_(-1.5, 1.5)
+        return mod
+
+    bn1 = bn1d()
     dp1 = DomainParallelBatchNorm1d(copy.deepcopy(bn1), m)
     x2 = torch.randn(6, 3, dtype=f64)
-    assert (dp1(x2).full_tensor() - bn1(x2)).abs().max() < 1e-12
-    assert (dp1.running_var - bn1.running_var).abs().max() < 1e-12
+    e = parity(
+        m, bn1, dp1, [x2], shard_dims=[None], out_dim=None,
+        ref_params=dict(bn1.named_parameters()), dist_params=dict(dp1.named_parameters()),
+    )  # fmt: skip
+    assert set(e) == {"out", "grad_in0", "grad_weight", "grad_bias"}, e
+    e["buf_running_mean"] = (dp1.running_mean - bn1.running_mean).abs().max().item()
+    e["buf_running_var"] = (dp1.running_var - bn1.running_var).abs().max().item()
+    assert_parity(e, f64, "bn1d (N, C) plain input")
+    both(bn1d(), DomainParallelBatchNorm1d, torch.randn(2, 3, 7, dtype=f64), 2, "bn1d (N, C, L) Shard(L) uneven")
+    both(bn1d(), DomainParallelBatchNorm1d, torch.randn(2, 3, 1, dtype=f64), 2, "bn1d (N, C, L=1) empty shard")
+    both(bn1d(), DomainParallelBatchNorm1d, torch.randn(5, 3, dtype=f64), 0, "bn1d (N, C) Shard(0)")
 
     # plain-tensor parameters with a sharded activation: grads all-reduced (exact on every rank)
     w0 = torch.randn(4, dtype=f64, requires_grad=True)
