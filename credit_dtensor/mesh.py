@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from datetime import timedelta
 
 import torch
@@ -107,10 +108,16 @@ class DomainParallelManager:
         domain_parallel_size: ranks that split one sample along H (the ``"domain"`` mesh dim).
             ``dp`` size is ``world_size // domain_parallel_size``.
         device_type: ``"cpu"`` (gloo) or ``"cuda"`` (nccl); ``None`` picks by availability.
-        shard_dim: the sharded axis, counted from the end by default (``-2`` = H of BCHW).
+        shard_dim: deprecated and ignored (a ``DeprecationWarning``): the sharded dim is chosen per
+            call (``shard_tensor(x, manager, dim)``, ``convert_to_domain_parallel(shard_dim=)``);
+            kept as the ``shard_dim`` attribute (default ``-2``) for code that reads it.
     """
 
-    def __init__(self, domain_parallel_size: int, *, device_type: str | None = None, shard_dim: int = -2) -> None:
+    def __init__(
+        self, domain_parallel_size: int, *, device_type: str | None = None, shard_dim: int | None = None
+    ) -> None:
+        if shard_dim is not None:
+            _warn_shard_dim("DomainParallelManager")
         if not isinstance(domain_parallel_size, int) or domain_parallel_size < 1:
             _check_sizes(1, domain_parallel_size)
         self.device_type = _resolve_device_type(device_type)
@@ -120,7 +127,7 @@ class DomainParallelManager:
             _init_default_group(self.device_type)
         world = dist.get_world_size()
         _check_sizes(world, domain_parallel_size)
-        self.shard_dim = shard_dim
+        self.shard_dim = -2 if shard_dim is None else shard_dim
         self.mesh: DeviceMesh = init_device_mesh(
             self.device_type, (world // domain_parallel_size, domain_parallel_size), mesh_dim_names=MESH_DIM_NAMES
         )
@@ -203,8 +210,17 @@ class DomainParallelManager:
         )
 
 
+def _warn_shard_dim(where: str) -> None:
+    warnings.warn(
+        f"{where}(shard_dim=...) is deprecated and ignored: no op reads it; pass the dim per call "
+        "(shard_tensor(x, manager, dim), convert_to_domain_parallel(model, manager, shard_dim=-2))",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
 def initialize_domain_parallel(
-    world_size: int, domain_parallel_size: int, shard_dim: int = -2, *, device_type: str | None = None
+    world_size: int, domain_parallel_size: int, shard_dim: int | None = None, *, device_type: str | None = None
 ) -> DomainParallelManager:
     """Original-API convenience: build a manager and remember it for :func:`get_domain_parallel_manager`.
 
@@ -221,7 +237,11 @@ def initialize_domain_parallel(
             f"initialize_domain_parallel(world_size={world_size}) but the process group has "
             f"{dist.get_world_size()} ranks: pass the launched world size"
         )
-    _GLOBAL_MANAGER = DomainParallelManager(domain_parallel_size, device_type=device_type, shard_dim=shard_dim)
+    if shard_dim is not None:
+        _warn_shard_dim("initialize_domain_parallel")
+    manager = DomainParallelManager(domain_parallel_size, device_type=device_type)
+    manager.shard_dim = -2 if shard_dim is None else shard_dim
+    _GLOBAL_MANAGER = manager
     return _GLOBAL_MANAGER
 
 

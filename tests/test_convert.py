@@ -546,18 +546,18 @@ def _has_family(name: str) -> bool:
     not _has_family("resample"), reason="resample wrappers (credit_dtensor/nn/resample.py) missing", strict=True
 )
 def test_resampling_modules_converted_and_exact():
-    kinds = get_world(3).run(_resample_exact, 14)[0]
-    assert {"MaxPool2d", "AvgPool2d", "Upsample", "PixelShuffle", "PixelUnshuffle"} <= set(kinds)
+    for rank, kinds in enumerate(get_world(3).run(_resample_exact, 14)):  # parity asserted in the task
+        assert {"MaxPool2d", "AvgPool2d", "Upsample", "PixelShuffle", "PixelUnshuffle"} <= set(kinds), (rank, kinds)
 
 
 def test_check_finds_first_divergence():
-    res = get_world(3).run(_check_reports)[0]
-    ok, err, n_grads, n_gathered = res["unet"]
-    assert ok and err < 1e-12 and n_grads > 40 and n_gathered == 0
-    ok, gathered = res["fpad"]
-    assert ok and gathered  # exact, but PyTorch gathered the activation: reported
-    ok, path, err = res["wrong"]
-    assert not ok and path == "2" and err > 1e-3  # the layer without a halo, not the GELU after it
-    ok, path, exc = res["lda"]
-    assert not ok and path == "stages.1.blocks.1.attn" and exc
-    assert "stages.1.blocks.1.attn" in res["text"]
+    for rank, res in enumerate(get_world(3).run(_check_reports)):
+        ok, err, n_grads, n_gathered = res["unet"]
+        assert ok and err < 1e-12 and n_grads > 40 and n_gathered == 0, (rank, res["unet"])
+        ok, gathered = res["fpad"]
+        assert ok and gathered, (rank, res["fpad"])  # exact, but PyTorch gathered the activation: reported
+        ok, path, err = res["wrong"]
+        assert not ok and path == "2" and err > 1e-3, (rank, res["wrong"])  # the layer without a halo, not the GELU
+        ok, path, exc = res["lda"]
+        assert not ok and path == "stages.1.blocks.1.attn" and exc, (rank, res["lda"])
+        assert "stages.1.blocks.1.attn" in res["text"], (rank, res["text"])

@@ -147,32 +147,36 @@ def _params(world: int) -> list:
     return out
 
 
-_RESULTS: dict[int, dict] = {}
+_RESULTS: dict[int, list[dict]] = {}
 
 
-def _world_results(world: int) -> dict:
-    """One ``run`` per world for all models and H values (world start-up dominates otherwise)."""
+def _world_results(world: int) -> list[dict]:
+    """One ``run`` per world for all models and H values (world start-up dominates otherwise);
+    every rank's results (each rank measures its own errors and its own gathering modules)."""
     if world not in _RESULTS:
         cases = [(name, h) for name in MODELS for h in CASES[world]]
-        _RESULTS[world] = get_world(world).run(_exact, cases)[0]
+        _RESULTS[world] = get_world(world).run(_exact, cases)
     return _RESULTS[world]
 
 
 @pytest.mark.parametrize("world,name", [p for w in CASES for p in _params(w)])
 def test_model_exact_end_to_end(world, name):
-    results = _world_results(world)
-    for h in CASES[world]:
-        errs, gathered, n_params = results[(name, h)]
-        assert len([k for k in errs if k.startswith("grad_")]) == n_params + 1  # input + every parameter
-        assert_parity(errs, torch.float64, f"{name} H={h} on {world} ranks")
-        assert not gathered, f"{name} H={h}: modules all-gathered their sharded input: {gathered}"
+    per_rank = _world_results(world)
+    assert len(per_rank) == world
+    for rank, results in enumerate(per_rank):
+        for h in CASES[world]:
+            errs, gathered, n_params = results[(name, h)]
+            where = f"{name} H={h} on {world} ranks, rank {rank}"
+            assert len([k for k in errs if k.startswith("grad_")]) == n_params + 1, where  # input + every param
+            assert_parity(errs, torch.float64, where)
+            assert not gathered, f"{where}: modules all-gathered their sharded input: {gathered}"
 
 
 def test_checkpoints_both_ways_and_hazards_fail_loudly():
-    res = get_world(3).run(_checkpoints_and_hazards)[0]
-    assert res["plain->conv"] < 1e-12 and res["conv->plain"] == 0.0
-    assert "replicated input" in res["shift"] and "gathered the activation" in res["shift"], res["shift"]
-    assert res["lda"].startswith("RuntimeError") and "unevenly sharded" in res["lda"], res["lda"]
+    for rank, res in enumerate(get_world(3).run(_checkpoints_and_hazards)):
+        assert res["plain->conv"] < 1e-12 and res["conv->plain"] == 0.0, (rank, res)
+        assert "replicated input" in res["shift"] and "gathered the activation" in res["shift"], (rank, res["shift"])
+        assert res["lda"].startswith("RuntimeError") and "unevenly sharded" in res["lda"], (rank, res["lda"])
 
 
 @pytest.mark.parametrize("name", list(MODELS))
