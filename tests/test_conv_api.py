@@ -87,7 +87,7 @@ def _bad_input_task() -> dict:
         try:
             fn()
         except DomainParallelError as e:
-            msgs[name] = str(e)
+            msgs[name] = (type(e).__name__, str(e))
         else:
             msgs[name] = None
 
@@ -121,8 +121,15 @@ def test_parametrizations_and_hooks(size):
 
 
 def test_bad_input_errors():
-    for r in get_world(2).run(_bad_input_task):
-        assert r["channels"] and "channel" in r["channels"], r
-        assert r["weight"] and "Replicate" in r["weight"], r
-        assert r["mesh"] and "mesh" in r["mesh"], r
-        assert r["reflect"] and "reflect" in r["reflect"], r
+    """Every rank raises the specific DomainParallelError subclass, naming the constraint and the fix."""
+    expect = {
+        "channels": ("UnsupportedShardingError", ("channel", "shard activations on H")),
+        "weight": ("UnsupportedShardingError", ("weight placements", "Replicate")),
+        "mesh": ("MeshMismatchError", ("mesh", "same manager")),
+        "reflect": ("DomainParallelError", ("reflect padding", "must be < input size")),
+    }
+    for rank, r in enumerate(get_world(2).run(_bad_input_task)):
+        for key, (cls, words) in expect.items():
+            assert r[key] is not None, (rank, key, "no error raised")
+            got_cls, msg = r[key]
+            assert got_cls == cls and all(w in msg for w in words), (rank, key, got_cls, msg)
