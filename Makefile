@@ -1,4 +1,5 @@
-# One-command setup: `make demo` runs the main job, `make test` the test suite.
+# One-command setup: `make demo` runs the main job, `make test` the test suite (`make test-fast`
+# skips the slow end-to-end tests).
 # Both create .venv on first use (CPU torch pinned explicitly, then this package with its
 # test extra) and reuse it afterwards; the stamp is rebuilt when pyproject.toml changes.
 
@@ -18,7 +19,7 @@ STAMP := $(VENV)/.installed-test
 LINT_STAMP := $(VENV)/.installed-lint
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test venv lint format clean
+.PHONY: demo test test-fast venv lint format clean
 
 venv: $(STAMP)
 
@@ -33,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# Everything but the end-to-end runs marked `slow` (torchrun restarts, checkpoint round trips).
+test-fast: $(STAMP)
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 $(LINT_STAMP): $(STAMP)
 	$(VPY) -m pip install 'ruff>=0.5'

@@ -8,7 +8,7 @@ import torch
 
 from tests import harness
 
-N = 3
+N = 2
 BASE = dict(nlat=10, nlon=16, channels=3, width=8, global_batch=4, lr=1e-2)
 
 
@@ -76,6 +76,7 @@ def task_state_at(root: str, step: int, domain: int) -> dict:
     return {"step": loaded, "state": state if keep else None, "optim": optim if keep else None, "next": res.losses}
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_and_reshards(tmp_path) -> None:
     from credit_dtensor.tools.checkpoint import checkpoint_path, latest_checkpoint, load_plain_state_dict
     from credit_dtensor.tools.train import build_model
@@ -116,6 +117,7 @@ def test_resume_is_bit_identical_and_reshards(tmp_path) -> None:
 
 # --- damaged checkpoints: resume falls back to the newest one that loads -----------------------
 
+D = 1  # steps between checkpoints in the damage tests
 DAMAGES = ("corrupt_metadata", "truncated_distcp", "missing_distcp", "empty_dir")
 
 
@@ -140,7 +142,7 @@ def _damage(path, how: str) -> None:
 
 
 def task_resume_damaged(root: str) -> dict:
-    """Checkpoints at N and 2N; for each damage of step 2N, resume to 3N from step N; then with
+    """Checkpoints at D and 2D; for each damage of step 2D, resume to 3D from step D; then with
     every checkpoint damaged, resume fails on every rank with CheckpointError."""
     import logging
     import shutil
@@ -153,8 +155,8 @@ def task_resume_damaged(root: str) -> dict:
 
     m = harness.manager(2)
     base = Path(root) / "base"
-    full = train(_cfg(steps=3 * N), m)
-    train(_cfg(steps=2 * N, checkpoint_dir=str(base), checkpoint_every=N), m)
+    full = train(_cfg(steps=3 * D), m)
+    train(_cfg(steps=2 * D, checkpoint_dir=str(base), checkpoint_every=D), m)
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda rec: records.append(rec.getMessage())  # type: ignore[method-assign]
@@ -167,20 +169,20 @@ def task_resume_damaged(root: str) -> dict:
             d = Path(root) / how
             if dist.get_rank() == 0:
                 shutil.copytree(base, d)
-                _damage(checkpoint_path(d, 2 * N), how)
+                _damage(checkpoint_path(d, 2 * D), how)
             dist.barrier()
             records.clear()
-            cfg = _cfg(steps=3 * N, checkpoint_dir=str(d), resume=True)
+            cfg = _cfg(steps=3 * D, checkpoint_dir=str(d), resume=True)
             res = train(cfg, m, model_and_optimizer=setup(cfg, m))
             out["runs"][how] = {"start": res.start_step, "final": res.losses[-1], "log": list(records)}
         d = Path(root) / "all_damaged"
         if dist.get_rank() == 0:
             shutil.copytree(base, d)
-            _damage(checkpoint_path(d, 2 * N), "truncated_distcp")
-            _damage(checkpoint_path(d, N), "missing_distcp")
+            _damage(checkpoint_path(d, 2 * D), "truncated_distcp")
+            _damage(checkpoint_path(d, D), "missing_distcp")
         dist.barrier()
         try:
-            cfg = _cfg(steps=3 * N, checkpoint_dir=str(d), resume=True)
+            cfg = _cfg(steps=3 * D, checkpoint_dir=str(d), resume=True)
             train(cfg, m, model_and_optimizer=setup(cfg, m))
             out["none_loads"] = None
         except CheckpointError as exc:
@@ -190,6 +192,7 @@ def task_resume_damaged(root: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_resume_skips_damaged_checkpoints(tmp_path) -> None:
     per_rank = harness.get_world(4).run(task_resume_damaged, str(tmp_path))
     why = {
@@ -201,16 +204,16 @@ def test_resume_skips_damaged_checkpoints(tmp_path) -> None:
     for rank, res in enumerate(per_rank):
         for how in DAMAGES:
             run = res["runs"][how]
-            assert run["start"] == N, (rank, how, run)
+            assert run["start"] == D, (rank, how, run)
             assert run["final"] == res["full"], f"{how}: final loss {run['final']} != undamaged {res['full']}"
             if rank == 0:  # rank 0 reports, once per skipped checkpoint
                 (msg,) = run["log"]
-                assert f"step_{2 * N:08d}" in msg and why[how] in msg, (how, msg)
+                assert f"step_{2 * D:08d}" in msg and why[how] in msg, (how, msg)
             else:
                 assert run["log"] == []
         msg = res["none_loads"]
         assert msg is not None, f"rank {rank}: resume with no loadable checkpoint did not raise"
-        assert "no checkpoint under" in msg and f"step_{N:08d}" in msg and f"step_{2 * N:08d}" in msg, msg
+        assert "no checkpoint under" in msg and f"step_{D:08d}" in msg and f"step_{2 * D:08d}" in msg, msg
 
 
 def test_interrupted_save_leaves_no_complete_looking_directory(tmp_path, monkeypatch) -> None:

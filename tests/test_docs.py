@@ -230,3 +230,23 @@ def test_usage_documents_every_environment_variable():
     usage = (DOCS / "usage.md").read_text(encoding="utf-8")
     missing = sorted(v for v in used if v not in usage)
     assert not missing, f"docs/usage.md does not document {missing}"
+
+
+def _shard_dim_task() -> tuple[list[str], int, int]:
+    import warnings
+
+    from credit_dtensor import DomainParallelManager
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = DomainParallelManager(1, device_type="cpu", shard_dim=-3)
+        new = DomainParallelManager(1, device_type="cpu")
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    return messages, old.shard_dim, new.shard_dim
+
+
+def test_shard_dim_is_deprecated_as_documented():
+    ((messages, old, new),) = harness.get_world(1).run(_shard_dim_task)
+    assert len(messages) == 1 and "shard_dim" in messages[0] and "deprecated and ignored" in messages[0]
+    assert (old, new) == (-3, -2)
+    assert "`DomainParallelManager(shard_dim=...)` is deprecated" in (DOCS / "usage.md").read_text(encoding="utf-8")

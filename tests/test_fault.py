@@ -48,6 +48,7 @@ def _known_rendezvous_race(out: str) -> bool:
     return "connectFullMesh" in out or "Connection refused" in out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
 def test_killed_rank_restarts_from_checkpoint(tmp_path: Path) -> None:
     t0 = time.monotonic()
