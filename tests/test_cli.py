@@ -348,3 +348,25 @@ def test_launcher_collects_results_and_reports_a_failing_rank():
         run_ranks(_launched, 2, (1, True), timeout=120)
     assert info.value.rank == 1 and info.value.domain_error
     assert "Traceback" in info.value.detail
+
+
+# --- layout: the core package does not import the tooling ---------------------------------------
+
+#: deprecated aliases at the old module names, kept until every caller imports the new paths
+ALIASES = {"train.py", "demo.py", "checkpoint.py", "data.py", "launch.py", "cli_convert.py"}
+
+
+def test_core_package_does_not_import_tools_or_cli():
+    pkg = os.path.join(ROOT, "credit_dtensor")
+    offenders = []
+    for dirpath, _dirs, files in os.walk(pkg):
+        rel = os.path.relpath(dirpath, pkg)
+        if rel.split(os.sep)[0] in ("tools", "cli"):
+            continue
+        for name in files:
+            if not name.endswith(".py") or (rel == "." and name in ALIASES):
+                continue
+            text = open(os.path.join(dirpath, name), encoding="utf-8").read()
+            if re.search(r"^\s*(from|import)\s+(credit_dtensor\.|\.+)(tools|cli)\b", text, flags=re.M):
+                offenders.append(os.path.join(rel, name))
+    assert not offenders, f"core modules import credit_dtensor.tools / .cli: {offenders}"

@@ -99,7 +99,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         marker = json.loads((path / MARKER).read_text())
         files = dict(marker["files"])
     except FileNotFoundError:
-        return f"no {MARKER} (an interrupted save, or not written by save_checkpoint)"
+        return f"no {MARKER} (an interrupted save, or not a credit-dtensor checkpoint)"
     except (ValueError, KeyError, TypeError) as exc:
         return f"unreadable {MARKER} ({type(exc).__name__})"
     for name, size in sorted(files.items()):
