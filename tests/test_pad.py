@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -132,6 +132,7 @@ HSET = settings(
     max_examples=6,
     deadline=None,
     derandomize=True,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),  # no shrinking: a failing batch names its case
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 
