@@ -5,7 +5,9 @@ Public API only; see docs/index.md. Importing the package registers every op rul
 
 from __future__ import annotations
 
+from . import intercept as _intercept
 from .errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
+from .guard import ImplicitGatherError, ImplicitGatherWarning, gather_policy
 from .mesh import DomainParallelManager, get_domain_parallel_manager, initialize_domain_parallel, rank_layout
 from .ops import _register_all
 from .sharding import gather_tensor, shard_batch, shard_tensor
@@ -58,6 +60,7 @@ from .nn.resample import (
 from .parallelize import parallelize, reduce_gradients
 
 _register_all()
+_intercept.ensure_enabled()
 
 __version__ = "0.1.0"
 
@@ -65,6 +68,9 @@ __all__ = [
     "DomainParallelError",
     "MeshMismatchError",
     "UnsupportedShardingError",
+    "ImplicitGatherError",
+    "ImplicitGatherWarning",
+    "gather_policy",
     "DomainParallelManager",
     "initialize_domain_parallel",
     "get_domain_parallel_manager",

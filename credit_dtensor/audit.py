@@ -672,6 +672,11 @@ def plan(
     Returns a :class:`Plan` (``plan.ok``, ``plan.rows``, ``plan.hazards``, ``print(plan)``).
     ``custom_converters`` (the ones you will pass to the converter) mark their modules ``custom``.
     """
+    if not isinstance(model, nn.Module):
+        raise DomainParallelError(
+            f"plan: expected an nn.Module, got {type(model).__name__}: pass the plain model (a model factory "
+            "must return an nn.Module)"
+        )
     domain = (
         manager_or_domain_size.domain_world_size
         if isinstance(manager_or_domain_size, DomainParallelManager)

@@ -28,8 +28,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils._pytree import tree_flatten
 
+from . import guard, sharding
 from .convert import convert_to_domain_parallel
 from .errors import DomainParallelError
+from .guard import GatherEvent
 from .mesh import DomainParallelManager
 from .nn._base import DomainParallelModule
 from .sharding import shard_tensor
@@ -66,6 +68,8 @@ class CheckReport:
     grads: list[ModuleCheck] = field(default_factory=list)
     output_error: float = math.nan
     exception: str | None = None
+    #: every implicit activation all-gather seen (forward and backward), with its op and module
+    gather_events: list[GatherEvent] = field(default_factory=list)
 
     @property
     def first_divergence(self) -> ModuleCheck | None:
@@ -97,6 +101,9 @@ class CheckReport:
             return f"{head}: forward exact (output error {self.output_error:.3g}); gradient of {g.path} diverges: {g.error:.3g}"
         worst = max([m.error for m in self.modules] + [g.error for g in self.grads] + [0.0])
         tail = f"; {len(self.gathered)} module(s) gathered the activation" if self.gathered else ""
+        if self.gather_events:
+            sites = sorted({f"{e.op} in {e.module or '(root)'} ({e.phase})" for e in self.gather_events})
+            tail += f"; {len(self.gather_events)} implicit all-gather(s): " + ", ".join(sites)
         return (
             f"{head}: exact -- {len(self.modules)} module outputs and {len(self.grads)} gradients, "
             f"worst error {worst:.3g}{tail}"
@@ -143,6 +150,14 @@ def render_check(report: CheckReport, console: Console | None = None, *, max_row
     elif report.grads:
         worst = max(g.error for g in report.grads)
         console.print(f"gradients: input + {len(report.grads) - 1} parameters exact (worst {worst:.2e})")
+    if report.gather_events:
+        gt = Table(title=f"{len(report.gather_events)} implicit all-gather(s) of H-sharded activations",
+                   title_justify="left")
+        for col in ("module", "op", "phase", "bytes", "call site"):
+            gt.add_column(col, overflow="fold")
+        for e in report.gather_events[:max_rows]:
+            gt.add_row(e.module or "(root)", e.op, e.phase, f"{e.nbytes:,}", e.call_site or "")
+        console.print(gt)
     if report.exception:
         console.print(f"[red]raised[/red] in {report.exception}")
 
@@ -264,11 +279,14 @@ def check(
     for path, mod in _visible_modules(conv):
         handles.append(mod.register_forward_pre_hook(lambda m, a, p=path: pre(m, a, p)))
         handles.append(mod.register_forward_hook(lambda m, a, o, p=path: post(m, a, o, p)))
-    x = shard_tensor(example_input.detach().clone(), manager, hdim)
+    with sharding.verifying():  # inside check, ranks must also agree on the content
+        x = shard_tensor(example_input.detach().clone(), manager, hdim)
     if x_ref.requires_grad:
         x.requires_grad_(True)
     try:
-        y = conv(x)
+        with guard.gather_policy("allow"), guard.record_gathers() as events:
+            y = conv(x)
+        report.gather_events.extend(events)
     except Exception as exc:  # noqa: BLE001 - report where it happened
         where = stack[-1] if stack else ""
         report.exception = f"{where or '(root)'}: {type(exc).__name__}: {exc}"
@@ -287,7 +305,9 @@ def check(
         report.output_error = max((_rel_err(_full(a), b) for a, b in zip(y_t, yr_t, strict=False)), default=0.0)
     if backward and yr_t and yr_t[0].requires_grad:
         try:
-            _compare_grads(report, plain, conv, x_ref, x, y_t[0], yr_t[0], mesh, seed, tol)
+            with guard.gather_policy("allow"), guard.record_gathers() as events:
+                _compare_grads(report, plain, conv, x_ref, x, y_t[0], yr_t[0], mesh, seed, tol)
+            report.gather_events.extend(events)
         except Exception as exc:  # noqa: BLE001 - a failing backward is a finding, not a crash
             report.exception = (
                 f"backward: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"

@@ -12,7 +12,16 @@ import torch.distributed as dist
 
 from . import stats
 
-__all__ = ["exchange", "all_reduce_sum", "nbytes"]
+__all__ = [
+    "exchange",
+    "all_reduce_sum",
+    "all_reduce",
+    "sum_over_ranks",
+    "all_gather_small",
+    "all_gather_rows",
+    "broadcast_object",
+    "nbytes",
+]
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -63,6 +72,71 @@ def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     stats.record(nbytes(t), nbytes(t), collectives=1)
     return t
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(t: torch.Tensor, group: dist.ProcessGroup, op: str = "sum") -> torch.Tensor:
+    """Out-of-place all-reduce (``sum``/``max``/``min``) of a small tensor; not differentiable."""
+    out = t.detach().clone(memory_format=torch.contiguous_format)
+    if dist.get_world_size(group) == 1:
+        return out
+    if out.dtype == torch.bool:  # gloo reduces no bools: max = any, min = all
+        return all_reduce(out.to(torch.uint8), group, op).to(torch.bool)
+    dist.all_reduce(out, op=_OPS[op], group=group)
+    stats.record(nbytes(out), nbytes(out), collectives=1)
+    return out
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Sum of per-rank partial results; the gradient of each partial is the (replicated) output's."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        return all_reduce(t, group, "sum")
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        return g, None
+
+
+def sum_over_ranks(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Differentiable sum of ``t`` over ``group`` (every rank gets the total)."""
+    return _SumOverRanks.apply(t, group)
+
+
+def all_gather_small(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``(world, *t.shape)``: every rank's copy of a small same-shape tensor (metadata, checksums).
+
+    Like :func:`broadcast_object`, metadata traffic is not counted in :mod:`.stats` (which measures
+    what ops send)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return t.unsqueeze(0).clone()
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return torch.stack(out)
+
+
+def all_gather_rows(t: torch.Tensor, dim: int, sizes: Sequence[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's ``t`` along ``dim`` (rank ``r`` holds ``sizes[r]`` rows).
+
+    Only for what the user asked to be full (e.g. the gradient of a plain full input): it is an
+    activation-sized all-gather. Shards are padded to the largest so gloo can gather them.
+    """
+    world = dist.get_world_size(group)
+    if world == 1:
+        return t
+    big = max(sizes)
+    shape = list(t.shape)
+    shape[dim] = big
+    padded = t.new_zeros(shape)
+    padded.narrow(dim, 0, t.shape[dim]).copy_(t)
+    bufs = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(bufs, padded, group=group)
+    stats.record(nbytes(padded) * (world - 1), nbytes(padded) * (world - 1), collectives=1)
+    return torch.cat([b.narrow(dim, 0, n) for b, n in zip(bufs, sizes)], dim)
 
 
 def broadcast_object(obj: object, src: int, group: dist.ProcessGroup) -> object:

@@ -39,6 +39,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.nn.modules.batchnorm import _NormBase
 
+from . import guard
 from .errors import DomainParallelError, MeshMismatchError
 from .mesh import DomainParallelManager
 from .nn._base import DomainParallelModule
@@ -186,8 +187,17 @@ def converter_for(module: nn.Module) -> Converter | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_model(model: Any, where: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise DomainParallelError(
+            f"{where}: expected an nn.Module, got {type(model).__name__}: pass the model (build it first if you "
+            "have a factory); tensors are sharded with credit_dtensor.shard_tensor, not converted"
+        )
+
+
 def _mesh(manager: Any) -> DeviceMesh:
     if isinstance(manager, DomainParallelManager):
+        manager.check_open("convert_to_domain_parallel")
         return manager.domain_mesh
     if isinstance(manager, DeviceMesh) and manager.ndim == 1:
         return manager
@@ -509,6 +519,7 @@ def convert_to_domain_parallel(
     Converting twice is a no-op. A per-type count is logged at INFO level and kept in
     ``model._dp_conversion``.
     """
+    _check_model(model, "convert_to_domain_parallel")
     mesh = _mesh(manager)
     _check_shard_dim(model, shard_dim)
     _check_mesh_and_types(model, mesh)
@@ -519,6 +530,7 @@ def convert_to_domain_parallel(
     replicated = _replicate_state(model, mesh, frozen)
     counts = _apply_wrappers(model, manager, frozen)
     _install_state_dict_hooks(model, frozen)
+    guard.register_module_paths(model)
 
     summary = dict(sorted((counts + custom_counts).items()))
     previous = getattr(model, "_dp_conversion", {}) if isinstance(getattr(model, "_dp_conversion", None), dict) else {}

@@ -123,6 +123,8 @@ class DomainParallelManager:
         self.device_type = _resolve_device_type(device_type)
         #: True when this manager created the default process group (then :meth:`close` destroys it).
         self.owns_process_group = not dist.is_initialized()
+        #: Set by :meth:`close`; a closed manager refuses to be used (its group may be gone).
+        self.closed = False
         if self.owns_process_group:
             _init_default_group(self.device_type)
         world = dist.get_world_size()
@@ -196,6 +198,15 @@ class DomainParallelManager:
             dist.barrier()
             dist.destroy_process_group()
         self.owns_process_group = False
+        self.closed = True
+
+    def check_open(self, where: str) -> None:
+        """Raise a clear error when a closed manager is used (instead of a raw process-group error)."""
+        if self.closed:
+            raise DomainParallelError(
+                f"{where}: this DomainParallelManager was closed (close() ends its process group): "
+                "create a new DomainParallelManager, and call close() only at the end of the job"
+            )
 
     def __enter__(self) -> DomainParallelManager:
         return self

@@ -41,7 +41,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from . import comm
+from . import comm, intercept
 from .errors import DomainParallelError
 from .mesh import DomainParallelManager
 
@@ -103,9 +103,13 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
             continue
         inner = block.forward
 
+        def run(*args, _inner=inner, **kwargs):
+            with intercept.scoped():  # the recompute runs inside backward(), where the rules mode is off
+                return _inner(*args, **kwargs)
+
         @functools.wraps(inner)
-        def forward(*args, _inner=inner, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+        def forward(*args, _run=run, **kwargs):
+            return checkpoint(_run, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward  # type: ignore[method-assign]
         block._dp_checkpointed = True

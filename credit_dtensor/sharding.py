@@ -7,19 +7,22 @@ rank; ``shard_batch`` applies the H rule of weather data (4-D: dim 2, 5-D: dim 3
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from . import comm
+from . import comm, intercept
 from .errors import DomainParallelError, MeshMismatchError
-from .geometry import chunk_range
+from .agreement import VERIFY_ENV, check_agreement
+from .geometry import chunk_range, chunk_sizes
 from .mesh import DomainParallelManager
 
-__all__ = ["shard_tensor", "gather_tensor", "shard_batch", "h_dim_of", "contiguous_stride", "wrap_local"]
+__all__ = ["shard_tensor", "gather_tensor", "shard_batch", "h_dim_of", "contiguous_stride", "wrap_local", "verifying"]
 
 
 def contiguous_stride(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -42,6 +45,7 @@ def _normalize_dim(ndim: int, dim: int, what: str) -> int:
 
 def _mesh_of(manager_or_mesh: DomainParallelManager | DeviceMesh, what: str = "sharding") -> DeviceMesh:
     if isinstance(manager_or_mesh, DomainParallelManager):
+        manager_or_mesh.check_open(what)
         return manager_or_mesh.domain_mesh
     if not isinstance(manager_or_mesh, DeviceMesh) or manager_or_mesh.ndim != 1:
         raise DomainParallelError(
@@ -65,19 +69,81 @@ def wrap_local(local: torch.Tensor, mesh: DeviceMesh, dim: int, global_shape: to
     return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=shape, stride=contiguous_stride(shape))
 
 
+def _verify_default() -> bool:
+    return os.environ.get(VERIFY_ENV, "").strip().lower() in ("1", "true", "yes", "on") or _VERIFY[0]
+
+
+_VERIFY = [False]
+
+
+@contextlib.contextmanager
+def verifying() -> Iterator[None]:
+    """Content checks on inside the block (``check`` uses it), as ``verify=True`` everywhere."""
+    previous = _VERIFY[0]
+    _VERIFY[0] = True
+    try:
+        yield
+    finally:
+        _VERIFY[0] = previous
+
+
+def _check_tensor(x: object, what: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    kind = type(x).__name__
+    raise DomainParallelError(
+        f"{what}: expected a torch.Tensor, got {kind}: convert it first (torch.as_tensor(x) for lists and numpy "
+        "arrays; for a nested batch of tensors use credit_dtensor.shard_batch)"
+    )
+
+
+class _FromFull(torch.autograd.Function):
+    """This rank's rows of a full plain tensor; backward returns the *full* gradient on every rank
+    (the rows of all ranks, gathered), so a plain input that requires grad gets exact gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, a: int, b: int, sizes: tuple[int, ...], group) -> torch.Tensor:  # type: ignore[override]
+        ctx.dim, ctx.sizes, ctx.group = dim, sizes, group
+        return x.narrow(dim, a, b - a).clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        full = comm.all_gather_rows(g.contiguous(), ctx.dim, ctx.sizes, ctx.group)
+        return full, None, None, None, None, None
+
+
+def _slice(x: torch.Tensor, mesh: DeviceMesh, d: int) -> DTensor:
+    """This rank's rows of a full tensor every rank holds, as a DTensor (no communication)."""
+    world, rank = mesh.size(), mesh.get_local_rank()
+    a, b = chunk_range(x.shape[d], world, rank)
+    if x.requires_grad and world > 1:
+        local = _FromFull.apply(x, d, a, b, tuple(chunk_sizes(x.shape[d], world)), mesh.get_group())
+    else:  # a copy: the shard must not alias (nor keep alive) the caller's full tensor
+        local = x.narrow(d, a, b - a).clone(memory_format=torch.contiguous_format)
+    return wrap_local(local, mesh, d, x.shape)
+
+
 def shard_tensor(
     x: torch.Tensor | None,
     manager: DomainParallelManager | DeviceMesh,
     dim: int = -2,
     *,
     src: int | None = None,
+    verify: bool | None = None,
 ) -> DTensor:
     """Shard ``x`` along ``dim`` over the domain mesh (``torch.chunk`` rule; empty shards allowed).
 
-    Without ``src`` every rank must pass the same full tensor and nothing is communicated. With
-    ``src`` (a domain rank) only that rank's ``x`` is read; it sends each rank exactly its rows.
-    The result is differentiable with respect to ``x`` (local slice).
+    Without ``src`` every rank must pass the same full tensor and nothing is communicated but a
+    tiny check that every rank passed the same shape and dtype (a mismatch raises
+    :class:`DomainParallelError` on every rank, naming the ranks). With ``verify=True`` (or
+    ``CREDIT_DTENSOR_VERIFY=1``, and always inside ``credit_dtensor.check``) the content is
+    compared too, by checksum. With ``src`` (a domain rank) only that rank's ``x`` is read; it
+    sends each rank exactly its rows.
+
+    The result is differentiable with respect to ``x``: a plain ``x`` that requires grad receives
+    the full, exact gradient on every rank (its rows are gathered in backward).
     """
+    intercept.ensure_enabled()
     mesh = _mesh_of(manager, "shard_tensor")
     world, rank = mesh.size(), mesh.get_local_rank()
     if isinstance(x, DTensor):
@@ -88,17 +154,18 @@ def shard_tensor(
     if src is None:
         if x is None:
             raise DomainParallelError("shard_tensor: x is None; pass the full tensor, or src= to scatter from one rank")
+        x = _check_tensor(x, "shard_tensor")
         _check_device(x, mesh, "shard_tensor")
         d = _normalize_dim(x.ndim, dim, "shard_tensor")
-        a, b = chunk_range(x.shape[d], world, rank)
-        # a copy: the shard must not alias (nor keep alive) the caller's full tensor
-        return wrap_local(x.narrow(d, a, b - a).clone(memory_format=torch.contiguous_format), mesh, d, x.shape)
-    if not 0 <= src < world:
+        check_agreement(x, d, mesh, "shard_tensor", verify=_verify_default() if verify is None else verify)
+        return _slice(x, mesh, d)
+    if not isinstance(src, int) or not 0 <= src < world:
         raise DomainParallelError(f"shard_tensor: src={src} is not a domain rank (0..{world - 1})")
     group = mesh.get_group()
     if rank == src:
         if x is None:
             raise DomainParallelError(f"shard_tensor: rank {src} is src but passed x=None")
+        x = _check_tensor(x, "shard_tensor")
         _check_device(x, mesh, "shard_tensor")
         meta = (tuple(x.shape), x.dtype, _normalize_dim(x.ndim, dim, "shard_tensor"))
     else:
@@ -149,21 +216,50 @@ def h_dim_of(x: torch.Tensor) -> int | None:
     return {4: 2, 5: 3}.get(x.ndim)
 
 
-def shard_batch(batch: Any, manager: DomainParallelManager | DeviceMesh) -> Any:
-    """Shard every 4-D/5-D tensor of a (nested) batch on H; pass everything else through."""
+def shard_batch(batch: Any, manager: DomainParallelManager | DeviceMesh, *, verify: bool | None = None) -> Any:
+    """Shard every 4-D/5-D tensor of a (nested) batch on H; pass everything else through.
+
+    One agreement check covers the whole batch (every rank must pass the same structure, shapes
+    and dtypes; with ``verify`` the same content), as in :func:`shard_tensor`.
+    """
+    intercept.ensure_enabled()
+    mesh = _mesh_of(manager, "shard_batch")
+    found: list[torch.Tensor] = []
+
+    def collect(b: Any) -> None:
+        if isinstance(b, DTensor):
+            return
+        if isinstance(b, torch.Tensor):
+            if h_dim_of(b) is not None:
+                _check_device(b, mesh, "shard_batch")
+                found.append(b)
+        elif isinstance(b, Mapping):
+            for v in b.values():
+                collect(v)
+        elif isinstance(b, (list, tuple)):
+            for v in b:
+                collect(v)
+
+    collect(batch)
+    check_agreement(found, [h_dim_of(t) for t in found], mesh, "shard_batch",  # type: ignore[misc]
+                    verify=_verify_default() if verify is None else verify)
+    return _shard_tree(batch, mesh)
+
+
+def _shard_tree(batch: Any, mesh: DeviceMesh) -> Any:
     if isinstance(batch, DTensor):
         return batch
     if isinstance(batch, torch.Tensor):
         d = h_dim_of(batch)
-        return batch if d is None else shard_tensor(batch, manager, d)
+        return batch if d is None else _slice(batch, mesh, d)
     if isinstance(batch, Mapping):
-        items = [(k, shard_batch(v, manager)) for k, v in batch.items()]
+        items = [(k, _shard_tree(v, mesh)) for k, v in batch.items()]
         try:
             return type(batch)(items)  # type: ignore[call-arg]
         except TypeError:  # e.g. defaultdict, mappingproxy: fall back to a plain dict
             return dict(items)
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(shard_batch(v, manager) for v in batch))
+        return type(batch)(*(_shard_tree(v, mesh) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(shard_batch(v, manager) for v in batch)
+        return type(batch)(_shard_tree(v, mesh) for v in batch)
     return batch

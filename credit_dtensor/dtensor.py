@@ -1,0 +1,170 @@
+"""DTensor plumbing shared by every rule: which dim is sharded, local <-> DTensor with the global
+shape (uneven shards need an explicit ``shape=``), and operands aligned with a sharded tensor.
+
+Everything here is local arithmetic on placements and shapes; the only communication is the
+backward of :func:`full_operand` for plain tensors that require grad (one all-reduce of the
+gradient, as for a parameter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from .errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
+from .geometry import chunk_range
+
+__all__ = [
+    "contiguous_stride",
+    "domain_shard_dim",
+    "is_domain_sharded",
+    "first_sharded",
+    "wrap_shard",
+    "wrap_replicate",
+    "local_replicated",
+    "align_operand",
+    "has_dtensor",
+]
+
+
+def contiguous_stride(shape: torch.Size | Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(tuple(shape)):
+        stride.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(stride))
+
+
+def domain_shard_dim(x: object) -> int | None:
+    """The tensor dim a DTensor on a 1-D mesh is ``Shard``-ed on; None for anything else."""
+    if not isinstance(x, DTensor) or x.device_mesh.ndim != 1:
+        return None
+    p = x.placements[0]
+    return p.dim if isinstance(p, Shard) else None
+
+
+def is_domain_sharded(x: object) -> bool:
+    return domain_shard_dim(x) is not None
+
+
+def has_dtensor(args: Sequence[Any], kwargs: dict | None = None) -> bool:
+    """Whether any (shallowly nested) argument is a DTensor; cheap, for the interception fast path."""
+    for a in args:
+        if isinstance(a, DTensor):
+            return True
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, DTensor):
+                    return True
+    if kwargs:
+        for a in kwargs.values():
+            if isinstance(a, DTensor):
+                return True
+            if isinstance(a, (list, tuple)) and any(isinstance(b, DTensor) for b in a):
+                return True
+    return False
+
+
+def first_sharded(*tensors: object) -> DTensor | None:
+    """The first argument that is a Shard-placed DTensor on a 1-D mesh."""
+    for t in tensors:
+        if is_domain_sharded(t):
+            return t  # type: ignore[return-value]
+    return None
+
+
+def wrap_shard(local: torch.Tensor, mesh: DeviceMesh, dim: int, shape: Sequence[int]) -> DTensor:
+    """Differentiable ``DTensor.from_local`` as ``Shard(dim)`` with an explicit global shape."""
+    shape = torch.Size(shape)
+    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=shape, stride=contiguous_stride(shape))
+
+
+def wrap_replicate(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    """A tensor every rank holds identically, as a ``Replicate`` DTensor (no communication)."""
+    return DTensor.from_local(local, mesh, [Replicate()] * mesh.ndim, run_check=False, shape=local.shape,
+                              stride=local.stride())
+
+
+def local_replicated(t: DTensor) -> torch.Tensor:
+    """The local value of a replicated DTensor; its gradient flows back ``Partial`` (summed once)."""
+    return t.to_local(grad_placements=[Partial()] * t.device_mesh.ndim)
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group. For a plain tensor that every
+    rank holds in full and uses partially (its own rows): the full gradient on every rank."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        from . import comm
+
+        return comm.all_reduce_sum(g.contiguous().clone(), ctx.group), None
+
+
+def full_operand(t: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """A plain full tensor (or Replicate DTensor) as a local tensor whose gradient, if any, is exact:
+    summed over the domain group for plain tensors, ``Partial`` for DTensors."""
+    if isinstance(t, DTensor):
+        if any(not isinstance(p, Replicate) for p in t.placements):
+            raise UnsupportedShardingError(f"expected a Replicate DTensor operand, got placements {t.placements}")
+        return local_replicated(t)
+    if t.requires_grad and mesh.size() > 1:
+        return _SumGradOverRanks.apply(t, mesh.get_group())
+    return t
+
+
+def align_operand(
+    t: object, ref: DTensor, ref_dim: int, out_ndim: int, where: str
+) -> object:
+    """``t`` (an operand broadcast against the H-sharded ``ref``) as this rank's local operand.
+
+    ``ref`` is sharded on ``ref_dim``; the broadcast result has ``out_ndim`` dims, so the sharded
+    dim is ``out_ndim - ref.ndim + ref_dim`` of the result. An operand that is sharded the same way
+    contributes its local rows; a full operand (plain tensor or Replicate DTensor) is sliced to this
+    rank's rows along that dim (no communication) unless it broadcasts there (size 1 or absent).
+    Non-tensors pass through.
+    """
+    if not isinstance(t, torch.Tensor):
+        return t
+    mesh = ref.device_mesh
+    out_dim = out_ndim - ref.ndim + ref_dim
+    t_dim = out_dim - (out_ndim - t.ndim)
+    n = ref.shape[ref_dim]
+    if isinstance(t, DTensor):
+        if t.device_mesh != mesh:
+            raise MeshMismatchError(
+                f"{where}: operands live on different meshes ({ref.device_mesh} and {t.device_mesh}): "
+                "shard every operand with the same manager"
+            )
+        d = domain_shard_dim(t)
+        if d is not None:
+            if d != t_dim or t.shape[d] != n:
+                raise UnsupportedShardingError(
+                    f"{where}: operand of shape {tuple(t.shape)} is sharded on dim {d} but the other operand "
+                    f"{tuple(ref.shape)} on dim {ref_dim}: shard both on the same (H) dim, with the same size"
+                )
+            return t.to_local()
+        if not all(isinstance(p, Replicate) for p in t.placements):
+            raise UnsupportedShardingError(
+                f"{where}: operand placements {t.placements} are not supported next to an H-sharded tensor: "
+                "use Replicate or Shard(H)"
+            )
+    local = full_operand(t, mesh)
+    if t_dim < 0 or local.shape[t_dim] == 1:
+        return local
+    if local.shape[t_dim] != n:
+        raise DomainParallelError(
+            f"{where}: operand of shape {tuple(t.shape)} does not broadcast against {tuple(ref.shape)} "
+            f"along the sharded dim ({local.shape[t_dim]} vs {n}): PyTorch rejects this too"
+        )
+    a, b = chunk_range(n, mesh.size(), mesh.get_local_rank())
+    return local.narrow(t_dim, a, b - a)

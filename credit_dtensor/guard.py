@@ -1,0 +1,273 @@
+"""The gather guard: no activation is all-gathered behind the user's back.
+
+PyTorch's DTensor falls back to re-laying an H-sharded tensor out as ``Replicate`` (an all-gather
+of the whole activation on every rank) whenever it has no sharded strategy for an op -- exact,
+but the memory saving of domain parallelism is gone and nothing says so. While credit_dtensor's
+torch-function rules run an op on DTensors (and during ``backward()`` of a DTensor), a small
+``TorchDispatchMode`` watches for all-gather collectives and applies the policy:
+
+* ``warn`` (default): one :class:`ImplicitGatherWarning` per op and call site, naming the op, the
+  module path (inside a converted model), the bytes gathered and the fix;
+* ``raise``: :class:`ImplicitGatherError` *before* the collective runs; DTensor's layout decisions
+  depend only on global metadata, so every rank raises at the same op and none is left blocked;
+* ``allow``: nothing.
+
+Set it with ``CREDIT_DTENSOR_GATHER=warn|raise|allow`` or ``credit_dtensor.gather_policy("raise")``
+(also a context manager). Explicit gathers the user asks for (``gather_tensor``, ``full_tensor()``,
+``redistribute``) are never flagged: they run outside any op. Not watched: code inside
+``torch.compile`` regions (the collectives are traced into the graph, not dispatched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import DomainParallelError
+
+__all__ = [
+    "ImplicitGatherWarning",
+    "ImplicitGatherError",
+    "GatherEvent",
+    "gather_policy",
+    "record_gathers",
+    "watch",
+    "register_module_paths",
+    "module_path",
+]
+
+POLICIES = ("warn", "raise", "allow")
+ENV = "CREDIT_DTENSOR_GATHER"
+
+
+class ImplicitGatherWarning(UserWarning):
+    """An H-sharded activation was all-gathered inside an op (exact, but the memory saving is lost)."""
+
+
+class ImplicitGatherError(DomainParallelError):
+    """Raised (on every rank) instead of an implicit activation all-gather under policy ``raise``."""
+
+
+@dataclass(frozen=True)
+class GatherEvent:
+    op: str
+    module: str | None
+    call_site: str | None
+    nbytes: int
+    local_shape: tuple[int, ...]
+    phase: str  # "forward" or "backward"
+
+    def describe(self) -> str:
+        where = f"{self.module}: " if self.module else ""
+        site = f" (at {self.call_site})" if self.call_site else ""
+        return (
+            f"{where}{self.op} all-gathered an H-sharded activation in {self.phase}: {self.nbytes:,} bytes "
+            f"(local shard {self.local_shape}) now replicated on every rank{site}"
+        )
+
+
+def _env_policy() -> str:
+    value = os.environ.get(ENV, "warn").strip().lower() or "warn"
+    if value not in POLICIES:
+        raise DomainParallelError(f"{ENV}={value!r} is not one of {POLICIES}: set it to warn, raise or allow")
+    return value
+
+
+_state = {"policy": None}  # resolved lazily so a bad env value raises where it is used
+_tls = threading.local()
+_warned: set[tuple[str, str | None]] = set()
+
+
+def _policy() -> str:
+    if _state["policy"] is None:
+        _state["policy"] = _env_policy()
+    return _state["policy"]  # type: ignore[return-value]
+
+
+class gather_policy:  # noqa: N801 - used like a function
+    """Get or set the gather-guard policy.
+
+    ``gather_policy()`` returns the current policy; ``gather_policy("raise")`` sets it (process-wide)
+    and returns a context manager that restores the previous one on exit, so both
+    ``credit_dtensor.gather_policy("raise")`` and ``with credit_dtensor.gather_policy("allow"): ...``
+    work.
+    """
+
+    def __new__(cls, policy: str | None = None):  # type: ignore[misc]
+        if policy is None:
+            return _policy()
+        return super().__new__(cls)
+
+    def __init__(self, policy: str | None = None) -> None:
+        value = str(policy).strip().lower()
+        if value not in POLICIES:
+            raise DomainParallelError(f"gather_policy({policy!r}): expected one of {POLICIES}")
+        self.previous = _policy()
+        self.policy = value
+        _state["policy"] = value
+
+    def __enter__(self) -> gather_policy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _state["policy"] = self.previous
+
+    def __repr__(self) -> str:
+        return f"gather_policy({self.policy!r})"
+
+
+def _recorders() -> list[list[GatherEvent]]:
+    if not hasattr(_tls, "recorders"):
+        _tls.recorders = []
+    return _tls.recorders
+
+
+@contextlib.contextmanager
+def record_gathers() -> Iterator[list[GatherEvent]]:
+    """Collect every implicit gather inside the block (whatever the policy); used by ``check``."""
+    events: list[GatherEvent] = []
+    _recorders().append(events)
+    try:
+        yield events
+    finally:
+        _recorders().remove(events)
+
+
+# --- where: module path and user call site ------------------------------------------------------
+
+_PATHS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def register_module_paths(model: nn.Module, root_name: str | None = None) -> None:
+    """Remember every submodule's qualified name (the converter calls this) for messages."""
+    root = root_name or type(model).__name__
+    for name, mod in model.named_modules():
+        _PATHS.setdefault(mod, f"{name} ({type(mod).__name__})" if name else root)
+
+
+_SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+_STDLIB = os.path.dirname(os.__file__)
+
+
+def _frames() -> Iterator:
+    f = sys._getframe(1)
+    while f is not None:
+        yield f
+        f = f.f_back
+
+
+def module_path() -> str | None:
+    """The innermost converted module whose ``forward`` is on the Python stack."""
+    for f in _frames():
+        obj = f.f_locals.get("self")
+        if isinstance(obj, nn.Module):
+            path = _PATHS.get(obj)
+            if path is not None:
+                return path
+    return None
+
+
+def _user_frame() -> tuple[str, int] | None:
+    """(file, line) of the innermost frame outside torch, credit_dtensor and the standard library."""
+    for f in _frames():
+        fn = os.path.abspath(f.f_code.co_filename)
+        if not fn.startswith(_SKIP_DIRS) and not fn.startswith(_STDLIB):
+            return fn, f.f_lineno
+    return None
+
+
+# --- detection -----------------------------------------------------------------------------------
+
+
+def _is_gather(func: object) -> bool:
+    return "all_gather_into_tensor" in str(func)
+
+
+def _hint(op: str) -> str:
+    base = op.split(".")[-1]
+    if base in ("__getitem__", "narrow", "index_select", "roll", "flip", "cumsum", "cumprod"):
+        return "credit_dtensor moves only the needed rows for supported cases; for others gather explicitly"
+    return (
+        "use an op credit_dtensor has a rule for (docs/patterns.md), declare the enclosing module "
+        "shard-local (credit_dtensor.shard_local) if it only mixes rows within a shard, or gather explicitly "
+        "with credit_dtensor.gather_tensor where a full tensor is really needed"
+    )
+
+
+def _report(op: str, nbytes: int, local_shape: tuple[int, ...], phase: str) -> None:
+    frame = _user_frame()
+    event = GatherEvent(op, module_path(), f"{frame[0]}:{frame[1]}" if frame else None, nbytes, local_shape, phase)
+    for rec in _recorders():
+        rec.append(event)
+    policy = _policy()
+    if policy == "raise":
+        raise ImplicitGatherError(
+            f"{event.describe()}. Fix: {_hint(op)}. (gather guard policy 'raise': "
+            f"set {ENV}=warn or credit_dtensor.gather_policy('warn') to only warn)"
+        )
+    if policy == "warn":
+        key = (op, event.call_site)
+        if key not in _warned:
+            _warned.add(key)
+            message = f"{event.describe()}. Fix: {_hint(op)}. Set {ENV}=raise to make this an error, or allow to silence it."
+            filename, lineno = frame if frame else ("credit_dtensor", 0)
+            warnings.warn_explicit(message, ImplicitGatherWarning, filename, lineno)
+
+
+class _Detector(TorchDispatchMode):
+    def __init__(self, op: str, phase: str) -> None:
+        super().__init__()
+        self.op, self.phase = op, phase
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # let DTensor desugar the op; its collectives come back here
+        if _is_gather(func) and args and isinstance(args[0], torch.Tensor):
+            t = args[0]
+            world = args[1] if len(args) > 1 and isinstance(args[1], int) else 1
+            _report(self.op, t.numel() * t.element_size() * world, tuple(t.shape), self.phase)
+        return func(*args, **(kwargs or {}))
+
+
+def _op_name(func: object) -> str:
+    """A readable name for a torch function: ``torch.roll``, ``Tensor.view``, ``F.pad``, ``aten.add.Tensor``."""
+    if isinstance(func, torch._ops.OpOverload):
+        return str(func)
+    name = getattr(func, "__name__", None) or str(func)
+    qual = getattr(func, "__qualname__", "") or ""
+    mod = getattr(func, "__module__", None) or ""
+    if mod.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    if qual.startswith(("TensorBase.", "Tensor.", "_TensorBase.")):
+        return f"Tensor.{name}"
+    if mod.startswith("torch.linalg") or qual.startswith("_LinAlg"):
+        return f"torch.linalg.{name}"
+    return f"torch.{name}"
+
+
+@contextlib.contextmanager
+def watch(func: object, phase: str = "forward") -> Iterator[None]:
+    """Apply the gather policy to collectives dispatched inside the block (not nested)."""
+    if getattr(_tls, "watching", False) or (_policy() == "allow" and not _recorders()):
+        yield
+        return
+    if torch.compiler.is_compiling():
+        yield
+        return
+    _tls.watching = True
+    try:
+        with _Detector(_op_name(func), phase):
+            yield
+    finally:
+        _tls.watching = False

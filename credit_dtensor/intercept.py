@@ -1,0 +1,163 @@
+"""Torch-function-level routing of calls on DTensors to credit_dtensor's rules.
+
+PyTorch's DTensor is wrong or wasteful for some ops on H-sharded tensors (conv: corrupt; losses:
+``Partial(avg)`` over unequal shards; roll/slicing/pad: silent all-gathers), and several of them
+are decomposed by PyTorch *before* DTensor sees them (``F.pad(mode="circular")``), so a rule
+must see the call as the user wrote it. One :class:`~torch.overrides.TorchFunctionMode` -- the
+public mechanism for this -- is installed on the importing thread (and on any thread that shards
+a tensor or runs a converted model): for a call whose arguments include a DTensor it asks the
+rules registered for that function (:func:`register`) in order; a rule returns ``NotImplemented``
+when the call is not its business. Calls without DTensors cost one dict lookup.
+
+Every DTensor call that no rule takes runs under the gather guard (:mod:`.guard`), as does
+``backward()`` on a DTensor, and a plain tensor next to an H-sharded DTensor (a latitude weight, a
+land mask) is taken as a full tensor that every rank holds (a ``Replicate`` DTensor, so pointwise
+ops slice it to the local rows, and its gradient is exact) instead of refusing with "mixed
+torch.Tensor and DTensor".
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.overrides import TorchFunctionMode
+
+from . import guard
+from .dtensor import first_sharded, has_dtensor, wrap_replicate
+
+__all__ = ["register", "registered_functions", "ensure_enabled", "enabled", "disable", "DomainRulesMode"]
+
+Rule = Callable[[Callable, tuple, dict], Any]
+
+_RULES: dict[Any, list[Rule]] = {}
+_BACKWARD = {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
+_tls = threading.local()
+
+
+def register(*funcs: Any) -> Callable[[Rule], Rule]:
+    """Decorator: ask ``rule(func, args, kwargs)`` first whenever one of ``funcs`` gets a DTensor."""
+
+    def deco(rule: Rule) -> Rule:
+        for f in funcs:
+            rules = _RULES.setdefault(f, [])
+            if rule not in rules:
+                rules.append(rule)
+        return rule
+
+    return deco
+
+
+def register_many(funcs: Iterable[Any], rule: Rule) -> Rule:
+    return register(*funcs)(rule)
+
+
+def registered_functions() -> dict[str, list[str]]:
+    """``{function name: [rule names]}`` for ``credit-dtensor info`` and the docs."""
+    return {
+        guard._op_name(f): [getattr(r, "__qualname__", repr(r)) for r in rules] for f, rules in _RULES.items()
+    }
+
+
+def _replicate_plain(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Plain tensors (not scalars) next to an H-sharded DTensor become ``Replicate`` DTensors."""
+    ref = first_sharded(*args, *kwargs.values())
+    if ref is None:
+        return args, kwargs
+    mesh = ref.device_mesh
+
+    def conv(a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) and a.ndim > 0:
+            return wrap_replicate(a, mesh)
+        if isinstance(a, (list, tuple)) and any(isinstance(b, torch.Tensor) and not isinstance(b, DTensor) for b in a):
+            return type(a)(conv(b) for b in a)
+        return a
+
+    return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
+
+
+class DomainRulesMode(TorchFunctionMode):
+    """The interception mode (one instance per thread; see the module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if kwargs is None:
+            kwargs = {}
+        rules = _RULES.get(func)
+        if rules is None and func not in _BACKWARD:
+            if not has_dtensor(args, kwargs):
+                return func(*args, **kwargs)
+            args, kwargs = _replicate_plain(args, kwargs)
+            with guard.watch(func):
+                return func(*args, **kwargs)
+        if not has_dtensor(args, kwargs):
+            return func(*args, **kwargs)
+        if func in _BACKWARD:
+            with guard.watch(func, "backward"):
+                return func(*args, **kwargs)
+        with guard.watch(func):
+            for rule in rules:  # type: ignore[union-attr]
+                out = rule(func, args, kwargs)
+                if out is not NotImplemented:
+                    return out
+            args, kwargs = _replicate_plain(args, kwargs)
+            return func(*args, **kwargs)
+
+
+def _mode_stack() -> list:
+    try:  # no public accessor; only used to avoid pushing inside a user's ``with mode:`` block
+        from torch.overrides import _get_current_function_mode_stack
+
+        return list(_get_current_function_mode_stack())
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def enabled() -> bool:
+    """Whether the rules are installed on the calling thread."""
+    return getattr(_tls, "mode", None) is not None
+
+
+def active() -> bool:
+    """Whether a rules mode is on the calling thread's stack right now (it is not while one of its
+    own handlers runs, e.g. during ``backward()``)."""
+    return any(isinstance(m, DomainRulesMode) for m in _mode_stack())
+
+
+class scoped:  # noqa: N801 - a context manager used like a function
+    """Rules active inside the block, e.g. for code that runs inside ``backward()`` (activation
+    checkpointing recomputes forwards there, while the mode is off for the ``backward`` call)."""
+
+    def __enter__(self) -> scoped:
+        self.mode = None if active() else DomainRulesMode()
+        if self.mode is not None:
+            self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(*exc)
+
+
+def ensure_enabled() -> None:
+    """Install the rules on the calling thread (idempotent; the importing thread has them).
+
+    The mode is pushed only when no other torch-function mode is active, so that leaving a user's
+    ``with SomeMode():`` block never pops ours; a later call outside such a block installs it.
+    """
+    if enabled() or _mode_stack():
+        return
+    mode = DomainRulesMode()
+    mode.__enter__()
+    _tls.mode = mode
+
+
+def disable() -> None:
+    """Remove the thread's rules if their mode is on top of the stack (to get PyTorch's own behaviour)."""
+    mode = getattr(_tls, "mode", None)
+    stack = _mode_stack()
+    if mode is not None and stack and stack[-1] is mode:
+        mode.__exit__(None, None, None)
+        _tls.mode = None

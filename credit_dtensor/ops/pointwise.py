@@ -1,0 +1,184 @@
+"""Ops that never mix rows across shards, run on each rank's own rows.
+
+Pointwise functions (every torch / ``Tensor`` / ``F`` function whose aten op carries PyTorch's
+``pointwise`` tag, plus the operators) and ops along a dim other than the sharded one (softmax,
+cumsum, sort ... over channels or W) are exact on the local rows whatever the shard sizes. DTensor
+runs them through its sharding propagation, which replicates (all-gathers) shards smaller than the
+mesh (``is_tensor_shardable``), refuses plain-tensor operands, and for some ops has no strategy at
+all (``hardswish_backward``). Running the op's own torch function on local tensors avoids all
+three; the backward is then plain autograd on local tensors. Operands are aligned with
+:func:`credit_dtensor.dtensor.align_operand` (full operands sliced to the local rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from ..dtensor import align_operand, domain_shard_dim, first_sharded, wrap_shard
+from ..errors import DomainParallelError
+from ..intercept import register_many
+
+__all__ = ["POINTWISE", "DIMWISE", "local_apply", "wrap_outputs"]
+
+_RANDOM = ("rand", "bernoulli", "normal", "dropout", "uniform", "exponential", "geometric", "cauchy", "poisson")
+_NOT_ELEMENTWISE = {"equal", "max", "min"}  # bool result / reductions (max/min: see ops.reduce)
+_OPERATORS = {
+    "__add__": "add", "__radd__": "add", "__sub__": "sub", "__rsub__": "rsub", "__mul__": "mul",
+    "__rmul__": "mul", "__truediv__": "div", "__rtruediv__": "div", "__floordiv__": "floor_divide",
+    "__rfloordiv__": "floor_divide", "__mod__": "remainder", "__rmod__": "remainder", "__pow__": "pow",
+    "__rpow__": "pow", "__neg__": "neg", "__abs__": "abs", "__and__": "bitwise_and", "__or__": "bitwise_or",
+    "__xor__": "bitwise_xor", "__invert__": "bitwise_not", "__eq__": "eq", "__ne__": "ne", "__lt__": "lt",
+    "__le__": "le", "__gt__": "gt", "__ge__": "ge", "__lshift__": "bitwise_left_shift",
+    "__rshift__": "bitwise_right_shift",
+}
+_F_ALIASES = {"logsigmoid": "log_sigmoid", "relu6": "hardtanh", "softsign": None, "tanhshrink": None}
+
+
+def _is_pointwise_aten(name: str | None) -> bool:
+    if not name or name in _NOT_ELEMENTWISE or any(r in name for r in _RANDOM):
+        return False
+    try:
+        packet = getattr(torch.ops.aten, name)
+        return any(torch.Tag.pointwise in getattr(packet, ov).tags for ov in packet.overloads())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _enumerate_pointwise() -> list[Callable]:
+    """Every public, out-of-place torch function whose aten op is tagged pointwise."""
+    found: list[Callable] = []
+    for ns in (torch, torch.special):
+        for name in dir(ns):
+            if not name.startswith("_") and not name.endswith("_") and _is_pointwise_aten(name):
+                found.append(getattr(ns, name))
+    for name in dir(torch.Tensor):
+        if not name.startswith("_") and not name.endswith("_") and _is_pointwise_aten(name):
+            found.append(getattr(torch.Tensor, name))
+    for name, aten_name in _OPERATORS.items():
+        if hasattr(torch.Tensor, name) and _is_pointwise_aten(aten_name):
+            found.append(getattr(torch.Tensor, name))
+    for name in dir(F):
+        if name.startswith("_") or name.endswith("_") or not callable(getattr(F, name)):
+            continue
+        if _is_pointwise_aten(_F_ALIASES.get(name, name)) and "dropout" not in name:
+            found.append(getattr(F, name))
+    for fn in (F.hardswish, F.silu, F.mish, F.gelu, F.logsigmoid, F.softplus, F.elu, F.leaky_relu):
+        found.append(fn)
+    return list(dict.fromkeys(found))
+
+
+POINTWISE: tuple[Callable, ...] = tuple(_enumerate_pointwise())
+
+
+def wrap_outputs(out: Any, ref: DTensor, out_dim_of: Callable[[torch.Tensor], int | None]) -> Any:
+    """Wrap local tensor outputs as ``Shard`` DTensors (global size of the sharded dim = ``ref``'s);
+    raises ``ValueError`` if an output does not keep the local rows (not a row-local op)."""
+    mesh = ref.device_mesh
+    d = domain_shard_dim(ref)
+    n, rows = ref.shape[d], ref.to_local().shape[d]
+
+    def wrap(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or isinstance(t, DTensor):
+            return t
+        od = out_dim_of(t)
+        if od is None or t.ndim <= od or t.shape[od] != rows:
+            raise ValueError("output does not keep the sharded rows")
+        shape = list(t.shape)
+        shape[od] = n
+        return wrap_shard(t, mesh, od, shape)
+
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # torch.return_types.*
+        return type(out)(tuple(wrap(t) for t in out))
+    if isinstance(out, (tuple, list)):
+        return type(out)(wrap(t) for t in out)
+    return wrap(out)
+
+
+def _tensors(args: Iterable[Any]) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(b for b in a if isinstance(b, torch.Tensor))
+    return out
+
+
+def _pointwise_rule(func, args, kwargs):
+    if kwargs.get("out") is not None:
+        return NotImplemented
+    tensors = _tensors((*args, *kwargs.values()))
+    ref = first_sharded(*tensors)
+    if ref is None:
+        return NotImplemented
+    try:
+        out_ndim = len(torch.broadcast_shapes(*(t.shape for t in tensors)))
+    except RuntimeError:
+        return NotImplemented  # let PyTorch raise its own error
+    ref_dim = domain_shard_dim(ref)
+    where = getattr(func, "__name__", str(func))
+
+    def align(a: Any) -> Any:
+        if isinstance(a, (list, tuple)) and any(isinstance(b, torch.Tensor) for b in a):
+            return type(a)(align(b) for b in a)
+        return align_operand(a, ref, ref_dim, out_ndim, where)
+
+    try:
+        largs = tuple(align(a) for a in args)
+        lkwargs = {k: align(v) for k, v in kwargs.items()}
+    except DomainParallelError:
+        return NotImplemented  # operands DTensor cannot combine either: its own error message
+    out = func(*largs, **lkwargs)
+    try:
+        return wrap_outputs(out, ref, lambda t: t.ndim - out_ndim + (out_ndim - ref.ndim + ref_dim))
+    except ValueError:
+        return NotImplemented
+
+
+register_many(POINTWISE, _pointwise_rule)
+
+
+# --- ops along one dim that is not the sharded one ------------------------------------------------------
+
+#: function -> (position of ``dim`` in args, keyword name)
+DIMWISE: dict[Callable, tuple[int, str]] = {
+    F.softmax: (1, "dim"), F.log_softmax: (1, "dim"), F.softmin: (1, "dim"), F.normalize: (2, "dim"),
+    F.glu: (1, "dim"), torch.softmax: (1, "dim"), torch.log_softmax: (1, "dim"),
+    torch.Tensor.softmax: (1, "dim"), torch.Tensor.log_softmax: (1, "dim"),
+    torch.cumsum: (1, "dim"), torch.Tensor.cumsum: (1, "dim"), torch.cumprod: (1, "dim"),
+    torch.Tensor.cumprod: (1, "dim"), torch.logcumsumexp: (1, "dim"), torch.Tensor.logcumsumexp: (1, "dim"),
+    torch.cummax: (1, "dim"), torch.cummin: (1, "dim"), torch.sort: (1, "dim"), torch.Tensor.sort: (1, "dim"),
+    torch.argsort: (1, "dim"), torch.Tensor.argsort: (1, "dim"),
+}
+
+
+def local_apply(func: Callable, args: tuple, kwargs: dict, x: DTensor, out_dim: int) -> Any:
+    """``func`` on ``x``'s local tensor (first argument), outputs sharded on ``out_dim``."""
+    args = (x.to_local(), *args[1:]) if args and args[0] is x else args
+    kwargs = {k: (v.to_local() if v is x else v) for k, v in kwargs.items()}
+    return wrap_outputs(func(*args, **kwargs), x, lambda t: out_dim)
+
+
+def _dimwise_rule(func, args, kwargs):
+    x = args[0] if args else kwargs.get("input")
+    sd = domain_shard_dim(x)
+    if sd is None or any(isinstance(a, DTensor) for a in (*args[1:], *kwargs.values())):
+        return NotImplemented
+    pos, name = DIMWISE[func]
+    dim = kwargs.get(name, args[pos] if len(args) > pos else (1 if func is F.normalize else None))
+    if not isinstance(dim, int):
+        return NotImplemented  # implicit-dim softmax (deprecated) or named dims: PyTorch's own path
+    if dim % x.ndim == sd:
+        return NotImplemented  # along the sharded dim: another rule, or the gather guard
+    try:
+        return local_apply(func, args, kwargs, x, sd)
+    except ValueError:
+        return NotImplemented
+
+
+register_many(DIMWISE, _dimwise_rule)

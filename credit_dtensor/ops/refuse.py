@@ -1,0 +1,78 @@
+"""Clear errors for ops that mix rows across shards and have no exact rule yet.
+
+Without these, PyTorch answers with its own messages ("aten.im2col.default does not have a
+sharding strategy", "got mixed torch.Tensor and DTensor", "Cannot flatten unevenly sharded
+tensor") or silently all-gathers. Each refusal names the op, the module (inside a converted
+model), why the op cannot run shard-locally, and what to do instead. The same decision is taken
+on every rank (it depends only on placements and shapes), so no rank is left waiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..dtensor import domain_shard_dim
+from ..errors import UnsupportedShardingError
+from ..guard import _op_name, module_path
+from ..intercept import register
+
+__all__ = ["refuse"]
+
+
+def refuse(func: Callable, why: str, fix: str) -> UnsupportedShardingError:
+    where = module_path()
+    prefix = f"{where}: " if where else ""
+    return UnsupportedShardingError(f"{prefix}{_op_name(func)} on an H-sharded tensor: {why}. Fix: {fix}")
+
+
+_GATHER_FIX = (
+    "gather the activation explicitly (credit_dtensor.gather_tensor) before this op and re-shard after it "
+    "(credit_dtensor.shard_tensor), or run the model with domain size 1 for this part"
+)
+
+
+@register(F.unfold, F.fold)
+def _unfold_rule(func, args, kwargs):
+    x = args[0] if args else kwargs.get("input")
+    if domain_shard_dim(x) is None:
+        return NotImplemented
+    raise refuse(
+        func,
+        "its output flattens every (H, W) patch position into one dim, which no H-sharding can describe",
+        "express the patch extraction as a convolution (e.g. nn.Conv2d with stride = kernel for patch embedding, "
+        "which credit_dtensor runs exactly), or " + _GATHER_FIX,
+    )
+
+
+@register(F.grid_sample)
+def _grid_sample_rule(func, args, kwargs):
+    x = args[0] if args else kwargs.get("input")
+    if domain_shard_dim(x) is None:
+        return NotImplemented
+    raise refuse(
+        func,
+        "each output pixel may sample any input row, so the rows it needs are only known from the grid's values",
+        _GATHER_FIX,
+    )
+
+
+def _token_dim_sharded(q: object, token_dim: int) -> bool:
+    d = domain_shard_dim(q)
+    return d is not None and isinstance(q, torch.Tensor) and d % q.ndim == token_dim % q.ndim
+
+
+@register(F.multi_head_attention_forward)
+def _mha_rule(func, args, kwargs):
+    q = args[0] if args else kwargs.get("query")
+    if domain_shard_dim(q) is None:
+        return NotImplemented
+    raise refuse(
+        func,
+        "attention over tokens that span shards needs every token's keys and values",
+        "attend within windows that lie inside one shard (declare the block shard-local: "
+        "credit_dtensor.shard_local), or use F.scaled_dot_product_attention on (B, heads, tokens, dim) with "
+        "heads divisible by the domain size",
+    )

@@ -1,0 +1,240 @@
+"""Never silently wrong: rank agreement, the gather guard, plain inputs that require grad, and a clear
+``DomainParallelError`` for each misuse -- raised on every rank, none left blocked."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from tests.harness import get_world, manager
+
+
+def _raises(fn, exc_type, *words) -> str:
+    try:
+        fn()
+    except exc_type as e:  # noqa: PERF203
+        msg = str(e)
+        missing = [w for w in words if w not in msg]
+        assert not missing, f"message lacks {missing}: {msg}"
+        return msg
+    raise AssertionError(f"{fn} did not raise {exc_type.__name__}")
+
+
+def _still_in_step() -> None:
+    """A collective after an error: every rank must reach it (no rank left behind)."""
+    import torch.distributed as dist
+
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == dist.get_world_size()
+
+
+# --- rank agreement ------------------------------------------------------------------------------------
+
+
+def _agreement_task() -> str:
+    import torch.distributed as dist
+
+    import credit_dtensor as cd
+    from credit_dtensor.errors import DomainParallelError
+
+    m = manager()
+    rank = dist.get_rank()
+    x = torch.zeros(1, 2, 9 + rank, 4)  # rank r passes H = 9 + r
+    _raises(lambda: cd.shard_tensor(x, m, 2), DomainParallelError, "rank 0 passed shape (1, 2, 9, 4)", "rank 1")
+    _still_in_step()
+    y = torch.zeros(1, 2, 9, 4, dtype=torch.float64 if rank else torch.float32)
+    _raises(lambda: cd.shard_tensor(y, m, 2), DomainParallelError, "float32", "float64")
+    _still_in_step()
+    torch.manual_seed(100 + rank)  # the classic bug: unseeded data differs per rank
+    z = torch.randn(1, 2, 9, 4)
+    cd.shard_tensor(z, m, 2)  # shapes agree: not checked without verify
+    _raises(lambda: cd.shard_tensor(z, m, 2, verify=True), DomainParallelError, "differs", "torch.manual_seed",
+            "DistributedSampler")
+    os.environ["CREDIT_DTENSOR_VERIFY"] = "1"
+    try:
+        _raises(lambda: cd.shard_batch({"x": z, "y": [z]}, m), DomainParallelError, "content", "differs")
+    finally:
+        del os.environ["CREDIT_DTENSOR_VERIFY"]
+    torch.manual_seed(0)
+    same = torch.randn(1, 2, 9, 4)
+    cd.shard_tensor(same, m, 2, verify=True)
+    cd.shard_batch({"x": same, "t": torch.zeros(3)}, m, verify=True)
+    batch = {"x": same} if rank == 0 else {"x": same, "y": same}  # different batch structure
+    _raises(lambda: cd.shard_batch(batch, m), DomainParallelError, "disagree", "no tensor")
+    _still_in_step()
+    return "ok"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_disagreement_raises_on_every_rank(world):
+    assert get_world(world).run(_agreement_task) == ["ok"] * world
+
+
+# --- the gather guard ------------------------------------------------------------------------------------
+
+
+class _FlipGrad(torch.autograd.Function):
+    """Identity whose backward flips the gradient along H: a gather that happens only in backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.flip(torch.flip(g, dims=(2,)), dims=(2,))
+
+
+class _RollBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.flip(self.conv(x), dims=(2,))  # flip along H: no rule, gathered by DTensor
+        return self.conv(_FlipGrad.apply(self.conv(x))) + y
+
+
+def _guard_task() -> dict:
+    import credit_dtensor as cd
+    from credit_dtensor.guard import record_gathers
+
+    m = manager()
+    x = cd.shard_tensor(torch.randn(1, 2, 10, 4, generator=torch.Generator().manual_seed(0)), m, 2)
+    out: dict = {}
+    # warn (the default): one warning per op and call site
+    with cd.gather_policy("warn"), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch.flip(x, dims=(2,))
+    out["warnings"] = [str(i.message) for i in w if issubclass(i.category, cd.ImplicitGatherWarning)]
+    # raise: every rank raises before the collective; the ranks are still in step afterwards
+    with cd.gather_policy("raise"):
+        out["raise"] = _raises(lambda: torch.flip(x, dims=(2,)), cd.ImplicitGatherError, "torch.flip", "bytes")
+        assert isinstance(cd.ImplicitGatherError("x"), cd.DomainParallelError)
+        full = cd.gather_tensor(x)  # explicit gathers are never flagged
+        assert full.shape == (1, 2, 10, 4)
+    _still_in_step()
+    # allow: silent
+    with cd.gather_policy("allow"), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.flip(x, dims=(2,))
+    out["allow"] = len([i for i in w if issubclass(i.category, cd.ImplicitGatherWarning)])
+    # the setter form, the getter, and the module path inside a converted model
+    previous = cd.gather_policy()
+    cd.gather_policy("raise")
+    assert cd.gather_policy() == "raise"
+    cd.gather_policy(previous)
+    torch.manual_seed(0)
+    model = cd.convert_to_domain_parallel(nn.Sequential(_RollBlock()), m)
+    with cd.gather_policy("allow"), record_gathers() as events:
+        y = model(x)
+        y.sum().backward()
+    out["events"] = [(e.op, e.module, e.phase) for e in events]
+    _raises(lambda: cd.gather_policy("sometimes"), cd.DomainParallelError, "warn", "raise", "allow")
+    return out
+
+
+def test_gather_guard_policies():
+    for rank, out in enumerate(get_world(2).run(_guard_task)):
+        assert len(out["warnings"]) == 1, (rank, out["warnings"])
+        assert "torch.flip" in out["warnings"][0] and "test_guard.py" in out["warnings"][0], out["warnings"][0]
+        assert "CREDIT_DTENSOR_GATHER" in out["warnings"][0]
+        assert out["allow"] == 0
+        ops = {(op, mod, phase) for op, mod, phase in out["events"]}
+        assert ("torch.flip", "0 (_RollBlock)", "forward") in ops, ops
+        assert any(phase == "backward" for _, _, phase in ops), ops
+
+
+def _env_task() -> str:
+    import credit_dtensor as cd
+    from credit_dtensor import guard
+
+    m = manager()
+    x = cd.shard_tensor(torch.randn(1, 2, 8, 4), m, 2)
+    os.environ["CREDIT_DTENSOR_GATHER"] = "raise"
+    guard._state["policy"] = None
+    try:
+        _raises(lambda: torch.flip(x, dims=(2,)), cd.ImplicitGatherError, "gather guard policy 'raise'")
+        os.environ["CREDIT_DTENSOR_GATHER"] = "bogus"
+        guard._state["policy"] = None
+        _raises(lambda: torch.flip(x, dims=(2,)), cd.DomainParallelError, "CREDIT_DTENSOR_GATHER='bogus'")
+    finally:
+        del os.environ["CREDIT_DTENSOR_GATHER"]
+        guard._state["policy"] = None
+    _still_in_step()
+    return "ok"
+
+
+def test_gather_policy_from_environment():
+    assert get_world(2).run(_env_task) == ["ok", "ok"]
+
+
+# --- plain inputs that require grad -------------------------------------------------------------------------
+
+
+def _plain_grad_task() -> float:
+    import credit_dtensor as cd
+
+    m = manager()
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.GELU(), nn.Conv2d(3, 1, 3, padding=1)).double()
+    model = cd.convert_to_domain_parallel(
+        nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.GELU(), nn.Conv2d(3, 1, 3, padding=1)).double(), m
+    )
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 2, 13, 5, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    ref(x_ref).square().mean().backward()
+    model(x).square().mean().backward()  # plain input: the wrapper shards it
+    assert x.grad is not None and x.grad.shape == x.shape
+    return (x.grad - x_ref.grad).abs().max().item()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_plain_input_gets_full_exact_gradient(world):
+    for err in get_world(world).run(_plain_grad_task):
+        assert err < 1e-12
+
+
+# --- misuses -----------------------------------------------------------------------------------------------
+
+
+def _misuse_task() -> str:
+    import numpy as np
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import credit_dtensor as cd
+
+    m = manager()
+    E = cd.DomainParallelError
+    _raises(lambda: cd.shard_tensor([[1.0, 2.0]], m, 0), E, "expected a torch.Tensor, got list", "torch.as_tensor")
+    _raises(lambda: cd.shard_tensor(np.zeros((2, 3)), m, 0), E, "got ndarray", "torch.as_tensor")
+    _raises(lambda: cd.convert_to_domain_parallel(torch.zeros(3), m), E, "expected an nn.Module, got Tensor")
+    _raises(lambda: cd.plan(lambda: nn.Conv2d(1, 1, 3), 2, (1, 1, 8, 8)), E, "expected an nn.Module, got function")
+    x = cd.shard_tensor(torch.randn(1, 2, 8, 6), m, 2)
+    _raises(lambda: nn.Unfold(3)(x), cd.UnsupportedShardingError, "F.unfold", "Conv2d")
+    grid = torch.zeros(1, 8, 6, 2)
+    _raises(lambda: F.grid_sample(x, grid, align_corners=False), cd.UnsupportedShardingError, "F.grid_sample",
+            "gather_tensor")
+    mha = cd.convert_to_domain_parallel(nn.MultiheadAttention(6, 2, batch_first=True), m)
+    tokens = cd.shard_tensor(torch.randn(1, 8, 6), m, 1)
+    _raises(lambda: mha(tokens, tokens, tokens), cd.UnsupportedShardingError, "multi_head_attention_forward",
+            "shard_local")
+    own = cd.DomainParallelManager(dist.get_world_size(), device_type="cpu")
+    own.close()  # the group is not its own: it stays up, but the manager is closed
+    _raises(lambda: cd.shard_tensor(torch.zeros(1, 1, 4, 4), own, 2), E, "closed", "new DomainParallelManager")
+    _raises(lambda: cd.convert_to_domain_parallel(nn.Conv2d(1, 1, 3), own), E, "closed")
+    _still_in_step()
+    return "ok"
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_misuses_raise_clear_errors(world):
+    assert get_world(world).run(_misuse_task) == ["ok"] * world
