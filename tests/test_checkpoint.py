@@ -118,7 +118,7 @@ def test_resume_is_bit_identical_and_reshards(tmp_path) -> None:
 # --- damaged checkpoints: resume falls back to the newest one that loads -----------------------
 
 D = 1  # steps between checkpoints in the damage tests
-DAMAGES = ("corrupt_metadata", "truncated_distcp", "missing_distcp", "empty_dir")
+DAMAGES = ("corrupt_metadata", "truncated_distcp", "missing_distcp", "empty_dir", "corrupt_distcp")
 
 
 def _damage(path, how: str) -> None:
@@ -134,6 +134,10 @@ def _damage(path, how: str) -> None:
             f.truncate(shards[-1].stat().st_size // 2)
     elif how == "missing_distcp":
         shards[0].unlink()
+    elif how == "corrupt_distcp":  # same size, so only loading it can tell
+        data = bytearray(shards[-1].read_bytes())
+        data[:64] = b"\0" * 64
+        shards[-1].write_bytes(bytes(data))
     elif how == "empty_dir":
         shutil.rmtree(path)
         path.mkdir()
@@ -200,6 +204,7 @@ def test_resume_skips_damaged_checkpoints(tmp_path) -> None:
         "truncated_distcp": "truncated",
         "missing_distcp": "is missing",
         "empty_dir": "COMPLETE.json",
+        "corrupt_distcp": "failed to load",
     }
     for rank, res in enumerate(per_rank):
         for how in DAMAGES:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..errors import DomainParallelError
@@ -118,6 +119,14 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else ""
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: first line`` of the error, for DCP's wrapper the first rank's underlying error."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (inner, _trace) = min(exc.failures.items(), key=lambda kv: kv[0])
+        return f"rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -261,8 +270,9 @@ def resume_checkpoint(
         if problem is None:
             try:
                 return Path(name), load_checkpoint(name, model, optimizer)
-            except Exception as exc:  # noqa: BLE001 - DCP raises on every rank alike; try the next one
-                problem = f"failed to load ({type(exc).__name__}: {_first_line(exc)})"
+            # DCP raises on every rank alike (its CheckpointException is a BaseException)
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - try the next one
+                problem = f"failed to load ({_cause(exc)})"
         skipped.append(f"{Path(name).name}: {problem}")
         if _rank() == 0:
             logger.warning("skipping checkpoint %s: %s", name, problem)
