@@ -41,6 +41,10 @@ LDA_CHECK = (
     "credit-dtensor check credit_dtensor.models:crossformer --input-shape 1,3,32,16 --domain 3 "
     """--kwargs '{"lda_over_h": true}'"""
 )
+LDA_CHECK_2 = (
+    "credit-dtensor check credit_dtensor.models:crossformer --input-shape 1,3,32,16 --domain 2 "
+    """--kwargs '{"lda_over_h": true}'"""
+)
 FPAD_CHECK = (
     "credit-dtensor check credit_dtensor.models:unet --input-shape 1,3,26,16 --domain 3 "
     """--kwargs '{"functional_pad": true}'"""
@@ -109,10 +113,19 @@ EXAMPLES = [
     ),
     (
         "convert.md",
+        LDA_CHECK_2,
+        [
+            "CrossFormer: input (1, 3, 32, 16) over 2 ranks, atol 1e-10: exact -- 53 module outputs and 60 gradients",
+            "implicit all-gather(s) of H-sharded activations",
+            "│ stages.1.blocks.1.attn (LongDistanceAttention) │ Tensor.matmul │ forward │ 1,024 │",
+        ],
+    ),
+    (
+        "convert.md",
         FPAD_CHECK,
         [
-            "WeatherUNet: input (1, 3, 26, 16) over 3 ranks, atol 1e-10: exact -- 59 module outputs and 47 "
-            "gradients, worst error 0; 2 module(s) gathered the activation",
+            "WeatherUNet: input (1, 3, 26, 16) over 3 ranks, atol 1e-10: exact -- 59 module outputs and 47 gradients",
+            "│ 2 │ inc.conv1 │ PeriodicConv2d │ S(2) │",
             "gradients: input + 46 parameters exact",
         ],
     ),
