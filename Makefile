@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed-test
 LINT_STAMP := $(VENV)/.installed-lint
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test test-fast venv lint format clean
+.PHONY: demo test test-fast test-torch venv lint format clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The suite against another PyTorch, in its own environment (.venv-torch), e.g.
+#   make test-torch TORCH_SPEC=torch==2.14.1
+test-torch:
+	@test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
+	.venv-torch/bin/python -m pip install $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
+	.venv-torch/bin/python -m pip install -e '.[test]'
+	.venv-torch/bin/python -c "import torch; print('testing against torch', torch.__version__)"
+	.venv-torch/bin/python -m pytest $(PYTEST_ARGS)
 
 # Everything but the end-to-end runs marked `slow` (torchrun restarts, checkpoint round trips).
 test-fast: $(STAMP)
@@ -51,5 +60,5 @@ format: $(LINT_STAMP)
 	$(VPY) -m ruff format $(LINT_PATHS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) .venv-torch build dist *.egg-info .pytest_cache .hypothesis .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

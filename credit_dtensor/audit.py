@@ -10,8 +10,7 @@ and a ``TorchFunctionMode`` that follows where H is in every tensor. Each module
 * the minimum local H the rule needs (``0``: any shard size, empty shards included);
 * hazards -- operations whose meaning changes when H is split: attention / window partitioning
   over H (a reshape that splits or merges H), Linear or matmul contracting H, softmax and global
-  pooling over H, ``torch.roll`` along H, slicing H, functional circular padding (gathered by
-  PyTorch). Inside a module declared shard-local they are notes: they act on local rows.
+  over H without an exact rule, indexing one row of H. Inside a module declared shard-local they are notes: they act on local rows.
 
 A shard-local module whose windows do not fit the shards for the given input is an error: the
 plan says so before anything runs, with the largest domain size that would work.
@@ -193,7 +192,6 @@ _SOFTMAX = {
     "argsort",
     "topk",
     "normalize",
-    "flip",
 }
 _REDUCE = {
     "sum",
@@ -218,6 +216,8 @@ _REDUCE = {
     "nanmean",
     "nansum",
 }
+#: reductions over H that credit_dtensor computes exactly (per-rank partials, one all-reduce)
+_EXACT_REDUCE = _REDUCE - {"prod", "median"}
 _SPATIAL_FUNCS = {
     "conv1d",
     "conv2d",
@@ -349,10 +349,13 @@ class _HTracker(TorchFunctionMode):
         if name == "multi_head_attention_forward":
             self.event("hazard", "nn.MultiheadAttention over tokens that include H: attention spans shards")
             return
+        if name == "flip":
+            dims = _norm_dims(_dims_arg(args, kwargs, 1, "dims"), nd)
+            if dims is None or h in dims:
+                self.event("note", "flip along H: exact, rows exchanged between mirrored ranks")
+            return self.mark(outs[0], h)
         if name in _SOFTMAX:
             dims = _norm_dims(_dims_arg(args, kwargs), nd)
-            if name == "flip":
-                dims = _norm_dims(_dims_arg(args, kwargs, 1, "dims"), nd)
             if dims is None and name in ("normalize",):
                 dims = [1]
             if dims is None or h in dims:
@@ -362,25 +365,33 @@ class _HTracker(TorchFunctionMode):
         if name in _REDUCE:
             dims = _norm_dims(_dims_arg(args, kwargs), nd)
             if dims is None or h in dims:
-                self.event("hazard", f"global {name} over H: the result is reduced across shards (not sharded)")
+                if name in _EXACT_REDUCE:
+                    self.event("note", f"{name} over H: exact (per-rank partials, one all-reduce); result Replicate")
+                else:
+                    self.event("hazard", f"{name} over H: no exact rule, PyTorch gathers the tensor")
                 return
             keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
             return self.mark(outs[0], h if keep else h - sum(d < h for d in dims))
         if name.startswith("adaptive_") and "pool" in name:
             if outs[0].shape[h] == 1 and t.shape[h] > 1:
-                self.event("hazard", f"global pooling over H ({name} to 1): one value from all shards")
+                self.event("note", f"global pooling over H ({name} to 1): exact, one all-reduce; result Replicate")
                 return
             return self.mark(outs[0], h)
         if name == "roll":
             dims = _norm_dims(kwargs.get("dims", args[2] if len(args) > 2 else None), nd)
-            if dims is None or h in dims:
-                self.event("hazard", "torch.roll along H (shifted windows): wraps rows across shards")
+            if dims is None:
+                self.event("hazard", "torch.roll without dims (flattened): PyTorch gathers the tensor")
+            elif h in dims:
+                self.event("note", "torch.roll along H (shifted windows): exact, only the shifted rows move")
             return self.mark(outs[0], h)
         if name == "__getitem__":
             return self._getitem(t, h, args[1] if len(args) > 1 else None, outs[0])
         if name in ("narrow", "select", "index_select", "gather", "take_along_dim", "repeat_interleave"):
             dim = _dims_arg(args, kwargs)
             if isinstance(dim, int) and dim % nd == h:
+                if name in ("narrow", "index_select"):
+                    self.event("note", f"{name} along H: exact, re-chunked (only rows that change owner move)")
+                    return self.mark(outs[0], h)
                 self.event("hazard", f"{name} along H: needs rows of other shards (PyTorch gathers)")
                 return
             if name == "select":
@@ -392,12 +403,20 @@ class _HTracker(TorchFunctionMode):
             if name == "stack":
                 return self.mark(outs[0], h + (dim <= h))
             if dim == h:
+                if name in ("cat", "concat", "concatenate"):
+                    self.event("note", f"{name} along H: exact, re-chunked (only rows that change owner move)")
+                    return self.mark(outs[0], h)
                 self.event("hazard", f"{name} along H: concatenating shards changes their layout")
                 return
             return self.mark(outs[0], h)
         if name in ("chunk", "split", "unbind", "tensor_split", "split_with_sizes"):
             dim = _dims_arg(args, kwargs, 2 if name != "unbind" else 1, "dim") or 0
             if dim % nd == h:
+                if name in ("chunk", "split"):
+                    self.event("note", f"{name} along H: exact, each piece re-chunked over the ranks")
+                    for o in outs:
+                        self.mark(o, h)
+                    return
                 self.event("hazard", f"{name} along H: pieces do not follow the shards")
                 return
             for o in outs:
@@ -406,11 +425,7 @@ class _HTracker(TorchFunctionMode):
         if name == "pad":
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             if mode == "circular":
-                self.event(
-                    "hazard",
-                    "F.pad(mode='circular') on a sharded tensor: PyTorch's DTensor gathers the whole tensor "
-                    "(use nn.CircularPad2d/3d, which converts to an exact re-chunking pad)",
-                )
+                self.event("note", "F.pad(mode='circular'): exact (wraps rows across ranks on H, local on W)")
             return self.mark(outs[0], h)
         if name in ("interpolate", "upsample", "upsample_bilinear", "upsample_nearest"):
             if not _resample_rules_loaded():
@@ -547,12 +562,11 @@ class _HTracker(TorchFunctionMode):
                 dout += 1
                 continue
             if din == h:
-                if isinstance(i, slice) and slice(None).indices(t.shape[h]) == i.indices(t.shape[h]):
+                if isinstance(i, slice):
+                    if slice(None).indices(t.shape[h]) != i.indices(t.shape[h]):
+                        self.event("note", f"slicing H with {i!r}: exact, re-chunked (only rows that change owner move)")
                     return self.mark(o, dout)
-                self.event(
-                    "hazard",
-                    f"indexing H with {i!r}: a crop/slice of H (PyTorch gathers; use F.pad with negative pads)",
-                )
+                self.event("hazard", f"indexing H with {i!r}: selects one row of one shard (PyTorch gathers)")
                 return
             din += 1
             dout += isinstance(i, slice)
@@ -581,9 +595,9 @@ def _view_group(ins: list[int], outs: list[int], h: int) -> tuple[list[int] | No
 
 
 def _resample_rules_loaded() -> bool:
-    from .ops._dispatch import registered_ops
+    from .intercept import registered_functions
 
-    return any("upsample" in op for op in registered_ops())
+    return "F.interpolate" in registered_functions()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,7 +615,7 @@ def _halo_counts(needs: Sequence[Sequence[int | None]], n: int, world: int) -> t
 
 
 def _conv_row(row: PlanRow, mod: nn.Module, world: int, needed: bool) -> None:
-    from .ops.conv import _needs, conv_spec_from_module
+    from .ops.conv_spec import conv_spec_from_module, needs
 
     spec = conv_spec_from_module(mod)
     if spec.transposed and row.in_shape and row.out_shape:  # output_size= may set output_padding
@@ -616,10 +630,10 @@ def _conv_row(row: PlanRow, mod: nn.Module, world: int, needed: bool) -> None:
         return
     i = max(spec.nd - 2, 0)
     n = row.in_shape[-spec.nd + i]
-    row.halo = _halo_counts(_needs(spec, i, n, world), n, world)
+    row.halo = _halo_counts(needs(spec, i, n, world), n, world)
     row.rule = "halo" if any(row.halo) else "local"
     if not needed:
-        row.notes.append("no wrapper needed: exact aten rule")
+        row.notes.append("no wrapper needed: exact functional rule")
         if any(row.halo):
             row.notes.append("shards not stride-aligned here: a few rows move")
     sizes = chunk_sizes(n, world)
@@ -780,9 +794,9 @@ def _global_pool_hazard(row: PlanRow, mod: nn.Module) -> None:
     if isinstance(mod, pools) and row.in_shape and row.out_shape and len(row.in_shape) >= 3:
         i = -2 if len(row.in_shape) >= 4 else -1
         if row.out_shape[i] == 1 and row.in_shape[i] > 1:
-            row.hazards.append(
-                f"global pooling over H ({type(mod).__name__} to 1 row): one value from every shard, "
-                "the output is no longer sharded"
+            row.notes.append(
+                f"global pooling over H ({type(mod).__name__} to 1 row): exact, one all-reduce of the pooled "
+                "tensor; the output is Replicate (flatten + Linear heads and gates work on it)"
             )
 
 

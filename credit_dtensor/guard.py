@@ -225,6 +225,22 @@ def _report(op: str, nbytes: int, local_shape: tuple[int, ...], phase: str) -> N
             warnings.warn_explicit(message, ImplicitGatherWarning, filename, lineno)
 
 
+_CORRUPT = {torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default}
+
+
+def _refuse_builtin_conv(func: object, args: tuple) -> None:
+    """PyTorch's own DTensor convolution on a spatially sharded input returns a silently corrupt
+    result; reaching it means a conv ran below credit_dtensor's rules (e.g. inside a composite
+    function): refuse rather than be wrong."""
+    x = args[1] if func is torch.ops.aten.convolution_backward.default else args[0]
+    if isinstance(x, DTensor) and any(getattr(p, "dim", 0) >= 2 for p in x.placements if p.is_shard()):
+        raise DomainParallelError(
+            f"{module_path() or 'a convolution'}: {func} reached PyTorch's DTensor rule with an input sharded on a "
+            f"spatial dim ({x.placements}), whose result is silently wrong: call F.conv*/the module directly "
+            "(credit_dtensor's rule intercepts those), not from inside another function that PyTorch runs"
+        )
+
+
 class _Detector(TorchDispatchMode):
     def __init__(self, op: str, phase: str) -> None:
         super().__init__()
@@ -232,6 +248,8 @@ class _Detector(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         if any(issubclass(t, DTensor) for t in types):
+            if func in _CORRUPT:
+                _refuse_builtin_conv(func, args)
             return NotImplemented  # let DTensor desugar the op; its collectives come back here
         if _is_gather(func) and args and isinstance(args[0], torch.Tensor):
             t = args[0]

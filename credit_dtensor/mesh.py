@@ -32,7 +32,22 @@ logger = logging.getLogger(__name__)
 MESH_DIM_NAMES = ("dp", "domain")
 #: Process-group timeout used when we create the default group: long enough for a slow first
 #: step, short enough that a dead peer fails the job instead of hanging it for the default 30 min.
-DEFAULT_PG_TIMEOUT = timedelta(seconds=int(os.environ.get("CREDIT_DTENSOR_PG_TIMEOUT", "600")))
+PG_TIMEOUT_ENV = "CREDIT_DTENSOR_PG_TIMEOUT"
+
+
+def pg_timeout() -> timedelta:
+    """The timeout from ``CREDIT_DTENSOR_PG_TIMEOUT`` (seconds, default 600), read when a group is made."""
+    raw = os.environ.get(PG_TIMEOUT_ENV, "600")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise DomainParallelError(f"{PG_TIMEOUT_ENV}={raw!r} is not a positive number of seconds: set e.g. 600")
+    return timedelta(seconds=seconds)
+
+
+DEFAULT_PG_TIMEOUT = timedelta(seconds=600)
 
 _GLOBAL_MANAGER: DomainParallelManager | None = None
 
@@ -98,7 +113,7 @@ def _init_default_group(device_type: str) -> None:
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     logger.info("initializing process group backend=%s from the torchrun environment", backend)
-    dist.init_process_group(backend=backend, timeout=DEFAULT_PG_TIMEOUT)
+    dist.init_process_group(backend=backend, timeout=pg_timeout())
 
 
 class DomainParallelManager:

@@ -49,6 +49,7 @@ __all__ = [
     "parallelize",
     "convert_model",
     "apply_activation_checkpointing",
+    "apply_compile",
     "apply_fsdp",
     "default_blocks",
     "reduce_gradients",
@@ -153,6 +154,7 @@ def parallelize(
     activation_checkpointing: bool = False,
     blocks: Iterable[nn.Module] | None = None,
     custom_converters: Mapping[type, Callable] | None = None,
+    compile: bool | str = False,
 ) -> nn.Module:
     """Make ``model`` domain-parallel on ``manager.domain_mesh`` and FSDP2-sharded on ``manager.dp_mesh``.
 
@@ -165,6 +167,9 @@ def parallelize(
         activation_checkpointing: recompute every block in backward.
         blocks: FSDP/checkpoint units (default :func:`default_blocks`).
         custom_converters: passed to ``convert_to_domain_parallel``.
+        compile: ``torch.compile`` every block (``True``: inductor, or a backend name such as
+            ``"aot_eager"``) with ``fullgraph=True, dynamic=False``; the whole model when it has no
+            blocks. FSDP2's hooks stay outside the compiled regions (torchtitan's recipe).
 
     Returns the same model object (FSDP2 swaps its class in place).
     """
@@ -184,6 +189,8 @@ def parallelize(
         apply_fsdp(model, manager.dp_mesh, blocks, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     else:
         model._dp_manager = manager  # for reduce_gradients
+    if compile:
+        apply_compile(blocks or [model], "inductor" if compile is True else str(compile))
     logger.info(
         "parallelized %s: dp=%d domain=%d fsdp=%s blocks=%d checkpointing=%s",
         type(model).__name__,
@@ -194,6 +201,17 @@ def parallelize(
         activation_checkpointing,
     )
     return model
+
+
+def apply_compile(units: Iterable[nn.Module], backend: str = "inductor") -> None:
+    """``torch.compile`` each unit in place (``nn.Module.compile``: names and hooks unchanged).
+
+    ``fullgraph=True``: every rule of a converted model is traceable or an opaque custom op, so a
+    graph break is a bug to report, not a slowdown to accept. ``dynamic=False``: shard sizes are
+    static per input size (a new field size compiles a new graph instead of symbolic shapes).
+    """
+    for unit in units:
+        unit.compile(backend=backend, fullgraph=True, dynamic=False)
 
 
 # ---------------------------------------------------------------------------------------------

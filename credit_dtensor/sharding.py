@@ -17,8 +17,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from . import comm, intercept
-from .errors import DomainParallelError, MeshMismatchError
 from .agreement import VERIFY_ENV, check_agreement
+from .errors import DomainParallelError, MeshMismatchError
 from .geometry import chunk_range, chunk_sizes
 from .mesh import DomainParallelManager
 

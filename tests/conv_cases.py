@@ -149,10 +149,10 @@ def _row_bytes(shape, dim: int, itemsize: int = 8) -> int:
 
 def expected_traffic(case: dict, world: int) -> dict[str, dict]:
     """``{op label: {"recv": [bytes per rank], "sent": [...]}}`` that the case's forward needs at
-    the minimum: one fused op for the module path and for ``F.conv*`` with zeros padding; on the
-    functional path, the ops PyTorch itself runs: ``F.pad(mode)`` then ``F.conv*`` with padding 0
-    for another ``padding_mode`` (as its module does), and ``constant_pad_nd`` of the asymmetric
-    remainder then the symmetric conv for ``padding="same"`` with an even span (as aten does)."""
+    the minimum: one fused op for the module path and for ``F.conv*`` with zeros padding (``"same"``
+    with an even span included: the functional rule sees the call before PyTorch splits the
+    padding); on the functional path with another ``padding_mode``, the ops users (and PyTorch's
+    module) write: ``F.pad(mode)`` then ``F.conv*`` with padding 0."""
     shape, dim = _shape_dim(case)
     ref = _ones_module(case)
     nd = case["nd"]
@@ -160,20 +160,7 @@ def expected_traffic(case: dict, world: int) -> dict[str, dict]:
     mode = case.get("padding_mode", "zeros")
     conv = getattr(F, f"conv{nd}d")
     functional = case.get("path", "module") == "functional"
-    if functional and not case.get("transposed") and mode == "zeros" and ref.padding == "same":
-        # aten's _convolution_mode: F.conv*(padding="same") with an asymmetric split pads the
-        # difference on the right with constant_pad_nd, then convolves with the left padding
-        total = [d * (k - 1) for d, k in zip(ref.dilation, ref.kernel_size)]
-        left = tuple(t // 2 for t in total)
-        pads = []
-        for t, lo in reversed(list(zip(total, left))):
-            pads += [0, t - 2 * lo]
-        padded = tuple(F.pad(torch.empty(shape, device="meta"), pads).shape)
-        ops = [
-            ("pad", lambda t: F.pad(t, pads), shape),
-            (label, lambda t: conv(t, ref.weight, None, ref.stride, left, ref.dilation, ref.groups), padded),
-        ]
-    elif not functional or case.get("transposed") or mode == "zeros":
+    if not functional or case.get("transposed") or mode == "zeros":
         ops = [(label, ref, shape)]
     else:
         pads = list(ref._reversed_padding_repeated_twice)

@@ -38,12 +38,12 @@ def test_info_in_process(monkeypatch, capsys):
     assert torch.__version__ in out
     assert "gloo yes" in out
     assert "not under torchrun" in out
-    from credit_dtensor.ops._dispatch import registered_ops
+    from credit_dtensor.intercept import registered_functions
 
-    ops = registered_ops()  # main imported every op module
-    assert f"{len(ops)} aten ops" in out if ops else "none yet" in out
-    for op in ops:
-        assert op.removeprefix("aten.").removesuffix(".default") in out
+    ops = registered_functions()  # main imported every op family
+    assert f"{len(ops)} torch functions routed" in out
+    for rule in {r for rules in ops.values() for r in rules}:
+        assert rule in out
     assert not dist.is_initialized()  # info must not leave a process group behind
 
 
@@ -352,10 +352,6 @@ def test_launcher_collects_results_and_reports_a_failing_rank():
 
 # --- layout: the core package does not import the tooling ---------------------------------------
 
-#: deprecated aliases at the old module names, kept until every caller imports the new paths
-ALIASES = {"train.py", "demo.py", "checkpoint.py", "data.py", "launch.py", "cli_convert.py"}
-
-
 def test_core_package_does_not_import_tools_or_cli():
     pkg = os.path.join(ROOT, "credit_dtensor")
     offenders = []
@@ -364,7 +360,7 @@ def test_core_package_does_not_import_tools_or_cli():
         if rel.split(os.sep)[0] in ("tools", "cli"):
             continue
         for name in files:
-            if not name.endswith(".py") or (rel == "." and name in ALIASES):
+            if not name.endswith(".py"):
                 continue
             text = open(os.path.join(dirpath, name), encoding="utf-8").read()
             if re.search(r"^\s*(from|import)\s+(credit_dtensor\.|\.+)(tools|cli)\b", text, flags=re.M):

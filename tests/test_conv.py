@@ -12,14 +12,6 @@ from tests.harness import get_world
 
 WORLDS = [1, 2, 3, 4]
 
-try:
-    import credit_dtensor.ops.pad  # noqa: F401  (registers the aten.constant_pad_nd rule)
-
-    _HAS_PAD_RULE = True
-except ImportError:
-    _HAS_PAD_RULE = False
-
-
 def _check(results):
     bad = []
     for r in results:
@@ -68,35 +60,14 @@ NAMED = {
 }
 
 
-#: PyTorch decomposes ``F.pad(mode="circular")`` into slices + cat *above* DTensor dispatch, so the
-#: padded activation comes back Replicate (an all-gather) and ``F.pad`` + ``F.conv*`` -- exactly what
-#: ``nn.Conv*d(padding_mode="circular")`` runs -- is not Shard(H) on the functional path (values are
-#: exact). Fixing it needs interception at the torch-function level (DESIGN.md section 6).
-FUNCTIONAL_CIRCULAR_GATHERS = (
-    "package gap: F.pad(mode='circular') on an H-sharded DTensor is decomposed by PyTorch above DTensor "
-    "dispatch and returns Replicate (all-gather), so functional circular conv (F.pad + F.conv*, as "
-    "nn.Conv*d runs it) is not Shard(H); needs the torch-function interception layer"
-)
-
-
-def _functional_circular(case: dict) -> bool:
-    return case.get("path") == "functional" and case.get("padding_mode") == "circular"
-
-
 @pytest.mark.parametrize("size", WORLDS)
 @pytest.mark.parametrize("path", ["module", "functional"])
 def test_named_cases(size, path):
     """Functional cases keep padding_mode on both sides: F.pad(mode) + F.conv*(padding 0), as
-    PyTorch's module does (functional circular: see test_named_functional_circular)."""
-    cases = [dict(c, path=path, name=name) for name, c in NAMED.items()]
-    cases = [c for c in cases if not _functional_circular(c)]
-    if path == "functional" and not _HAS_PAD_RULE:
-        # F.conv2d(padding='same') with an even kernel pads explicitly (aten.constant_pad_nd) first
-        cases = [c for c in cases if not (c.get("padding") == "same" and c["name"] == "same even kernel")]
-    _run(size, cases)
+    PyTorch's module does (circular included: the F.pad rule sees it before PyTorch decomposes it)."""
+    _run(size, [dict(c, path=path, name=name) for name, c in NAMED.items()])
 
 
-@pytest.mark.xfail(strict=True, reason=FUNCTIONAL_CIRCULAR_GATHERS)
 @pytest.mark.parametrize("size", [1, 3])
 def test_named_functional_circular(size):
     cases = [dict(c, path="functional", name=name) for name, c in NAMED.items() if c.get("padding_mode") == "circular"]
@@ -123,7 +94,7 @@ def test_empty_and_tiny_shards(size):
         dict(nd=2, cin=2, cout=2, kernel=1, spatial=(1, 3)),
     ]
     functional = [dict(c, path="functional") for c in cases]
-    _run(size, cases + [c for c in functional if not _functional_circular(c)])  # circular: xfail test above
+    _run(size, cases + functional)
 
 
 # --- property-based -----------------------------------------------------------------------
@@ -173,8 +144,6 @@ def conv_case(draw):
     case["spatial"] = tuple(spatial)
     case["shard_spatial"] = draw(st.integers(0, nd - 1))
     case["path"] = draw(st.sampled_from(["module", "functional"]))
-    if _functional_circular(case):
-        case["path"] = "module"  # functional circular gathers (test_named_functional_circular, xfail)
     return case
 
 
@@ -202,11 +171,8 @@ def _check_traffic(case: dict, world: int, results: list[dict]) -> None:
     """Per rank and per op label: forward receives exactly the rows its output chunk reads from
     other ranks and sends exactly the rows others read from it (``expected_traffic``, derived from
     the single-device op only); backward is the adjoint (each received row's gradient goes back);
-    no collective. The functional aten path may re-gather the halo in backward (it runs below
-    autograd and keeps only the shard): then each label's backward adds exactly the forward traffic."""
+    no collective, on the module and the functional path alike (one autograd node each)."""
     exp = expected_traffic(case, world)
-    functional = case.get("path") == "functional"
-    regather: set[int] = set()
     for r, res in enumerate(results):
         f, b = res["fwd"], res["bwd"]
         ctx = (case.get("name", case), f"rank {r} of {world}", exp, res)
@@ -220,16 +186,9 @@ def _check_traffic(case: dict, world: int, results: list[dict]) -> None:
             assert got == {"recv": e["recv"][r], "sent": e["sent"][r]}, (label, ctx)
             gb = b["by_op"].get(label, {"recv": 0, "sent": 0})
             adjoint = {"sent": e["recv"][r], "recv": e["sent"][r]}
-            if gb != adjoint:
-                # only the functional aten rule may gather the halo again in backward
-                assert functional and gb == {"sent": e["recv"][r] + e["sent"][r], "recv": e["sent"][r] + e["recv"][r]}, (
-                    label, ctx)
-                regather.add(r)
+            assert gb == adjoint, (label, "backward is not the adjoint of forward", ctx)
             bwd_total = {k: bwd_total[k] + gb[k] for k in bwd_total}
         assert {"sent": b["sent"], "recv": b["recv"]} == bwd_total, ctx  # no traffic under other labels
-    if regather:  # all ranks or none (any rank with traffic re-gathers)
-        moved = {r for r, res in enumerate(results) if res["fwd"]["recv"] or res["fwd"]["sent"]}
-        assert regather == moved, (case, regather, moved)
 
 
 @pytest.mark.parametrize("size", [2, 3, 4])
@@ -238,7 +197,6 @@ def test_bytes_equal_independent_minimum(size, path):
     """Bytes received/sent by our conv == the geometric minimum derived from PyTorch's own op
     (``conv_cases.remote_rows``), forward and backward, on every rank."""
     cases = [dict(c, name=name, path=path) for name, c in {**NAMED, **BYTES_EXTRA}.items()]
-    cases = [c for c in cases if not _functional_circular(c)]
     results = get_world(size).run(_bytes_cases, cases)
     for i, case in enumerate(cases):
         _check_traffic(case, size, [rank[i] for rank in results])
@@ -252,20 +210,13 @@ def _bytes_cases(cases: list[dict]) -> list[dict]:
 
 
 #: Dilation (or a stride larger than the kernel) leaves rows between the taps that no output of a
-#: rank's chunk reads; the conv plan fetches the contiguous range [first, last] instead.
-GAPS_OVERFETCH = (
-    "package bug (communication, not values): credit_dtensor.geometry.conv_input_rows / "
-    "conv_transpose_input_rows return one contiguous row range, so with dilation > 1 or stride > kernel "
-    "the halo includes rows between taps that the rank's outputs never read (more bytes than the minimum "
-    "that docs/conv.md promises)"
-)
+#: rank's chunk reads: they must not be fetched.
 GAP_CASES = [
     dict(nd=2, cin=2, cout=2, kernel=3, stride=2, dilation=2, padding=1, spatial=(14, 5)),  # H: min [1,1], got [1,2]
     dict(nd=1, cin=2, cout=2, kernel=2, stride=2, dilation=3, padding=0, spatial=(4,), padding_mode="reflect"),
 ]
 
 
-@pytest.mark.xfail(strict=True, reason=GAPS_OVERFETCH)
 @pytest.mark.parametrize("i", range(len(GAP_CASES)))
 def test_bytes_minimal_with_dilation_gaps(i):
     case = dict(GAP_CASES[i], path="module")
@@ -323,7 +274,6 @@ def test_plan_rows_equal_independent_minimum(cfg_world):
     assert plan == probe, cfg_world
 
 
-@pytest.mark.xfail(strict=True, reason=GAPS_OVERFETCH)
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
           phases=[Phase.explicit, Phase.generate])
 @given(conv1d_config(gaps=True))

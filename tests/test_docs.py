@@ -90,8 +90,9 @@ EXAMPLES = [
         PANGU_PLAN,
         [
             "PanguLite: input (1, 3, 2, 26, 16), H=26 over 3 ranks [9, 9, 8]; 4 halo, 11 local, 1 re-chunk, "
-            "2 shard-local; 1 hazard(s)",
-            "plan ok: 1 hazard(s) to review",
+            "2 shard-local; 0 hazard(s)",
+            "torch.roll along H (shifted windows): exact,",
+            "plan ok: 0 hazard(s) to review",
         ],
     ),
     (

@@ -21,14 +21,14 @@ BASE = dict(steps=3, nlat=10, nlon=16, channels=3, width=8, global_batch=4, dtyp
 
 
 def _cfg(**kw):
-    from credit_dtensor.train import TrainConfig
+    from credit_dtensor.tools.train import TrainConfig
 
     return TrainConfig(**{**BASE, **kw})
 
 
 @functools.cache
 def _reference(key: tuple) -> tuple[list[float], dict[str, torch.Tensor]]:
-    from credit_dtensor.train import train_reference
+    from credit_dtensor.tools.train import train_reference
 
     res, state = train_reference(_cfg(**dict(key)))
     return res.losses, state
@@ -38,7 +38,7 @@ def task_train(configs: list[tuple[int, dict]]) -> list[dict]:
     """Run each ``(domain, config kwargs)``; return losses, full state and parameter placements."""
     import torch.distributed as dist
 
-    from credit_dtensor.train import full_state_dict, setup, train
+    from credit_dtensor.tools.train import full_state_dict, setup, train
 
     out = []
     for domain, kw in configs:
@@ -101,7 +101,7 @@ def test_fsdp_parity(world: int, configs: list) -> None:
 def task_loss_exact(nlat: int) -> list[float]:
     """global_mse on uneven/empty H shards equals the single-device MSE; returns the errors."""
     from credit_dtensor.sharding import shard_tensor
-    from credit_dtensor.train import global_mse
+    from credit_dtensor.tools.train import global_mse
 
     m = harness.manager()
     g = torch.Generator().manual_seed(nlat)
@@ -128,9 +128,9 @@ def task_reduce_gradients() -> list[str]:
     from torch.distributed.tensor import Partial
 
     from credit_dtensor import comm_stats
-    from credit_dtensor.data import sample_indices
     from credit_dtensor.parallelize import reduce_gradients
-    from credit_dtensor.train import global_mse, setup
+    from credit_dtensor.tools.data import sample_indices
+    from credit_dtensor.tools.train import global_mse, setup
 
     m = harness.manager(2)
     cfg = _cfg(fsdp=False)
@@ -158,7 +158,7 @@ def test_demo_small_run_passes() -> None:
     import sys
 
     code = (
-        "import sys; from rich.console import Console; from credit_dtensor.demo import DemoConfig, run_demo; "
+        "import sys; from rich.console import Console; from credit_dtensor.tools.demo import DemoConfig, run_demo; "
         "rep = run_demo(DemoConfig(steps=4, nlat=12, nlon=16), Console(width=200)); "
         "print('HALO', rep.halo_traffic_per_rank, rep.halo_minimum); sys.exit(0 if rep.ok else 1)"
     )

@@ -79,7 +79,7 @@ def test_rank_disagreement_raises_on_every_rank(world):
 
 
 class _FlipGrad(torch.autograd.Function):
-    """Identity whose backward flips the gradient along H: a gather that happens only in backward."""
+    """Identity whose backward sorts along H: a gather that happens only in backward."""
 
     @staticmethod
     def forward(ctx, x):
@@ -87,7 +87,7 @@ class _FlipGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return torch.flip(torch.flip(g, dims=(2,)), dims=(2,))
+        return torch.sort(g, 2).values * 0 + g
 
 
 class _RollBlock(nn.Module):
@@ -96,7 +96,7 @@ class _RollBlock(nn.Module):
         self.conv = nn.Conv2d(2, 2, 3, padding=1)
 
     def forward(self, x):
-        y = torch.flip(self.conv(x), dims=(2,))  # flip along H: no rule, gathered by DTensor
+        y = torch.sort(self.conv(x), 2).values  # sort along H: no rule, gathered by DTensor
         return self.conv(_FlipGrad.apply(self.conv(x))) + y
 
 
@@ -111,11 +111,11 @@ def _guard_task() -> dict:
     with cd.gather_policy("warn"), warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         for _ in range(3):
-            torch.flip(x, dims=(2,))
+            torch.sort(x, 2)
     out["warnings"] = [str(i.message) for i in w if issubclass(i.category, cd.ImplicitGatherWarning)]
     # raise: every rank raises before the collective; the ranks are still in step afterwards
     with cd.gather_policy("raise"):
-        out["raise"] = _raises(lambda: torch.flip(x, dims=(2,)), cd.ImplicitGatherError, "torch.flip", "bytes")
+        out["raise"] = _raises(lambda: torch.sort(x, 2), cd.ImplicitGatherError, "torch.sort", "bytes")
         assert isinstance(cd.ImplicitGatherError("x"), cd.DomainParallelError)
         full = cd.gather_tensor(x)  # explicit gathers are never flagged
         assert full.shape == (1, 2, 10, 4)
@@ -123,7 +123,7 @@ def _guard_task() -> dict:
     # allow: silent
     with cd.gather_policy("allow"), warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        torch.flip(x, dims=(2,))
+        torch.sort(x, 2)
     out["allow"] = len([i for i in w if issubclass(i.category, cd.ImplicitGatherWarning)])
     # the setter form, the getter, and the module path inside a converted model
     previous = cd.gather_policy()
@@ -143,11 +143,11 @@ def _guard_task() -> dict:
 def test_gather_guard_policies():
     for rank, out in enumerate(get_world(2).run(_guard_task)):
         assert len(out["warnings"]) == 1, (rank, out["warnings"])
-        assert "torch.flip" in out["warnings"][0] and "test_guard.py" in out["warnings"][0], out["warnings"][0]
+        assert "torch.sort" in out["warnings"][0] and "test_guard.py" in out["warnings"][0], out["warnings"][0]
         assert "CREDIT_DTENSOR_GATHER" in out["warnings"][0]
         assert out["allow"] == 0
         ops = {(op, mod, phase) for op, mod, phase in out["events"]}
-        assert ("torch.flip", "0 (_RollBlock)", "forward") in ops, ops
+        assert ("torch.sort", "0 (_RollBlock)", "forward") in ops, ops
         assert any(phase == "backward" for _, _, phase in ops), ops
 
 
@@ -160,10 +160,10 @@ def _env_task() -> str:
     os.environ["CREDIT_DTENSOR_GATHER"] = "raise"
     guard._state["policy"] = None
     try:
-        _raises(lambda: torch.flip(x, dims=(2,)), cd.ImplicitGatherError, "gather guard policy 'raise'")
+        _raises(lambda: torch.sort(x, 2), cd.ImplicitGatherError, "gather guard policy 'raise'")
         os.environ["CREDIT_DTENSOR_GATHER"] = "bogus"
         guard._state["policy"] = None
-        _raises(lambda: torch.flip(x, dims=(2,)), cd.DomainParallelError, "CREDIT_DTENSOR_GATHER='bogus'")
+        _raises(lambda: torch.sort(x, 2), cd.DomainParallelError, "CREDIT_DTENSOR_GATHER='bogus'")
     finally:
         del os.environ["CREDIT_DTENSOR_GATHER"]
         guard._state["policy"] = None

@@ -196,7 +196,7 @@ def test_cuda_requested_without_gpu():
 
 
 def test_manager_creates_group_from_torchrun_env_and_close_destroys_it(monkeypatch):
-    from credit_dtensor.launch import free_port
+    from credit_dtensor.tools.launch import free_port
 
     assert not dist.is_initialized()
     monkeypatch.setenv("RANK", "0")

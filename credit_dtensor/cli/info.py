@@ -59,10 +59,9 @@ def _import_op_modules() -> dict[str, str]:
 
 
 def _registered_ops() -> dict[str, list[str]]:
-    from ..ops import _dispatch
+    from ..intercept import registered_functions
 
-    registered = getattr(_dispatch, "registered_ops", None)
-    return registered() if registered is not None else {}
+    return registered_functions()
 
 
 def _backends() -> str:
@@ -96,17 +95,18 @@ def _mesh_rows(domain: int | None):
     return rows, manager
 
 
-def _short_op(name: str) -> str:
-    """``aten.convolution.default`` -> ``convolution``; other overloads keep their suffix."""
-    return name.removeprefix("aten.").removesuffix(".default")
-
-
 def _rules_table(ops: dict[str, list[str]]) -> Table:
-    table = Table(title="registered op rules")
-    table.add_column("aten op")
+    """One row per rule: how many torch functions it serves, and a few of them."""
+    by_rule: dict[str, list[str]] = {}
+    for fn, rules in ops.items():
+        for r in rules:
+            by_rule.setdefault(r, []).append(fn)
+    table = Table(title="registered op rules (torch functions routed on DTensors)")
     table.add_column("rule")
-    for op, rules in sorted(ops.items(), key=lambda kv: _short_op(kv[0])):
-        table.add_row(_short_op(op), ", ".join(rules))
+    table.add_column("functions", overflow="fold")
+    for rule, fns in sorted(by_rule.items()):
+        shown = ", ".join(sorted(fns)[:6]) + (f", ... ({len(fns)} in all)" if len(fns) > 6 else "")
+        table.add_row(rule, shown)
     return table
 
 
@@ -133,7 +133,7 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
             table.add_row("mesh", "not under torchrun (`torchrun --nproc-per-node N -m credit_dtensor.cli info`)")
         failed = _import_op_modules()
         ops = _registered_ops()
-        table.add_row("op rules", f"{len(ops)} aten ops intercepted on H-sharded DTensors" if ops else "none yet")
+        table.add_row("op rules", f"{len(ops)} torch functions routed to exact rules on DTensors" if ops else "none")
         for name, err in failed.items():
             table.add_row(f"[red]import failed[/red] {name}", err)
         if manager is None or manager.mesh.get_rank() == 0:

@@ -31,8 +31,11 @@ __all__ = [
 
 def _params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Evaluate (possibly parametrized) weight and bias. Parametrizations may mix the Replicate
-    parameters with plain buffers (spectral norm's power-iteration vectors): treat those as
-    replicated, which they are, since every rank runs the same update."""
+    parameters with plain buffers (spectral norm's power-iteration vectors): the rules mode takes
+    those as replicated, which they are, since every rank runs the same update. Outside a
+    compiled region the DTensor implicit-replication context covers direct aten calls too."""
+    if torch.compiler.is_compiling():
+        return module.weight, module.bias
     with implicit_replication():
         return module.weight, module.bias
 

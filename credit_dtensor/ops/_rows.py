@@ -15,7 +15,7 @@ So one tested implementation serves both, and no path ever all-gathers the activ
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from .. import stats
 from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_range
 from ..sharding import contiguous_stride
+from . import _groups, opaque
 
 __all__ = [
     "RowOp",
@@ -172,40 +173,97 @@ class RowOp:
     def backward(self, g: torch.Tensor, saved: Any, group: dist.ProcessGroup) -> torch.Tensor:
         raise NotImplementedError
 
-    # helpers for the two entry points --------------------------------------------------------
-    def run_forward(self, x: DTensor) -> tuple[DTensor, DTensor | None, Any]:
-        mesh, group, _, _ = domain_info(x)
-        with stats.op_label(self.label):
-            y, aux, saved = self.forward(x.to_local(), group)
-        aux_dt = wrap(aux, mesh, self.dim, self.out_shape) if aux is not None else None
-        return wrap(y, mesh, self.dim, self.out_shape), aux_dt, saved
-
-    def run_backward(self, g: object, mesh: DeviceMesh, saved: Any) -> DTensor:
-        gl = grad_local(g, mesh, self.dim)
-        with stats.op_label(self.label):
-            gx = self.backward(gl, saved, mesh.get_group())
-        return wrap(gx, mesh, self.dim, self.in_shape)
+    def local_out_shape(self, rank_rows: int) -> list[int]:
+        shape = list(self.out_shape)
+        shape[self.dim] = rank_rows
+        return shape
 
 
-class _RowFunction(torch.autograd.Function):
-    """Module path: one autograd node around a :class:`RowOp` (explicit adjoint in backward)."""
+#: RowOp class name -> cached factory ``(*args) -> RowOp`` (each family registers its ops)
+ROW_FACTORIES: dict[str, Any] = {}
 
-    @staticmethod
-    def forward(ctx, x: DTensor, op: RowOp):  # type: ignore[override]
-        y, aux, saved = op.run_forward(x)
-        ctx.op, ctx.saved, ctx.mesh = op, saved, x.device_mesh
-        if aux is None:
-            return y
-        ctx.mark_non_differentiable(aux)
-        return y, aux
 
-    @staticmethod
-    def backward(ctx, g, *unused):  # type: ignore[override]
+class RowOpRef(NamedTuple):
+    """What the DTensor side needs of a :class:`RowOp` without building it: its factory name and
+    arguments (the custom op builds the op from them, once), sharded dim and global output shape.
+    Building plans is Python work Dynamo should not trace, so compiled code only carries this."""
+
+    name: str
+    args: tuple
+    dim: int
+    out_shape: tuple[int, ...]
+    with_indices: bool = False
+
+    @property
+    def cache_key(self) -> tuple:
+        return (self.name, self.args)
+
+
+def row_op_ref(name: str, args: tuple, dim: int, out_shape: Sequence[int], with_indices: bool = False) -> RowOpRef:
+    """A :class:`RowOpRef`; in eager mode the op is built here too and its output shape checked
+    against ``out_shape`` (PyTorch's own, from a meta run), so a geometry bug fails loudly."""
+    ref = RowOpRef(name, tuple(args), dim, tuple(int(s) for s in out_shape), with_indices)
+    if not torch.compiler.is_compiling():
+        op = ROW_FACTORIES[name](*args)
+        if tuple(op.out_shape) != ref.out_shape:
+            raise AssertionError(f"{op.label}: sharded output shape {tuple(op.out_shape)} != PyTorch's {ref.out_shape}")
+    return ref
+
+
+class _RowRule:
+    """A :class:`RowOp` of one rank on one process group, as an opaque custom-op rule."""
+
+    saved_inputs: tuple[int, ...] = ()
+    saved_outputs = (2,)
+    differentiable_outputs = (0,)
+
+    def __init__(self, op: RowOp, group: str, world: int, rank: int) -> None:
+        self.op, self.group = op, group
+        self.rows = chunk_range(op.out_shape[op.dim], world, rank)
+        self.in_rows = chunk_range(op.in_shape[op.dim], world, rank)
+
+    def forward(self, inputs: list) -> list[torch.Tensor]:
+        x = inputs[0]
+        with stats.op_label(self.op.label):
+            y, aux, saved = self.op.forward(x, _groups.resolve(self.group))
+        return [y, y.new_empty(0, dtype=torch.long) if aux is None else aux,
+                y.new_empty(0, dtype=torch.long) if saved is None else saved]
+
+    def backward(self, saved: list, grads: list, needs: list) -> list:
+        g = grads[0]
         if g is None:
-            return None, None
-        return ctx.op.run_backward(g, ctx.mesh, ctx.saved), None
+            return [None]
+        with stats.op_label(self.op.label):
+            return [self.op.backward(g.contiguous(), saved[0] if saved[0].numel() else None,
+                                     _groups.resolve(self.group))]
+
+    def fake_forward(self, inputs: list) -> list[torch.Tensor]:
+        x = inputs[0]
+        y = x.new_empty(self.op.local_out_shape(self.rows[1] - self.rows[0]))
+        idx = getattr(self.op, "with_indices", None)
+        aux = y.new_empty(y.shape, dtype=torch.long) if idx else y.new_empty(0, dtype=torch.long)
+        saved = y.new_empty(y.shape, dtype=torch.long) if idx is not None else y.new_empty(0, dtype=torch.long)
+        return [y, aux, saved]
+
+    def fake_backward(self, saved: list, grads: list, needs: list) -> list:
+        g = grads[0]
+        shape = list(self.op.in_shape)
+        shape[self.op.dim] = self.in_rows[1] - self.in_rows[0]
+        return [g.new_empty(shape)]
 
 
-def apply_row_op(x: DTensor, op: RowOp) -> Any:
-    """Run ``op`` on ``x`` with autograd (returns the output DTensor, or ``(output, aux)``)."""
-    return _RowFunction.apply(x, op)
+@opaque.builder("rows")
+def _build_row_rule(name: str, args: tuple, group: str, world: int, rank: int) -> _RowRule:
+    return _RowRule(ROW_FACTORIES[name](*args), group, world, rank)
+
+
+def apply_row_op(x: DTensor, op: RowOp | RowOpRef) -> Any:
+    """Run ``op`` on ``x`` with autograd (returns the output DTensor, or ``(output, aux)``): the
+    local forward and its explicit adjoint run inside one custom op (compile-friendly)."""
+    mesh, _, world, rank = domain_info(x)
+    key = opaque.make_key("rows", *op.cache_key, _groups.name_of(mesh), world, rank)
+    y, aux, _ = opaque.apply(key, [x.to_local()])
+    out = wrap(y, mesh, op.dim, op.out_shape)
+    if getattr(op, "with_indices", False):
+        return out, wrap(aux, mesh, op.dim, op.out_shape)
+    return out

@@ -1,373 +1,144 @@
 """Exact convolution and transposed convolution on spatially sharded DTensors.
 
-For each rank, the rows it must read are derived from the *output* chunk it owns (DESIGN §3):
-global output length -> this rank's ``torch.chunk`` slice -> the global input rows (including
-virtual padding rows, mapped to their source by the padding mode) -> one batched halo gather ->
-PyTorch's own convolution on the extended shard with no padding on the sharded dim. So every
-configuration PyTorch accepts (any kernel, stride, dilation, padding incl. ``'same'`` with even
-kernels, groups, padding modes, output_padding) is exact, and stride-misaligned or empty shards
-need no special case.
+For each rank, the rows it must read are derived from the *output* chunk it owns: global output
+length -> this rank's ``torch.chunk`` slice -> the global input rows it reads (virtual padding rows
+mapped to their source by the padding mode, gaps between dilated taps skipped) -> one batched halo
+gather -> PyTorch's own convolution on the extended shard with no padding on the sharded dim
+(:mod:`.conv_spec`, :mod:`.conv_local`). So every configuration PyTorch accepts is exact, and
+stride-misaligned or empty shards need no special case.
 
-Two entry points share the same local forward/backward:
-
-* :func:`conv` — used by the module wrappers: one autograd node that keeps the extended input,
-  so backward sends only gradient rows (the communication minimum).
-* aten rules for ``aten.convolution`` / ``aten.convolution_backward`` — make the functional
-  ``F.conv2d(x_sharded, w)`` exact. They run below autograd, so backward gathers the halo again.
+The halo convolution is one ``torch.library`` custom op, ``credit_dtensor::halo_conv`` (and its
+backward op), on plain local tensors: it gathers the halo inside (opaque to ``torch.compile``, so
+a compiled model has no graph break at the communication), returns the output rows and the
+extended input, and its registered autograd keeps that extended input so backward sends only
+gradient rows (the communication minimum). :func:`conv` is the only entry point: the module
+wrappers call it, and a torch-function rule routes ``F.conv*`` / ``F.conv_transpose*`` on
+spatially sharded DTensors to it (PyTorch's own result there is silently corrupt).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .. import comm, stats
+from .. import stats
+from ..dtensor import full_operand, local_replicated, wrap_shard
 from ..errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
-from ..geometry import (
-    chunk_range,
-    conv_input_rows,
-    conv_out_len,
-    conv_transpose_input_rows,
-    conv_transpose_out_len,
-    same_padding,
-    source_row,
-    tuple_n,
+from ..halo import halo_gather, halo_scatter_add
+from ..intercept import register
+from . import _groups
+from .conv_local import local_backward, local_forward, local_setup
+from .conv_spec import (
+    MODES,
+    ConvSpec,
+    conv_out_shape,
+    conv_spec_from_module,
+    halo_rows,
+    needs_halo,
+    plan,
+    validate,
 )
-from ..halo import HaloPlan, cached_plan, halo_gather, halo_scatter_add
-from ..sharding import contiguous_stride
-from ._dispatch import register_rule
 
 __all__ = ["ConvSpec", "conv", "conv_spec_from_module", "needs_halo", "halo_rows", "conv_out_shape"]
 
-aten = torch.ops.aten
-MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """Everything about a (transposed) convolution except its tensors, per spatial dim."""
-
-    nd: int
-    transposed: bool
-    kernel: tuple[int, ...]
-    stride: tuple[int, ...]
-    pad_lo: tuple[int, ...]
-    pad_hi: tuple[int, ...]
-    dilation: tuple[int, ...]
-    output_padding: tuple[int, ...]
-    groups: int
-    mode: str = "zeros"
-
-    @staticmethod
-    def make(
-        nd: int,
-        kernel,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        *,
-        transposed: bool = False,
-        output_padding=0,
-        padding_mode: str = "zeros",
-    ) -> ConvSpec:
-        kernel = tuple_n(kernel, nd, "kernel_size")
-        stride = tuple_n(stride, nd, "stride")
-        dilation = tuple_n(dilation, nd, "dilation")
-        if isinstance(padding, str):
-            if padding == "valid":
-                lo = hi = (0,) * nd
-            elif padding == "same":
-                pairs = [same_padding(k, d) for k, d in zip(kernel, dilation)]
-                lo, hi = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-            else:
-                raise DomainParallelError(f"padding={padding!r}: expected 'same', 'valid' or integers")
-        else:
-            lo = hi = tuple_n(padding, nd, "padding")
-        if padding_mode not in MODES:
-            raise DomainParallelError(f"padding_mode={padding_mode!r} is not one of {MODES}")
-        if transposed and padding_mode != "zeros":
-            raise DomainParallelError("transposed convolutions only support padding_mode='zeros' (as in PyTorch)")
-        return ConvSpec(
-            nd, transposed, kernel, stride, lo, hi, dilation, tuple_n(output_padding, nd, "output_padding"),
-            int(groups), padding_mode,
-        )
-
-    @property
-    def name(self) -> str:
-        return f"conv{'_transpose' if self.transposed else ''}{self.nd}d"
-
-
-def conv_spec_from_module(m: torch.nn.Module, output_padding=None) -> ConvSpec:
-    """The :class:`ConvSpec` of an ``nn.ConvNd`` / ``nn.ConvTransposeNd`` module."""
-    nd = len(m.kernel_size)
-    return ConvSpec.make(
-        nd, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, transposed=m.transposed,
-        output_padding=m.output_padding if output_padding is None else output_padding,
-        padding_mode=m.padding_mode,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
-# Geometry along the sharded dim (pure, cached)
+# The custom ops (plain local tensors; the spec travels as a list of ints)
 # ---------------------------------------------------------------------------------------------
 
 
-def _out_len(spec: ConvSpec, i: int, n: int) -> int:
-    k, s, d = spec.kernel[i], spec.stride[i], spec.dilation[i]
-    if spec.transposed:
-        return conv_transpose_out_len(n, k, s, spec.pad_lo[i], d, spec.output_padding[i])
-    return conv_out_len(n, k, s, spec.pad_lo[i], spec.pad_hi[i], d)
+def _encode(spec: ConvSpec) -> list[int]:
+    return [spec.nd, int(spec.transposed), spec.groups, MODES.index(spec.mode), *spec.kernel, *spec.stride,
+            *spec.pad_lo, *spec.pad_hi, *spec.dilation, *spec.output_padding]
 
 
-def _input_range(spec: ConvSpec, i: int, n: int, o0: int, o1: int) -> tuple[int, int]:
-    k, s, d = spec.kernel[i], spec.stride[i], spec.dilation[i]
-    if spec.transposed:
-        return conv_transpose_input_rows(o0, o1, n, k, s, spec.pad_lo[i], d)
-    return conv_input_rows(o0, o1, k, s, spec.pad_lo[i], d)
+@functools.lru_cache(maxsize=1024)
+def _decode(enc: tuple[int, ...]) -> ConvSpec:
+    nd = enc[0]
+    f = [tuple(enc[4 + i * nd : 4 + (i + 1) * nd]) for i in range(6)]
+    return ConvSpec(nd, bool(enc[1]), f[0], f[1], f[2], f[3], f[4], f[5], enc[2], MODES[enc[3]])
 
 
-@functools.lru_cache(maxsize=4096)
-def _needs(spec: ConvSpec, i: int, n: int, world: int) -> tuple[tuple[int | None, ...], ...]:
-    out_len = _out_len(spec, i, n)
-    mode = spec.mode
-    needs = []
-    for r in range(world):
-        o0, o1 = chunk_range(out_len, world, r)
-        a, b = _input_range(spec, i, n, o0, o1)
-        needs.append(tuple(source_row(g, n, mode) for g in range(a, b)))
-    return tuple(needs)
+def _setup(x: torch.Tensor, enc: list[int], n: int, dim: int, world: int, rank: int):
+    spec = _decode(tuple(enc))
+    sd = dim - (x.ndim - spec.nd)
+    spatial = list(x.shape[-spec.nd:])
+    spatial[sd] = n
+    return spec, plan(spec, sd, n, world, rank), local_setup(spec, sd, tuple(spatial), world, rank)
 
 
-def _plan(spec: ConvSpec, i: int, n: int, world: int, rank: int) -> HaloPlan:
-    return cached_plan(n, world, rank, _needs(spec, i, n, world))
+@torch.library.custom_op("credit_dtensor::halo_conv", mutates_args=())
+def halo_conv(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, enc: list[int], n: int, dim: int, world: int,
+    rank: int, group: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's output rows, and its extended input (empty when it is the shard itself)."""
+    spec, hplan, loc = _setup(x, enc, n, dim, world, rank)
+    with stats.op_label(spec.name):
+        ext = halo_gather(x, dim, hplan, _groups.resolve(group))
+    y = local_forward(ext, w, b, loc)
+    if ext is x:  # the shard itself: backward reads the saved input instead
+        return y, x.new_empty(0)
+    if ext.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and x.numel():
+        ext = ext.clone()  # a view of the shard (a sub-range of own rows): custom ops may not alias
+    return y, ext
 
 
-def halo_rows(spec: ConvSpec, i: int, n: int, world: int, rank: int) -> int:
-    """Rows ``rank`` receives from other ranks for spatial dim ``i`` of global length ``n``."""
-    return _plan(spec, i, n, world, rank).recv_rows
-
-
-def needs_halo(spec: ConvSpec, i: int = 0) -> bool:
-    """Whether outputs can read input rows of other shards along spatial dim ``i``.
-
-    False only when every output row reads rows of one stride block and there is no padding
-    (1x1 convs, patch embeddings with kernel <= stride); such convs still communicate nothing
-    when shards are stride-aligned, and the plan finds the few rows otherwise.
-    """
-    span = spec.dilation[i] * (spec.kernel[i] - 1) + 1
-    if spec.transposed:
-        return not (span <= spec.stride[i] and spec.pad_lo[i] == 0 and spec.output_padding[i] == 0)
-    return not (span <= spec.stride[i] and spec.pad_lo[i] == 0 and spec.pad_hi[i] == 0)
-
-
-def conv_out_shape(spec: ConvSpec, x_shape: tuple[int, ...], out_channels: int) -> tuple[int, ...]:
-    """Global output shape for a batched input shape."""
-    spatial = x_shape[-spec.nd:]
-    return (x_shape[0], out_channels, *(_out_len(spec, i, n) for i, n in enumerate(spatial)))
-
-
-def _validate(spec: ConvSpec, x_shape: tuple[int, ...], where: str) -> None:
-    spatial = x_shape[-spec.nd:]
-    for i, n in enumerate(spatial):
-        if _out_len(spec, i, n) <= 0:
-            raise DomainParallelError(
-                f"{where}: spatial dim {i} of size {n} is too small for kernel {spec.kernel[i]} "
-                f"(dilation {spec.dilation[i]}, padding {spec.pad_lo[i]}+{spec.pad_hi[i]}): PyTorch rejects this too"
-            )
-        if spec.mode == "reflect" and max(spec.pad_lo[i], spec.pad_hi[i]) >= n:
-            raise DomainParallelError(
-                f"{where}: reflect padding {max(spec.pad_lo[i], spec.pad_hi[i])} must be < input size {n} "
-                "on spatial dim {i} (as in F.pad)"
-            )
-        if spec.mode == "circular" and max(spec.pad_lo[i], spec.pad_hi[i]) > n:
-            raise DomainParallelError(
-                f"{where}: circular padding {max(spec.pad_lo[i], spec.pad_hi[i])} must be <= input size {n} on spatial dim {i}"
-            )
-        if spec.transposed and spec.output_padding[i] >= max(spec.stride[i], spec.dilation[i]):
-            raise DomainParallelError(
-                f"{where}: output_padding {spec.output_padding[i]} must be smaller than stride or dilation "
-                f"({spec.stride[i]}, {spec.dilation[i]}) on spatial dim {i}"
-            )
-
-
-# ---------------------------------------------------------------------------------------------
-# Local computation on the extended shard (explicit forward and backward, no autograd)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Local:
-    """How to run the local op for one rank: padding of the *other* spatial dims, crops."""
-
-    spec: ConvSpec
-    sd: int  # index of the sharded spatial dim
-    conv_padding: tuple[int, ...]  # padding passed to aten.convolution
-    explicit: tuple[tuple[int, tuple[int, ...]], ...]  # (spatial idx, source index list) pads done by index_select
-    const_pad: tuple[int, ...] | None  # F.pad-style list for asymmetric zero padding of other dims
-    out_rows: int  # this rank's output rows along the sharded dim
-    ext_rows: int
-    # transposed only: offset of the wanted rows in the local full output
-    t_offset: int = 0
-
-
-@functools.lru_cache(maxsize=4096)
-def _local_setup(spec: ConvSpec, sd: int, spatial: tuple[int, ...], world: int, rank: int) -> _Local:
-    n = spatial[sd]
-    out_len = _out_len(spec, sd, n)
-    o0, o1 = chunk_range(out_len, world, rank)
-    a, b = _input_range(spec, sd, n, o0, o1)
-    conv_padding = [0] * spec.nd
-    explicit = []
-    const = [0] * (2 * spec.nd)
-    need_const = False
-    for i in range(spec.nd):
-        if i == sd:
-            continue
-        lo, hi = spec.pad_lo[i], spec.pad_hi[i]
-        if spec.transposed or (spec.mode == "zeros" and lo == hi):
-            conv_padding[i] = lo
-        elif spec.mode == "zeros":
-            # asymmetric 'same' on an unsharded dim: pad explicitly (F.pad order: last dim first)
-            j = spec.nd - 1 - i
-            const[2 * j], const[2 * j + 1] = lo, hi
-            need_const = True
-        else:
-            idx = tuple(source_row(g, spatial[i], spec.mode) for g in range(-lo, spatial[i] + hi))
-            explicit.append((i, idx))
-    t_offset = 0
-    if spec.transposed and b > a:
-        t_offset = o0 + spec.pad_lo[sd] - a * spec.stride[sd]
-    return _Local(spec, sd, tuple(conv_padding), tuple(explicit), tuple(const) if need_const else None,
-                  o1 - o0, b - a, t_offset)
-
-
-def _pad_other(x: torch.Tensor, loc: _Local) -> torch.Tensor:
-    lead = x.ndim - loc.spec.nd
-    for i, idx in loc.explicit:
-        x = x.index_select(lead + i, torch.tensor(idx, device=x.device))
-    if loc.const_pad is not None:
-        x = torch.nn.functional.pad(x, loc.const_pad)
-    return x
-
-
-def _unpad_other(g: torch.Tensor, loc: _Local, ext_shape: torch.Size) -> torch.Tensor:
-    lead = g.ndim - loc.spec.nd
-    if loc.const_pad is not None:
-        for j in range(loc.spec.nd):
-            lo, hi = loc.const_pad[2 * j], loc.const_pad[2 * j + 1]
-            if lo or hi:
-                dim = g.ndim - 1 - j
-                g = g.narrow(dim, lo, g.shape[dim] - lo - hi)
-    for i, idx in reversed(loc.explicit):
-        dim = lead + i
-        shape = list(g.shape)
-        shape[dim] = ext_shape[dim]
-        out = g.new_zeros(shape)
-        out.index_add_(dim, torch.tensor(idx, device=g.device), g)
-        g = out
-    return g
-
-
-def _tconv_args(loc: _Local) -> tuple[list[int], list[int]]:
-    spec = loc.spec
-    pad = [0 if i == loc.sd else spec.pad_lo[i] for i in range(spec.nd)]
-    opad = [0 if i == loc.sd else spec.output_padding[i] for i in range(spec.nd)]
-    return pad, opad
-
-
-def _crop_rows(full: torch.Tensor, dim: int, offset: int, rows: int) -> torch.Tensor:
-    """Rows ``[offset, offset + rows)`` of ``full`` along ``dim``, zero where out of range."""
-    n = full.shape[dim]
-    lo, hi = max(offset, 0), min(offset + rows, n)
-    if lo == offset and hi == offset + rows:
-        return full.narrow(dim, offset, rows)
-    shape = list(full.shape)
-    shape[dim] = rows
-    out = full.new_zeros(shape)
-    if hi > lo:
-        out.narrow(dim, lo - offset, hi - lo).copy_(full.narrow(dim, lo, hi - lo))
-    return out
-
-
-def _uncrop_rows(g: torch.Tensor, dim: int, offset: int, full_rows: int) -> torch.Tensor:
-    """Adjoint of :func:`_crop_rows`."""
-    rows = g.shape[dim]
-    shape = list(g.shape)
-    shape[dim] = full_rows
-    out = g.new_zeros(shape)
-    lo, hi = max(offset, 0), min(offset + rows, full_rows)
-    if hi > lo:
-        out.narrow(dim, lo, hi - lo).copy_(g.narrow(dim, lo - offset, hi - lo))
-    return out
-
-
-def _out_local_shape(ext: torch.Tensor, loc: _Local, out_channels: int) -> list[int]:
-    spec = loc.spec
-    lead = ext.ndim - spec.nd
-    spatial = []
-    for i in range(spec.nd):
-        if i == loc.sd:
-            spatial.append(loc.out_rows)
-        else:
-            n = ext.shape[lead + i]
-            spatial.append(_out_len(spec, i, n))
-    return [ext.shape[0], out_channels, *spatial]
-
-
-def local_forward(ext: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, loc: _Local) -> torch.Tensor:
-    spec = loc.spec
-    dim = ext.ndim - spec.nd + loc.sd
+@halo_conv.register_fake
+def _halo_conv_fake(x, w, b, enc, n, dim, world, rank, group):
+    spec, hplan, loc = _setup(x, enc, n, dim, world, rank)
     out_channels = w.shape[1] * spec.groups if spec.transposed else w.shape[0]
-    if loc.out_rows == 0 or loc.ext_rows == 0:
-        y = ext.new_zeros(_out_local_shape(ext, loc, out_channels))
-        if b is not None:
-            y = y + b.reshape(1, -1, *([1] * spec.nd))
-        return y
-    if not spec.transposed:
-        xp = _pad_other(ext, loc)
-        return aten.convolution(xp, w, b, list(spec.stride), list(loc.conv_padding), list(spec.dilation),
-                                False, [0] * spec.nd, spec.groups)
-    pad, opad = _tconv_args(loc)
-    full = aten.convolution(ext, w, None, list(spec.stride), pad, list(spec.dilation), True, opad, spec.groups)
-    y = _crop_rows(full, dim, loc.t_offset, loc.out_rows)
-    if b is not None:
-        y = y + b.reshape(1, -1, *([1] * spec.nd))
-    return y
+    shape = list(conv_out_shape(spec, (x.shape[0], x.shape[1], *x.shape[2:]), out_channels))
+    shape[dim] = loc.out_rows
+    ext_shape = list(x.shape)
+    ext_shape[dim] = loc.ext_rows
+    return x.new_empty(shape), x.new_empty(0 if hplan.is_identity else ext_shape)
 
 
-def local_backward(
-    gy: torch.Tensor, ext: torch.Tensor, w: torch.Tensor, has_bias: bool, loc: _Local, mask: tuple[bool, bool, bool]
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    spec = loc.spec
-    dim = ext.ndim - spec.nd + loc.sd
-    sum_dims = [0, *range(2, gy.ndim)]
-    gb = gy.sum(sum_dims) if (has_bias and mask[2]) else None
-    if loc.out_rows == 0 or loc.ext_rows == 0:
-        gx = torch.zeros_like(ext) if mask[0] else None
-        gw = torch.zeros_like(w) if mask[1] else None
-        return gx, gw, gb
-    if not spec.transposed:
-        xp = _pad_other(ext, loc)
-        gxp, gw, _ = aten.convolution_backward(
-            gy, xp, w, None, list(spec.stride), list(loc.conv_padding), list(spec.dilation), False,
-            [0] * spec.nd, spec.groups, [mask[0], mask[1], False],
-        )
-        gx = _unpad_other(gxp, loc, ext.shape) if mask[0] else None
-        return gx, gw, gb
-    pad, opad = _tconv_args(loc)
-    full_rows = (loc.ext_rows - 1) * spec.stride[loc.sd] + spec.dilation[loc.sd] * (spec.kernel[loc.sd] - 1) + 1
-    gfull = _uncrop_rows(gy, dim, loc.t_offset, full_rows)
-    gx, gw, _ = aten.convolution_backward(
-        gfull, ext, w, None, list(spec.stride), pad, list(spec.dilation), True, opad, spec.groups,
-        [mask[0], mask[1], False],
-    )
-    return gx, gw, gb
+@torch.library.custom_op("credit_dtensor::halo_conv_backward", mutates_args=())
+def halo_conv_backward(
+    gy: torch.Tensor, x: torch.Tensor, ext: torch.Tensor, w: torch.Tensor, has_bias: bool, mask: list[bool],
+    enc: list[int], n: int, dim: int, world: int, rank: int, group: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_w, grad_b) of this rank; grad_x already summed at the rows' owners. Gradients
+    that are not needed come back empty."""
+    spec, hplan, loc = _setup(x, enc, n, dim, world, rank)
+    source = x if hplan.is_identity else ext
+    gx_ext, gw, gb = local_backward(gy.contiguous(), source, w, has_bias, loc, (mask[0], mask[1], mask[2]))
+    gx = x.new_empty(0)
+    if mask[0]:  # the same on every rank (SPMD), so skipping the adjoint exchange is symmetric
+        with stats.op_label(spec.name):
+            gx = halo_scatter_add(gx_ext.contiguous(), dim, hplan, _groups.resolve(group))
+        gx = gx.clone() if gx is gx_ext else gx
+    return gx, (gw if gw is not None else w.new_empty(0)), (gb if gb is not None else w.new_empty(0))
+
+
+@halo_conv_backward.register_fake
+def _halo_conv_backward_fake(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group):
+    spec = _decode(tuple(enc))
+    out_channels = w.shape[1] * spec.groups if spec.transposed else w.shape[0]
+    return (x.new_empty(x.shape if mask[0] else (0,)), w.new_empty(w.shape if mask[1] else (0,)),
+            w.new_empty((out_channels,) if (mask[2] and has_bias) else (0,)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w, b, enc, n, dim, world, rank, group = inputs
+    ctx.save_for_backward(x, output[1], w)
+    ctx.args = (b is not None, enc, n, dim, world, rank, group)
+
+
+def _backward(ctx, gy, _gext):
+    x, ext, w = ctx.saved_tensors
+    has_bias, enc, n, dim, world, rank, group = ctx.args
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = halo_conv_backward(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+            None, None, None, None, None, None)
+
+
+halo_conv.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,84 +183,12 @@ def _check_operands(x: DTensor, w, b, where: str) -> None:
             raise DomainParallelError(f"{where}: {name} must be a tensor")
 
 
-def _local_param(t):
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _param_grad(g: torch.Tensor | None, like, group: dist.ProcessGroup):
-    """A replicated parameter's gradient: Partial DTensor when ``like`` (the weight) is a DTensor,
-    summed plain tensor otherwise (plain parameters have no placement that could defer the sum).
-    Replicated, so the local gradient has the global shape."""
-    if g is None:
+def _param(t: torch.Tensor | None, mesh) -> torch.Tensor | None:
+    """A replicated parameter as a local tensor whose gradient is exact: ``Partial`` for DTensors
+    (reduced once by DTensor/FSDP), summed over the domain group for plain tensors."""
+    if t is None:
         return None
-    if isinstance(like, DTensor):
-        return DTensor.from_local(g, like.device_mesh, [Partial()] * like.device_mesh.ndim, run_check=False,
-                                  shape=g.shape, stride=g.stride())
-    return comm.all_reduce_sum(g.contiguous(), group)
-
-
-def _local_grad(gy, mesh: DeviceMesh, dim: int) -> torch.Tensor:
-    """The output gradient as this rank's contiguous ``Shard(dim)`` slice, whatever its placement."""
-    if isinstance(gy, DTensor):
-        if tuple(gy.placements) != (Shard(dim),):
-            gy = gy.redistribute(mesh, [Shard(dim)])
-        gy = gy.to_local()
-    return gy.contiguous()
-
-
-def _geometry(x: DTensor, spec: ConvSpec, dim: int) -> tuple[HaloPlan, _Local]:
-    """This rank's halo plan and local-op setup for ``x`` sharded on tensor dim ``dim``."""
-    mesh = x.device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
-    sd = dim - (x.ndim - spec.nd)
-    spatial = tuple(x.shape[-spec.nd:])
-    return _plan(spec, sd, spatial[sd], world, rank), _local_setup(spec, sd, spatial, world, rank)
-
-
-def _halo_forward(x: DTensor, w, b, spec: ConvSpec, dim: int):
-    """Gather the halo, run the local op, wrap the output. Returns ``(y, ext, w_local, plan, loc)``."""
-    mesh = x.device_mesh
-    plan, loc = _geometry(x, spec, dim)
-    with stats.op_label(spec.name):
-        ext = halo_gather(x.to_local(), dim, plan, mesh.get_group())
-    wl = _local_param(w)
-    y = local_forward(ext, wl, _local_param(b), loc)
-    out_channels = wl.shape[1] * spec.groups if spec.transposed else wl.shape[0]
-    return _wrap(y, mesh, dim, conv_out_shape(spec, tuple(x.shape), out_channels)), ext, wl, plan, loc
-
-
-def _wrap(local: torch.Tensor, mesh: DeviceMesh, dim: int, shape) -> DTensor:
-    shape = torch.Size(shape)
-    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=shape, stride=contiguous_stride(shape))
-
-
-class _HaloConv(torch.autograd.Function):
-    """Module path: one autograd node; keeps the extended input for backward."""
-
-    @staticmethod
-    def forward(ctx, x: DTensor, w, b, spec: ConvSpec, dim: int):
-        y, ext, wl, plan, loc = _halo_forward(x, w, b, spec, dim)
-        ctx.save_for_backward(ext, wl)
-        ctx.meta = (spec, dim, plan, loc, x.device_mesh, x.shape, b is not None)
-        ctx.params = (w, b)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy: DTensor):
-        ext, wl = ctx.saved_tensors
-        spec, dim, plan, loc, mesh, x_shape, has_bias = ctx.meta
-        w, b = ctx.params
-        group = mesh.get_group()
-        if not isinstance(gy, DTensor):
-            raise DomainParallelError(f"{spec.name}: expected a DTensor gradient")
-        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        gx_ext, gw, gb = local_backward(_local_grad(gy, mesh, dim), ext, wl, has_bias, loc, mask)
-        gx = None
-        if mask[0]:  # the same on every rank (SPMD), so skipping the adjoint exchange is symmetric
-            with stats.op_label(spec.name):
-                gx_local = halo_scatter_add(gx_ext.contiguous(), dim, plan, group)
-            gx = _wrap(gx_local, mesh, dim, x_shape)
-        return gx, _param_grad(gw, w, group), _param_grad(gb, b, group), None, None
+    return local_replicated(t) if isinstance(t, DTensor) else full_operand(t, mesh)
 
 
 def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
@@ -509,22 +208,23 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec:
         return _builtin(x, weight, bias, spec)
     _check_operands(x, weight, bias, spec.name)
     if not batched:
-        from .. import sharding as _sh  # noqa: F401
-
         y = conv(_unsqueeze0(x, dim), weight, bias, spec)
         return _squeeze0(y, dim + 1)
-    _validate(spec, tuple(x.shape), spec.name)
-    return _HaloConv.apply(x, weight, bias, spec, dim)
+    validate(spec, tuple(x.shape), spec.name)
+    mesh = x.device_mesh
+    w, b = _param(weight, mesh), _param(bias, mesh)
+    y, _ = halo_conv(x.to_local(), w, b, _encode(spec), x.shape[dim], dim, mesh.size(), mesh.get_local_rank(),
+                     _groups.name_of(mesh))
+    out_channels = w.shape[1] * spec.groups if spec.transposed else w.shape[0]
+    return wrap_shard(y, mesh, dim, conv_out_shape(spec, tuple(x.shape), out_channels))
 
 
 def _unsqueeze0(x: DTensor, dim: int) -> DTensor:
-    local = x.to_local().unsqueeze(0)
-    return _wrap(local, x.device_mesh, dim + 1, (1, *x.shape))
+    return wrap_shard(x.to_local().unsqueeze(0), x.device_mesh, dim + 1, (1, *x.shape))
 
 
 def _squeeze0(y: DTensor, dim: int) -> DTensor:
-    local = y.to_local().squeeze(0)
-    return _wrap(local, y.device_mesh, dim - 1, tuple(y.shape[1:]))
+    return wrap_shard(y.to_local().squeeze(0), y.device_mesh, dim - 1, tuple(y.shape[1:]))
 
 
 def _builtin(x, weight, bias, spec: ConvSpec):
@@ -552,86 +252,62 @@ def _builtin(x, weight, bias, spec: ConvSpec):
 
 
 # ---------------------------------------------------------------------------------------------
-# Functional path: aten rules (below autograd)
+# Functional path: F.conv* / F.conv_transpose* as users call them (torch-function rules)
 # ---------------------------------------------------------------------------------------------
 
-
-def _spec_from_aten(weight_shape, stride, padding, dilation, transposed, output_padding, groups) -> ConvSpec:
-    nd = len(weight_shape) - 2
-    return ConvSpec.make(nd, tuple(weight_shape[2:]), stride, tuple(padding), dilation, groups,
-                         transposed=bool(transposed), output_padding=output_padding)
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_TCONV_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 
 
-def _aten_args(args, kwargs, names):
-    vals = list(args) + [kwargs[n] for n in names[len(args):]]
+def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    vals = dict(zip(names, args))
+    vals.update(kwargs)
     return vals
 
 
-_CONV_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups")
-_CONV_BW_NAMES = ("grad_output", "input", "weight", "bias_sizes", "stride", "padding", "dilation", "transposed",
-                  "output_padding", "groups", "output_mask")
+def _batch_local(func, a: dict, x: DTensor):
+    """Batch-sharded input: the local op is exact (PyTorch 2.13 mis-shapes uneven batch shards)."""
+    mesh = x.device_mesh
+    _check_operands(x, a["weight"], a.get("bias"), getattr(func, "__name__", "conv"))
+    local = dict(a)
+    local["input"] = x.to_local()
+    for k in ("weight", "bias"):
+        t = a.get(k)
+        if isinstance(t, torch.Tensor):
+            local[k] = full_operand(t, mesh)
+    y = func(**local)
+    return wrap_shard(y, mesh, 0, (x.shape[0], *y.shape[1:]))
+
+
+def _functional_rule(nd: int, transposed: bool):
+    names = _TCONV_ARGS if transposed else _CONV_ARGS
+
+    def rule(func, args, kwargs):
+        a = _bind(names, args, kwargs)
+        x = a.get("input")
+        if not isinstance(x, DTensor) or x.ndim not in (nd + 1, nd + 2):
+            return NotImplemented
+        dim = _spatial_shard_dim(x, nd)
+        if dim is None:
+            if _is_batch_sharded(x) and x.ndim == nd + 2:
+                return _batch_local(func, a, x)
+            return NotImplemented
+        w = a["weight"]
+        spec = ConvSpec.make(
+            nd, tuple(w.shape[2:]), a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1),
+            transposed=transposed, output_padding=a.get("output_padding", 0),
+        )
+        return conv(x, w, a.get("bias"), spec)
+
+    rule.__qualname__ = f"conv{'_transpose' if transposed else ''}{nd}d_rule"
+    return rule
 
 
 def _is_batch_sharded(x: DTensor) -> bool:
     return len(x.placements) == 1 and isinstance(x.placements[0], Shard) and x.placements[0].dim == 0
 
 
-def _convolution_rule(op, args, kwargs):
-    x, w, b, stride, padding, dilation, transposed, output_padding, groups = _aten_args(args, kwargs, _CONV_NAMES)
-    if not isinstance(x, DTensor):
-        return NotImplemented
-    nd = x.ndim - 2
-    dim = _spatial_shard_dim(x, nd)
-    if dim is None:
-        if not _is_batch_sharded(x):
-            return NotImplemented
-        # PyTorch 2.13 mis-shapes uneven batch shards; the local op is exact, so do it ourselves
-        _check_operands(x, w, b, "aten.convolution")
-        y = aten.convolution(x.to_local(), _local_param(w), _local_param(b), stride, padding, dilation, transposed,
-                             output_padding, groups)
-        shape = (x.shape[0], *y.shape[1:])
-        return _wrap(y, x.device_mesh, 0, shape)
-    spec = _spec_from_aten(w.shape, stride, padding, dilation, transposed, output_padding, groups)
-    _check_operands(x, w, b, f"aten.convolution ({spec.name})")
-    _validate(spec, tuple(x.shape), spec.name)
-    return _halo_forward(x, w, b, spec, dim)[0]
-
-
-def _convolution_backward_rule(op, args, kwargs):
-    (gy, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
-     mask) = _aten_args(args, kwargs, _CONV_BW_NAMES)
-    if not isinstance(x, DTensor):
-        return NotImplemented
-    nd = x.ndim - 2
-    dim = _spatial_shard_dim(x, nd)
-    if dim is None:
-        if not _is_batch_sharded(x):
-            return NotImplemented
-        return _batch_backward(gy, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask)
-    spec = _spec_from_aten(w.shape, stride, padding, dilation, transposed, output_padding, groups)
-    mesh = x.device_mesh
-    group = mesh.get_group()
-    plan, loc = _geometry(x, spec, dim)
-    gyl = _local_grad(gy, mesh, dim)
-    with stats.op_label(spec.name):
-        ext = halo_gather(x.to_local(), dim, plan, group)  # recomputed: aten saved only the shard
-    wl = _local_param(w)
-    has_bias = bias_sizes is not None and bool(mask[2])
-    gx_ext, gw, gb = local_backward(gyl, ext, wl, has_bias, loc, (True, bool(mask[1]), bool(mask[2])))
-    with stats.op_label(spec.name):
-        gx_local = halo_scatter_add(gx_ext.contiguous(), dim, plan, group)
-    gx = _wrap(gx_local, mesh, dim, x.shape) if mask[0] else None
-    return gx, _param_grad(gw, w, group) if mask[1] else None, _param_grad(gb, w, group) if mask[2] else None
-
-
-def _batch_backward(gy, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
-    mesh = x.device_mesh
-    group = mesh.get_group()
-    gx, gw, gb = aten.convolution_backward(_local_grad(gy, mesh, 0), x.to_local(), _local_param(w), bias_sizes, stride,
-                                           padding, dilation, transposed, output_padding, groups, mask)
-    gx_out = _wrap(gx, mesh, 0, x.shape) if mask[0] else None
-    return gx_out, _param_grad(gw, w, group) if mask[1] else None, _param_grad(gb, w, group) if mask[2] else None
-
-
-register_rule(aten.convolution.default, _convolution_rule)
-register_rule(aten.convolution_backward.default, _convolution_backward_rule)
+for _nd, (_f, _tf) in {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d),
+                       3: (F.conv3d, F.conv_transpose3d)}.items():
+    register(_f)(_functional_rule(_nd, False))
+    register(_tf)(_functional_rule(_nd, True))

@@ -1,5 +1,5 @@
 """Ops that move whole rows along the sharded dim: roll, flip, slicing / narrow / index_select,
-split / chunk, cat and functional ``F.pad``.
+split / chunk and cat (``F.pad`` is the same kind of map: :mod:`.pad`).
 
 Each of them is a *row map*: output row ``i`` (of a new length along the sharded dim) is input
 row ``sources[i]`` (or zero). The output is re-chunked with ``torch.chunk`` and each rank fetches,
@@ -18,15 +18,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ..dtensor import align_operand, domain_shard_dim, full_operand, wrap_shard
 from ..geometry import chunk_range
 from ..halo import cached_plan, halo_gather, halo_scatter_add
 from ..intercept import register
-from . import pad as _pad
-from ._rows import RowOp, apply_row_op, chunk_needs, domain_info
+from ._rows import ROW_FACTORIES, RowOp, apply_row_op, chunk_needs, domain_info, row_op_ref
 from .pointwise import local_apply
 
 __all__ = ["RowMapOp", "row_map", "roll_sources", "slice_sources"]
@@ -55,7 +53,12 @@ class RowMapOp(RowOp):
 
 @functools.lru_cache(maxsize=1024)
 def _cached(in_shape: tuple[int, ...], dim: int, sources: tuple[int | None, ...], world: int, rank: int) -> RowMapOp:
-    return RowMapOp(in_shape, dim, sources, world, rank)
+    op = RowMapOp(in_shape, dim, sources, world, rank)
+    op.cache_key = ("RowMapOp", (in_shape, dim, sources, world, rank))
+    return op
+
+
+ROW_FACTORIES["RowMapOp"] = _cached
 
 
 def row_map(x: DTensor, sources: Sequence[int | None]) -> DTensor:
@@ -65,7 +68,9 @@ def row_map(x: DTensor, sources: Sequence[int | None]) -> DTensor:
     n = x.shape[dim]
     if list(sources) == list(range(n)):
         return x
-    return apply_row_op(x, _cached(tuple(x.shape), dim, tuple(sources), world, rank))
+    out_shape = list(x.shape)
+    out_shape[dim] = len(sources)
+    return apply_row_op(x, row_op_ref("RowMapOp", (tuple(x.shape), dim, tuple(sources), world, rank), dim, out_shape))
 
 
 def roll_sources(n: int, shift: int) -> list[int]:
@@ -313,17 +318,3 @@ def _with(shape: list[int], dim: int, n: int) -> list[int]:
     s = list(shape)
     s[dim] = n
     return s
-
-
-# --- functional F.pad (any mode, any dim, including circular, which PyTorch decomposes) --------------------
-
-
-@register(F.pad)
-def _pad_rule(func, args, kwargs):
-    x = args[0] if args else kwargs.get("input")
-    if domain_shard_dim(x) is None:
-        return NotImplemented
-    pad = kwargs.get("pad", args[1] if len(args) > 1 else None)
-    mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
-    value = kwargs.get("value", args[3] if len(args) > 3 else None)
-    return _pad.pad(x, pad, mode=mode, value=value)

@@ -36,8 +36,9 @@ from .. import comm, stats
 from ..errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
 from ..geometry import chunk_range
 from ..geometry.norm import NormLayout
+from ..intercept import register
 from ..sharding import contiguous_stride
-from ._dispatch import register_rule
+from . import _groups, opaque
 
 __all__ = ["group_norm", "instance_norm", "batch_norm", "layer_norm", "NormPlan", "plan_norm"]
 
@@ -81,6 +82,28 @@ class NormPlan:
     def param_grad_placement(self) -> Placement:
         """Sharded input: each rank holds part of a parameter's gradient (summed later)."""
         return Replicate() if self.dim is None else Partial()
+
+    def local_range(self) -> tuple[int, int]:
+        assert self.dim is not None
+        return chunk_range(self.layout.shape[self.dim], self.world, self.rank)
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """What the local statistics code needs of a :class:`NormPlan`: primitives only (the group by
+    name), so an opaque custom op can rebuild it from its key."""
+
+    layout: NormLayout
+    dim: int | None
+    counts: tuple[int, ...] | None
+    op: str
+    world: int
+    rank: int
+    group_name: str
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return _groups.resolve(self.group_name)
 
     def local_range(self) -> tuple[int, int]:
         assert self.dim is not None
@@ -314,26 +337,65 @@ def _channel_backward(
     return dx, dw, db
 
 
-class _ChannelNorm(torch.autograd.Function):
-    """Group/instance/batch norm with distributed batch statistics: ``(x, w, b) -> (y, mean, var)``."""
+class _NormRule:
+    """Base of the opaque custom-op rules of this module (built from the key's primitives)."""
 
-    @staticmethod
-    def forward(ctx, x, w, b, plan: NormPlan, eps: float):  # type: ignore[override]
-        y, mean, var, rstd = _channel_forward(_channel_view(x).to(_acc_dtype(x.dtype)), w, b, plan, eps)
-        y = y.reshape(x.shape).to(x.dtype)
-        ctx.save_for_backward(x, w, mean, rstd)
-        ctx.plan, ctx.bias_dtype = plan, None if b is None else b.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+    differentiable_outputs = (0,)
 
-    @staticmethod
-    def backward(ctx, gy, _gm, _gv):  # type: ignore[override]
-        x, w, mean, rstd = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dx, dw, db = _channel_backward(gy, x, mean, rstd, w, ctx.plan, (need[0], need[1], need[2]), fixed=False)
-        dw = None if dw is None else dw.to(w.dtype)
-        db = None if db is None else db.to(ctx.bias_dtype)
-        return dx, dw, db, None, None
+    def __init__(self, plan: LocalPlan, eps: float) -> None:
+        self.plan, self.eps = plan, float(eps)
+
+
+def _norm_key(kind: str, plan: NormPlan, eps: float) -> str:
+    lay = plan.layout
+    return opaque.make_key("norm", kind, lay.kind, lay.shape, lay.groups, lay.norm_ndim, plan.dim, plan.counts,
+                           plan.op, float(eps), plan.world, plan.rank, _groups.name_of(plan.mesh))
+
+
+@opaque.builder("norm")
+def _build_norm_rule(kind, lay_kind, shape, groups, norm_ndim, dim, counts, op, eps, world, rank, group):
+    layout = NormLayout(lay_kind, tuple(shape), groups=groups, norm_ndim=norm_ndim)
+    plan = LocalPlan(layout, dim, None if counts is None else tuple(counts), op, world, rank, group)
+    return (_ChannelRule if kind == "channel" else _LayerRule)(plan, eps)
+
+
+class _ChannelRule(_NormRule):
+    """Group/instance/batch norm with distributed batch statistics: ``(x, w, b) -> (y, mean, var, rstd)``."""
+
+    saved_inputs = (0, 1)
+    saved_outputs = (1, 3)
+
+    def forward(self, inputs: list) -> list[torch.Tensor]:
+        x, w, b = inputs
+        y, mean, var, rstd = _channel_forward(_channel_view(x).to(_acc_dtype(x.dtype)), w, b, self.plan, self.eps)
+        return [y.reshape(x.shape).to(x.dtype), mean, var, rstd]
+
+    def backward(self, saved: list, grads: list, needs: list) -> list:
+        x, w, mean, rstd = saved
+        g = grads[0]
+        if g is None:
+            return [None, None, None]
+        dx, dw, db = _channel_backward(g, x, mean, rstd, w, self.plan, (needs[0], needs[1], needs[2]), fixed=False)
+        dt = w.dtype if w is not None else x.dtype
+        return [dx, None if dw is None else dw.to(dt), None if db is None else db.to(dt)]
+
+    def fake_forward(self, inputs: list) -> list[torch.Tensor]:
+        x = inputs[0]
+        q = self.plan.layout.canonical(tuple(x.shape))[1] if self.plan.layout.kind == "group" else x.shape[1]
+        stat = x.new_empty(q, dtype=_acc_dtype(x.dtype))
+        return [x.new_empty(x.shape), stat, stat.new_empty(q), stat.new_empty(q)]
+
+    def fake_backward(self, saved: list, grads: list, needs: list) -> list:
+        x, w = saved[0], saved[1]
+        c = (x.shape[1],)
+        dt = w.dtype if w is not None else x.dtype
+        return [x.new_empty(x.shape) if needs[0] else None, x.new_empty(c, dtype=dt) if needs[1] else None,
+                x.new_empty(c, dtype=dt) if needs[2] else None]
+
+
+def _channel_norm(x: torch.Tensor, w, b, plan: NormPlan, eps: float) -> tuple[torch.Tensor, ...]:
+    y, mean, var, _ = opaque.apply(_norm_key("channel", plan, eps), [x, w, b])
+    return y, mean, var
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,22 +441,38 @@ def _layer_param_slice(t: torch.Tensor, plan: NormPlan) -> torch.Tensor:
     return t.narrow(plan.dim - lead, a, b - a)
 
 
-class _LayerNormalize(torch.autograd.Function):
+class _LayerRule(_NormRule):
     """``x -> xhat`` over normalized dims that include the sharded one; backward = exact adjoint."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, plan: NormPlan, eps: float):  # type: ignore[override]
-        xhat, _mean, _var, rstd = _layer_normalize(x, plan, eps)
-        ctx.save_for_backward(xhat, rstd)
-        ctx.plan, ctx.shape, ctx.dtype = plan, x.shape, x.dtype
-        return xhat.reshape(x.shape).to(x.dtype)
+    saved_inputs = ()
+    saved_outputs = (0, 1)
 
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        xhat, rstd = ctx.saved_tensors
+    def forward(self, inputs: list) -> list[torch.Tensor]:
+        x = inputs[0]
+        xhat, _mean, _var, rstd = _layer_normalize(x, self.plan, self.eps)
+        return [xhat.reshape(x.shape).to(x.dtype), rstd]
+
+    def backward(self, saved: list, grads: list, needs: list) -> list:
+        y, rstd = saved
+        xhat = y.reshape(self.plan.layout.canonical(tuple(y.shape))).to(rstd.dtype)
+        g = grads[0]
+        if g is None:
+            return [None]
+        shape = list(self.plan.layout.shape)
+        if self.plan.dim is not None:
+            a, b = self.plan.local_range()
+            shape[self.plan.dim] = b - a
         gv = g.reshape(xhat.shape).to(xhat.dtype)
-        dx = _xhat_backward(gv, xhat, rstd, _layer_count(ctx.plan, ctx.shape), ctx.plan)
-        return dx.reshape(ctx.shape).to(ctx.dtype), None, None
+        dx = _xhat_backward(gv, xhat, rstd, _layer_count(self.plan, shape), self.plan)
+        return [dx.reshape(g.shape).to(g.dtype)]
+
+    def fake_forward(self, inputs: list) -> list[torch.Tensor]:
+        x = inputs[0]
+        q = self.plan.layout.canonical(tuple(x.shape))[1]
+        return [x.new_empty(x.shape), x.new_empty(q, dtype=_acc_dtype(x.dtype))]
+
+    def fake_backward(self, saved: list, grads: list, needs: list) -> list:
+        return [grads[0].new_empty(grads[0].shape)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +583,7 @@ def group_norm(
     if plan.counts is None:  # statistics are local: torch's own kernel
         y = F.group_norm(x, num_groups, w, b, eps)
     else:
-        y = _ChannelNorm.apply(x, w, b, plan, eps)[0]
+        y = _channel_norm(x, w, b, plan, eps)[0]
     return _wrap(y, plan, shape)
 
 
@@ -545,7 +623,7 @@ def batch_norm(
     if not training or plan.counts is None:  # running statistics (pointwise) or local statistics
         y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
     else:
-        y, mean, var = _ChannelNorm.apply(x, w, b, plan, eps)
+        y, mean, var = _channel_norm(x, w, b, plan, eps)
         _running_update(rm, mean, momentum)
         _running_update(rv, _unbiased(var, plan.layout.count()), momentum)
     return _wrap(y, plan, shape)
@@ -589,7 +667,7 @@ def instance_norm(
     if not use_input_stats or (plan.counts is None and not (tracked and batch_split)):
         y = F.instance_norm(x, rm, rv, w, b, use_input_stats, momentum, eps)
     else:
-        y, mean, var = _ChannelNorm.apply(x, w, b, plan, eps)
+        y, mean, var = _channel_norm(x, w, b, plan, eps)
         if tracked:
             nl, n = x.shape[0], layout.count()
             _running_update(rm, _batch_mean(mean.view(nl, c), plan), momentum)
@@ -630,7 +708,7 @@ def layer_norm(
     if plan.counts is None:
         y = F.layer_norm(x, x.shape[x.ndim - len(ns) :], w, b, eps)
     else:
-        y = _LayerNormalize.apply(x, plan, eps)
+        y = opaque.apply(_norm_key("layer", plan, eps), [x])[0]
         if w is not None:
             y = y * w
         if b is not None:
@@ -639,21 +717,8 @@ def layer_norm(
 
 
 # ---------------------------------------------------------------------------------------------
-# aten rules (below autograd): F.group_norm / F.batch_norm / F.instance_norm / F.layer_norm
+# Functional path: F.group_norm / F.batch_norm / F.instance_norm / F.layer_norm as users call them
 # ---------------------------------------------------------------------------------------------
-
-
-def _bind(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> list:
-    """Positional values of ``op``'s schema arguments (kwargs and defaults filled in)."""
-    out = []
-    for i, a in enumerate(op._schema.arguments):
-        if i < len(args):
-            out.append(args[i])
-        elif a.name in kwargs:
-            out.append(kwargs[a.name])
-        else:
-            out.append(a.default_value)
-    return out
 
 
 def _ours(x: object) -> bool:
@@ -661,187 +726,18 @@ def _ours(x: object) -> bool:
     return isinstance(x, DTensor) and any(isinstance(p, Shard) for p in x.placements)
 
 
-def _dt(local: torch.Tensor, plan: NormPlan, placement: Placement, shape: Sequence[int]) -> DTensor:
-    shape = torch.Size(shape)
-    return DTensor.from_local(
-        local, plan.mesh, [placement], run_check=False, shape=shape, stride=contiguous_stride(shape)
-    )
+def _route(public):
+    def rule(func, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if not _ours(x):
+            return NotImplemented
+        return public(*args, **kwargs)
+
+    rule.__qualname__ = f"{public.__name__}_rule"
+    return rule
 
 
-def _stats_out(t: torch.Tensor, plan: NormPlan, dtype: torch.dtype) -> DTensor:
-    """mean/rstd outputs: replicated when reduced over the sharded dim, else sharded like the input."""
-    shape = plan.layout.stats_shape()
-    t = t.to(dtype)
-    if plan.dim is None or plan.dim in plan.layout.reduce_dims():
-        return _dt(t.reshape(shape), plan, Replicate(), shape)
-    local_shape = list(shape)
-    a, b = plan.local_range()
-    local_shape[plan.dim] = b - a
-    return _dt(t.reshape(local_shape), plan, Shard(plan.dim), shape)
-
-
-def _stats_in(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else _local(t).reshape(-1)
-
-
-def _grad_out(g: torch.Tensor | None, param: torch.Tensor | None, plan: NormPlan, dtype: torch.dtype) -> object:
-    """A parameter gradient: ``Partial`` DTensor for DTensor parameters; summed now for plain ones."""
-    if g is None:
-        return None
-    g = g.to(dtype)
-    if param is None or isinstance(param, DTensor):
-        return _dt(g, plan, plan.param_grad_placement, g.shape)
-    if plan.dim is not None and plan.world > 1:
-        with stats.op_label(plan.op):
-            comm.all_reduce_sum(g, plan.group)
-    return g
-
-
-def _grad_in(dy: torch.Tensor, x: DTensor) -> torch.Tensor:
-    if isinstance(dy, DTensor) and dy.placements != x.placements:
-        dy = dy.redistribute(x.device_mesh, x.placements)  # e.g. a Replicate grad: a local slice
-    return _local(dy)
-
-
-def _group_norm_rule(op, args, kwargs):
-    x, weight, bias, _n, c, _hxw, group, eps = _bind(op, args, kwargs)
-    if not _ours(x):
-        return NotImplemented
-    if c % group:
-        raise DomainParallelError(f"group_norm: {c} channels not divisible by {group} groups")
-    plan = plan_norm(x, NormLayout("group", tuple(x.shape), groups=group), "group_norm")
-    _check_param(weight, plan, "weight")
-    _check_param(bias, plan, "bias")
-    xl = x.to_local()
-    xv = _channel_view(xl).to(_acc_dtype(xl.dtype))
-    y, mean, _var, rstd = _channel_forward(xv, _local(weight), _local(bias), plan, eps)
-    y = y.reshape(xl.shape).to(xl.dtype)
-    return _dt(y, plan, plan.placement, x.shape), _stats_out(mean, plan, xl.dtype), _stats_out(rstd, plan, xl.dtype)
-
-
-def _group_norm_backward_rule(op, args, kwargs):
-    dy, x, mean, rstd, weight, _n, _c, _hxw, group, mask = _bind(op, args, kwargs)
-    if not _ours(x):
-        return NotImplemented
-    plan = plan_norm(x, NormLayout("group", tuple(x.shape), groups=group), "group_norm")
-    _check_param(weight, plan, "weight")
-    xl = x.to_local()
-    dx, dw, db = _channel_backward(
-        _grad_in(dy, x), xl, _stats_in(mean), _stats_in(rstd), _local(weight), plan, mask, fixed=False
-    )
-    dx = None if dx is None else _dt(dx, plan, plan.placement, x.shape)
-    return dx, _grad_out(dw, weight, plan, xl.dtype), _grad_out(db, weight, plan, xl.dtype)
-
-
-def _batch_norm_rule(op, args, kwargs):
-    x, weight, bias, running_mean, running_var, training, momentum, eps = _bind(op, args, kwargs)
-    if not _ours(x):
-        return NotImplemented
-    layout = NormLayout("batch", tuple(x.shape))
-    plan = plan_norm(x, layout, "batch_norm")
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _check_param(t, plan, name)
-    xl = x.to_local()
-    acc = _acc_dtype(xl.dtype)
-    xv = _channel_view(xl).to(acc)
-    if training:
-        y, mean, var, rstd = _channel_forward(xv, _local(weight), _local(bias), plan, eps)
-        _running_update(running_mean, mean, momentum)
-        _running_update(running_var, _unbiased(var, layout.count()), momentum)
-    else:
-        if running_mean is None or running_var is None:
-            raise DomainParallelError("batch_norm: running_mean and running_var are required when training=False")
-        mean, rstd = _local(running_mean).to(acc), torch.rsqrt(_local(running_var).to(acc) + eps)
-        y = _channel_apply(xv, mean, rstd, _local(weight), _local(bias), plan)
-    y = y.reshape(xl.shape).to(xl.dtype)
-    if training:
-        return _dt(y, plan, plan.placement, x.shape), _stats_out(mean, plan, xl.dtype), _stats_out(rstd, plan, xl.dtype)
-    empty = xl.new_empty(0)  # what torch's CPU kernel saves in eval
-    return (
-        _dt(y, plan, plan.placement, x.shape),
-        _dt(empty, plan, Replicate(), (0,)),
-        _dt(empty.clone(), plan, Replicate(), (0,)),
-    )
-
-
-def _batch_norm_backward_rule(op, args, kwargs):
-    dy, x, weight, running_mean, running_var, save_mean, save_invstd, train, eps, mask = _bind(op, args, kwargs)
-    if not _ours(x):
-        return NotImplemented
-    plan = plan_norm(x, NormLayout("batch", tuple(x.shape)), "batch_norm")
-    _check_param(weight, plan, "weight")
-    xl = x.to_local()
-    if train:
-        mean, rstd = _stats_in(save_mean), _stats_in(save_invstd)
-    else:
-        mean, rstd = _local(running_mean), torch.rsqrt(_local(running_var).to(_acc_dtype(xl.dtype)) + eps)
-    dx, dw, db = _channel_backward(_grad_in(dy, x), xl, mean, rstd, _local(weight), plan, mask, fixed=not train)
-    dx = None if dx is None else _dt(dx, plan, plan.placement, x.shape)
-    return dx, _grad_out(dw, weight, plan, xl.dtype), _grad_out(db, weight, plan, xl.dtype)
-
-
-def _layer_norm_rule(op, args, kwargs):
-    x, normalized_shape, weight, bias, eps = _bind(op, args, kwargs)
-    if not _ours(x):
-        return NotImplemented
-    ns = _check_normalized_shape(tuple(x.shape), normalized_shape, "layer_norm")
-    plan = plan_norm(x, NormLayout("layer", tuple(x.shape), norm_ndim=len(ns)), "layer_norm")
-    _check_param(weight, plan, "weight")
-    _check_param(bias, plan, "bias")
-    xl = x.to_local()
-    xhat, mean, _var, rstd = _layer_normalize(xl, plan, eps)
-    y = xhat.reshape(xl.shape)
-    if weight is not None:
-        y = y * _layer_param_slice(_local(weight), plan)
-    if bias is not None:
-        y = y + _layer_param_slice(_local(bias), plan)
-    y = y.to(xl.dtype)
-    return _dt(y, plan, plan.placement, x.shape), _stats_out(mean, plan, xl.dtype), _stats_out(rstd, plan, xl.dtype)
-
-
-def _layer_norm_backward_rule(op, args, kwargs):
-    dy, x, normalized_shape, mean, rstd, weight, bias, mask = _bind(op, args, kwargs)
-    if not _ours(x):
-        return NotImplemented
-    ns = _check_normalized_shape(tuple(x.shape), normalized_shape, "layer_norm")
-    plan = plan_norm(x, NormLayout("layer", tuple(x.shape), norm_ndim=len(ns)), "layer_norm")
-    _check_param(weight, plan, "weight")
-    xl, dyl = x.to_local(), _grad_in(dy, x)
-    acc = _acc_dtype(xl.dtype)
-    p, q, r = plan.layout.canonical(tuple(xl.shape))
-    mean, rstd = _stats_in(mean).to(acc), _stats_in(rstd).to(acc)
-    xhat = (xl.reshape(p, q, r).to(acc) - mean.view(1, q, 1)) * rstd.view(1, q, 1)
-    dya = dyl.to(acc)
-    w = None if weight is None else _layer_param_slice(_local(weight), plan).to(acc)
-    g = dya if w is None else dya * w
-    dx = None
-    if mask[0]:
-        dxv = _xhat_backward(g.reshape(p, q, r), xhat, rstd, _layer_count(plan, xl.shape), plan)
-        dx = _dt(dxv.reshape(xl.shape).to(xl.dtype), plan, plan.placement, x.shape)
-    lead = tuple(range(len(x.shape) - len(ns)))
-    grads = []
-    for need, val in ((mask[1], lambda: (dya * xhat.reshape(xl.shape)).sum(lead)), (mask[2], lambda: dya.sum(lead))):
-        if not need:
-            grads.append(None)
-            continue
-        gl = val()
-        if plan.dim is not None and plan.dim >= len(lead):  # this rank's rows of a full-size gradient
-            full = gl.new_zeros(ns)
-            a, b = plan.local_range()
-            full.narrow(plan.dim - len(lead), a, b - a).copy_(gl)
-            gl = full
-        grads.append(_grad_out(gl, weight if weight is not None else bias, plan, xl.dtype))
-    return dx, grads[0], grads[1]
-
-
-def register() -> None:
-    """Install the aten rules (idempotent; done on import)."""
-    register_rule(aten.native_group_norm.default, _group_norm_rule)
-    register_rule(aten.native_group_norm_backward.default, _group_norm_backward_rule)
-    register_rule(aten.native_batch_norm.default, _batch_norm_rule)
-    register_rule(aten.native_batch_norm_backward.default, _batch_norm_backward_rule)
-    register_rule(aten.native_layer_norm.default, _layer_norm_rule)
-    register_rule(aten.native_layer_norm_backward.default, _layer_norm_backward_rule)
-
-
-register()
+register(F.group_norm)(_route(group_norm))
+register(F.batch_norm)(_route(batch_norm))
+register(F.instance_norm)(_route(instance_norm))
+register(F.layer_norm)(_route(layer_norm))

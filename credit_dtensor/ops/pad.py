@@ -8,9 +8,8 @@ the constant: one halo gather fetches exactly the remote rows a rank's output ch
 The result is an ordinary ``Shard(dim)`` DTensor, so a following convolution with ``padding=0``
 consumes it unchanged (this is how the converter handles ``nn.ZeroPad2d`` + ``nn.Conv2d``).
 
-Functional interception: ``F.pad`` with constant/reflect/replicate on a sharded DTensor is routed
-here by aten rules (forward and backward). ``F.pad(mode="circular")`` decomposes into slices above
-the DTensor dispatcher and cannot be intercepted: use :func:`pad` or the module wrappers.
+Functional ``F.pad`` (every mode, circular included) on a sharded DTensor is routed here by a
+torch-function rule, before PyTorch decomposes circular padding into slices.
 """
 
 from __future__ import annotations
@@ -27,13 +26,12 @@ from torch.distributed.tensor import DTensor, Shard
 from ..errors import DomainParallelError
 from ..geometry.pad import check_pad, normalize_pad_mode, pad_sources, split_pad
 from ..halo import cached_plan, halo_gather, halo_scatter_add
-from ._dispatch import register_rule
-from ._rows import RowOp, apply_row_op, chunk_needs, domain_info
+from ..intercept import register
+from ._rows import ROW_FACTORIES, RowOp, apply_row_op, chunk_needs, domain_info, row_op_ref
 
 __all__ = ["pad", "PadOp", "pad_op", "sharded_dim_of"]
 
 logger = logging.getLogger(__name__)
-aten = torch.ops.aten
 
 
 def sharded_dim_of(x: object) -> int | None:
@@ -132,29 +130,44 @@ class PadOp(RowOp):
 
 @functools.lru_cache(maxsize=512)
 def _cached_pad_op(in_shape, pads, mode, value, dim, world, rank) -> PadOp:
-    return PadOp(in_shape, pads, mode, value, dim, world, rank)
+    op = PadOp(in_shape, pads, mode, value, dim, world, rank)
+    op.cache_key = ("PadOp", (in_shape, pads, mode, value, dim, world, rank))
+    return op
+
+
+ROW_FACTORIES["PadOp"] = _cached_pad_op
+
+
+def pad_args(
+    in_shape: Sequence[int], pad: Sequence[int], mode: str, value: float | None, dim: int, world: int, rank: int
+) -> tuple:
+    """The arguments of the (cached) :class:`PadOp` for ``F.pad(x, pad, mode, value)`` of a tensor
+    of global ``in_shape`` sharded on ``dim``."""
+    mode = normalize_pad_mode(mode)
+    ndim = len(in_shape)
+    try:
+        pmap = split_pad(pad, ndim)
+    except ValueError as e:
+        raise DomainParallelError(
+            f"pad(mode={mode!r}, pad={tuple(pad)}) on a tensor of shape {tuple(in_shape)}: {e}"
+        ) from e
+    pads = tuple((d, lo, hi) for d, (lo, hi) in sorted(pmap.items()))
+    return (tuple(in_shape), pads, mode, float(value or 0.0), dim % ndim, world, rank)
 
 
 def pad_op(
     in_shape: Sequence[int], pad: Sequence[int], mode: str, value: float | None, dim: int, world: int, rank: int
 ) -> PadOp:
-    """The (cached) :class:`PadOp` for ``F.pad(x, pad, mode, value)`` of a tensor of global
-    ``in_shape`` sharded on ``dim``; raises :class:`DomainParallelError` for invalid pads."""
-    mode = normalize_pad_mode(mode)
-    ndim = len(in_shape)
+    """The (cached) :class:`PadOp`; raises :class:`DomainParallelError` for invalid pads."""
     try:
-        pmap = split_pad(pad, ndim)
-        pads = tuple((d, lo, hi) for d, (lo, hi) in sorted(pmap.items()))
-        return _cached_pad_op(tuple(in_shape), pads, mode, float(value or 0.0), dim % ndim, world, rank)
+        return _cached_pad_op(*pad_args(in_shape, pad, mode, value, dim, world, rank))
     except ValueError as e:
-        raise DomainParallelError(
-            f"pad(mode={mode!r}, pad={tuple(pad)}) on a tensor of shape {tuple(in_shape)}: {e}"
-        ) from e
+        raise DomainParallelError(f"pad(mode={mode!r}, pad={tuple(pad)}) on shape {tuple(in_shape)}: {e}") from e
 
 
-def _validate(shape: Sequence[int], pad: Sequence[int], mode: str, value: float | None) -> None:
-    """Single-device validation on a meta tensor (same errors as ``F.pad``)."""
-    F.pad(torch.empty(tuple(shape), device="meta"), list(pad), mode=mode, value=value)
+def _validate(shape: Sequence[int], pad: Sequence[int], mode: str, value: float | None) -> torch.Size:
+    """Single-device validation on a meta tensor (same errors as ``F.pad``); the output shape."""
+    return F.pad(torch.empty(tuple(shape), device="meta"), list(pad), mode=mode, value=value).shape
 
 
 def pad(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: float | None = None) -> torch.Tensor:
@@ -166,67 +179,24 @@ def pad(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: floa
     dim = sharded_dim_of(x)
     if dim is None:
         return F.pad(x, list(pad), mode=mode, value=value)
-    _validate(x.shape, pad, mode, value)
+    out_shape = _validate(x.shape, pad, mode, value)
     _, _, world, rank = domain_info(x)  # type: ignore[arg-type]
-    op = pad_op(tuple(x.shape), pad, mode, value, dim, world, rank)
-    return apply_row_op(x, op)  # type: ignore[arg-type]
+    args = pad_args(tuple(x.shape), pad, mode, value, dim, world, rank)
+    return apply_row_op(x, row_op_ref("PadOp", args, args[4], out_shape))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
-# Functional path: aten rules (below autograd)
+# Functional path: F.pad as users call it, any mode, any dim (circular included: PyTorch decomposes
+# it into slices before DTensor sees it, so only a torch-function rule can route it here)
 # ---------------------------------------------------------------------------------------------
 
 
-def _arg(args: tuple, kwargs: dict, i: int, name: str, default=None):
-    return args[i] if len(args) > i else kwargs.get(name, default)
-
-
-def _constant_pad_rule(op, args, kwargs):
-    x = args[0]
-    dim = sharded_dim_of(x)
-    if dim is None:
+@register(F.pad)
+def _pad_rule(func, args, kwargs):
+    x = args[0] if args else kwargs.get("input")
+    if sharded_dim_of(x) is None:
         return NotImplemented
-    pad_, value = list(_arg(args, kwargs, 1, "pad")), _arg(args, kwargs, 2, "value", 0)
-    _validate(x.shape, pad_, "constant", float(value))
-    _, _, world, rank = domain_info(x)
-    padop = pad_op(tuple(x.shape), pad_, "constant", float(value), dim, world, rank)
-    y, _, _ = padop.run_forward(x)
-    return y
-
-
-def _mode_pad_rule(mode: str):
-    def rule(op, args, kwargs):
-        x = args[0]
-        dim = sharded_dim_of(x)
-        if dim is None:
-            return NotImplemented
-        _, _, world, rank = domain_info(x)
-        padding = list(_arg(args, kwargs, 1, "padding"))
-        _validate(x.shape, padding, mode, None)
-        padop = pad_op(tuple(x.shape), padding, mode, None, dim, world, rank)
-        y, _, _ = padop.run_forward(x)
-        return y
-
-    rule.__qualname__ = f"{mode}_pad_rule"
-    return rule
-
-
-def _mode_pad_backward_rule(mode: str):
-    def rule(op, args, kwargs):
-        g, x = args[0], _arg(args, kwargs, 1, "self")
-        dim = sharded_dim_of(x)
-        if dim is None or sharded_dim_of(g) is None:
-            return NotImplemented
-        mesh, _, world, rank = domain_info(x)
-        padop = pad_op(tuple(x.shape), list(_arg(args, kwargs, 2, "padding")), mode, None, dim, world, rank)
-        return padop.run_backward(g, mesh, None)
-
-    rule.__qualname__ = f"{mode}_pad_backward_rule"
-    return rule
-
-
-register_rule(aten.constant_pad_nd.default, _constant_pad_rule)
-for _nd in (1, 2, 3):
-    for _mode, _name in (("reflect", "reflection"), ("replicate", "replication")):
-        register_rule(getattr(aten, f"{_name}_pad{_nd}d").default, _mode_pad_rule(_mode))
-        register_rule(getattr(aten, f"{_name}_pad{_nd}d_backward").default, _mode_pad_backward_rule(_mode))
+    pad_ = kwargs.get("pad", args[1] if len(args) > 1 else None)
+    mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+    value = kwargs.get("value", args[3] if len(args) > 3 else None)
+    return pad(x, pad_, mode=mode, value=value)

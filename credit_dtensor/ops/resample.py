@@ -30,8 +30,10 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
+from .. import comm, stats
+from ..dtensor import wrap_replicate
 from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_range
 from ..geometry.resample import (
@@ -46,8 +48,18 @@ from ..geometry.resample import (
     taps_rows,
 )
 from ..halo import cached_plan, halo_gather, halo_scatter_add
-from ._dispatch import register_rule
-from ._rows import RowOp, Taps, apply_row_op, chunk_needs, domain_info, spatial_shard_dim
+from ..intercept import register
+from ._rows import (
+    ROW_FACTORIES,
+    RowOp,
+    RowOpRef,
+    Taps,
+    apply_row_op,
+    chunk_needs,
+    domain_info,
+    row_op_ref,
+    spatial_shard_dim,
+)
 
 __all__ = [
     "interpolate",
@@ -627,16 +639,13 @@ class PixelShuffleOp(RowOp):
 
 @functools.lru_cache(maxsize=512)
 def _cached(cls, *args):
-    return cls(*args)
+    op = cls(*args)
+    op.cache_key = (cls.__name__, args)
+    return op
 
 
 def _meta(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), device="meta", dtype=dtype)
-
-
-def _check_out(where: str, got: Sequence[int], expected: Sequence[int]) -> None:
-    if tuple(got) != tuple(expected):
-        raise AssertionError(f"{where}: sharded output shape {tuple(got)} != PyTorch's {tuple(expected)}")
 
 
 def _interp_scales(nd, size, scale_factor, mode, recompute) -> tuple[float | None, ...]:
@@ -647,14 +656,15 @@ def _interp_scales(nd, size, scale_factor, mode, recompute) -> tuple[float | Non
     return tuple(float(s) for s in sf)
 
 
-def _interp_op(x: DTensor, mode, out_size, scales, align_corners, dim) -> RowOp:
+def _interp_op(x: DTensor, mode, out_size, scales, align_corners, dim, out_shape) -> RowOpRef:
     _, _, world, rank = domain_info(x)
     shape = tuple(x.shape)
     if mode == "area":
-        return _cached(AdaptiveAvgPoolOp, shape, tuple(out_size), dim, world, rank)
+        return row_op_ref("AdaptiveAvgPoolOp", (shape, tuple(out_size), dim, world, rank), dim, out_shape)
     single = x.dtype != torch.float64
     ac = bool(align_corners) if mode in _LINEAR + ("bicubic",) else None
-    return _cached(InterpOp, mode, shape, tuple(out_size), tuple(scales), ac, dim, single, world, rank)
+    args = (mode, shape, tuple(out_size), tuple(scales), ac, dim, single, world, rank)
+    return row_op_ref("InterpOp", args, dim, out_shape)
 
 
 def interpolate(
@@ -686,8 +696,7 @@ def interpolate(
             "empty output: PyTorch rejects output sizes < 1; use a larger size or scale_factor"
         ) from e
     scales = _interp_scales(nd, size, scale_factor, mode, recompute_scale_factor)
-    op = _interp_op(input, mode, tuple(meta.shape[2:]), scales, align_corners, dim)  # type: ignore[arg-type]
-    _check_out("interpolate", op.out_shape, meta.shape)
+    op = _interp_op(input, mode, tuple(meta.shape[2:]), scales, align_corners, dim, meta.shape)  # type: ignore[arg-type]
     return apply_row_op(input, op)  # type: ignore[arg-type]
 
 
@@ -711,8 +720,8 @@ def _max_pool(nd, input, kernel_size, stride=None, padding=0, dilation=1, ceil_m
     p, d = _ntuple(padding, nd), _ntuple(dilation, nd)
     meta = fn(_meta(input.shape, input.dtype), k, s, p, d, ceil_mode=ceil_mode)
     _, _, world, rank = domain_info(input)  # type: ignore[arg-type]
-    op = _cached(MaxPoolOp, tuple(input.shape), k, s, p, d, bool(ceil_mode), True, dim, world, rank)
-    _check_out(where, op.out_shape, meta.shape)
+    op = row_op_ref("MaxPoolOp", (tuple(input.shape), k, s, p, d, bool(ceil_mode), True, dim, world, rank), dim,
+                    meta.shape, with_indices=True)
     y, idx = apply_row_op(input, op)  # type: ignore[arg-type]
     return (y, idx) if return_indices else y
 
@@ -746,21 +755,8 @@ def _avg_pool(
     p = _ntuple(padding, nd)
     meta = fn(_meta(input.shape, input.dtype), k, s, p, ceil_mode, count_include_pad, **extra)
     _, _, world, rank = domain_info(input)  # type: ignore[arg-type]
-    op = _cached(
-        AvgPoolOp,
-        tuple(input.shape),
-        k,
-        s,
-        p,
-        bool(ceil_mode),
-        bool(count_include_pad),
-        divisor_override,
-        dim,
-        world,
-        rank,
-    )
-    _check_out(where, op.out_shape, meta.shape)
-    return apply_row_op(input, op)  # type: ignore[arg-type]
+    args = (tuple(input.shape), k, s, p, bool(ceil_mode), bool(count_include_pad), divisor_override, dim, world, rank)
+    return apply_row_op(input, row_op_ref("AvgPoolOp", args, dim, meta.shape))  # type: ignore[arg-type]
 
 
 def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
@@ -799,9 +795,31 @@ def _adaptive_avg(nd, input, output_size):
     size = _adaptive_size(input, output_size, nd)
     meta = fn(_meta(input.shape, input.dtype), size)
     _, _, world, rank = domain_info(input)  # type: ignore[arg-type]
-    op = _cached(AdaptiveAvgPoolOp, tuple(input.shape), size, dim, world, rank)
-    _check_out(where, op.out_shape, meta.shape)
+    if size[dim - (input.ndim - nd)] < world:
+        return _pooled_replicate(fn, input, dim, size, nd)
+    op = row_op_ref("AdaptiveAvgPoolOp", (tuple(input.shape), size, dim, world, rank), dim, meta.shape)
     return apply_row_op(input, op)  # type: ignore[arg-type]
+
+
+def _pooled_replicate(fn, input: DTensor, dim: int, size: tuple[int, ...], nd: int) -> DTensor:
+    """Adaptive average pooling to fewer rows than ranks (global pooling, SE gates, classifier
+    heads): each rank sums its rows' share of every window, one all-reduce of the *pooled* tensor
+    finishes it, and the result is ``Replicate`` -- a pooled vector, not a shard most ranks would
+    hold empty (which ``flatten`` and broadcasting against the activation would have to gather)."""
+    mesh, group, world, rank = domain_info(input)
+    n, n_out = input.shape[dim], size[dim - (input.ndim - nd)]
+    a0, a1 = chunk_range(n, world, rank)
+    x = input.to_local()
+    weights = torch.zeros(n_out, a1 - a0, dtype=x.dtype, device=x.device)
+    for o in range(n_out):
+        s, e = adaptive_range(o, n, n_out)
+        if max(s, a0) < min(e, a1):
+            weights[o, max(s, a0) - a0 : min(e, a1) - a0] = 1.0 / (e - s)
+    part = torch.movedim(torch.movedim(x, dim, -1) @ weights.T, -1, dim)
+    pooled = fn(part, size)  # the other dims (rows are already pooled: identity along H)
+    with stats.op_label("adaptive_avg_pool"):
+        total = comm.sum_over_ranks(pooled, group)
+    return wrap_replicate(total, mesh)
 
 
 def adaptive_avg_pool1d(input, output_size):
@@ -828,8 +846,8 @@ def _adaptive_max(nd, input, output_size, return_indices=False):
     size = _adaptive_size(input, output_size, nd)
     meta = fn(_meta(input.shape, input.dtype), size)
     _, _, world, rank = domain_info(input)  # type: ignore[arg-type]
-    op = _cached(AdaptiveMaxPoolOp, tuple(input.shape), size, True, dim, world, rank)
-    _check_out(where, op.out_shape, meta.shape)
+    op = row_op_ref("AdaptiveMaxPoolOp", (tuple(input.shape), size, True, dim, world, rank), dim, meta.shape,
+                    with_indices=True)
     y, idx = apply_row_op(input, op)  # type: ignore[arg-type]
     return (y, idx) if return_indices else y
 
@@ -884,8 +902,7 @@ def _pixel(input: torch.Tensor, factor: int, shuffle: bool):
         _check_unshuffle(input.shape, factor)
     meta = fn(_meta(input.shape, input.dtype), factor)
     _, _, world, rank = domain_info(input)  # type: ignore[arg-type]
-    op = _cached(PixelShuffleOp, tuple(input.shape), int(factor), shuffle, dim, world, rank)
-    _check_out(where, op.out_shape, meta.shape)
+    op = row_op_ref("PixelShuffleOp", (tuple(input.shape), int(factor), shuffle, dim, world, rank), dim, meta.shape)
     return apply_row_op(input, op)  # type: ignore[arg-type]
 
 
@@ -901,304 +918,39 @@ def pixel_unshuffle(input: torch.Tensor, downscale_factor: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Functional path: aten rules (below autograd)
+# Functional path: F.interpolate / pools / pixel shuffle as users call them (torch-function rules)
 # ---------------------------------------------------------------------------------------------
 
 
-def _bind(op, args: tuple, kwargs: dict) -> dict:
-    """Argument name -> value for an aten overload call (schema defaults filled in)."""
-    out = {}
-    for i, a in enumerate(op._schema.arguments):
-        if i < len(args):
-            out[a.name] = args[i]
-        elif a.name in kwargs:
-            out[a.name] = kwargs[a.name]
-        elif a.has_default_value():
-            out[a.name] = a.default_value
-        else:
-            out[a.name] = None
-    return out
-
-
-def _validate_meta(op, args: tuple, kwargs: dict) -> None:
-    """Run the aten op on meta tensors of the global shapes: PyTorch's own argument checks."""
-
-    def meta(a):
-        return torch.empty(tuple(a.shape), device="meta", dtype=a.dtype) if isinstance(a, torch.Tensor) else a
-
-    try:
-        op(*[meta(a) for a in args], **{k: meta(v) for k, v in kwargs.items()})
-    except ZeroDivisionError as e:
-        raise DomainParallelError(f"{op}: the output would be empty (PyTorch rejects output sizes < 1)") from e
-
-
-def _scales_of(b: dict, nd: int) -> tuple[float | None, ...]:
-    names = {1: ("scales",), 2: ("scales_h", "scales_w"), 3: ("scales_d", "scales_h", "scales_w")}[nd]
-    return tuple(None if b.get(n) is None else float(b[n]) for n in names)
-
-
-def _upsample_rule(mode: str, nd: int):
-    def rule(op, args, kwargs):
-        b = _bind(op, args, kwargs)
-        x = b["self"]
-        dim = spatial_shard_dim(x, nd, str(op))
-        if dim is None:
+def _route(public, nd: int | None, **fixed):
+    def rule(func, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, DTensor) or not any(isinstance(p, Shard) for p in x.placements):
             return NotImplemented
-        _validate_meta(op, args, kwargs)
-        interp = _interp_op(x, mode, tuple(b["output_size"]), _scales_of(b, nd), b.get("align_corners"), dim)
-        y, _, _ = interp.run_forward(x)
-        return y
+        if nd is not None and spatial_shard_dim(x, nd, public.__name__) is None and x.ndim in (nd + 1, nd + 2):
+            return NotImplemented  # batch-sharded or replicated: PyTorch's own rule
+        return public(*args, **{**kwargs, **fixed})
 
-    rule.__qualname__ = f"upsample_{mode}_{nd}d_rule"
-    return rule
-
-
-def _upsample_backward_rule(mode: str, nd: int):
-    def rule(op, args, kwargs):
-        b = _bind(op, args, kwargs)
-        g = b["grad_output"]
-        dim = spatial_shard_dim(g, nd, str(op))
-        if dim is None:
-            return NotImplemented
-        mesh, _, world, rank = domain_info(g)
-        ac = b.get("align_corners")
-        ac = bool(ac) if mode in _LINEAR + ("bicubic",) else None
-        interp = _cached(
-            InterpOp,
-            mode,
-            tuple(b["input_size"]),
-            tuple(b["output_size"]),
-            _scales_of(b, nd),
-            ac,
-            dim,
-            g.dtype != torch.float64,
-            world,
-            rank,
-        )
-        return interp.run_backward(g, mesh, None)
-
-    rule.__qualname__ = f"upsample_{mode}_{nd}d_backward_rule"
-    return rule
-
-
-def _antialias_rule(op, args, kwargs):
-    x = args[0]
-    nd = 2
-    dim = spatial_shard_dim(x, nd, str(op))
-    if dim is None:
-        return NotImplemented
-    raise DomainParallelError(
-        f"{op}: antialiased interpolation of an input sharded on dim {dim} is not supported: use "
-        "F.interpolate(..., antialias=False), or gather_tensor() the input first"
-    )
-
-
-def _max_pool_rule(nd: int):
-    def rule(op, args, kwargs):
-        b = _bind(op, args, kwargs)
-        x = b["self"]
-        dim = spatial_shard_dim(x, nd, str(op))
-        if dim is None:
-            return NotImplemented
-        _validate_meta(op, args, kwargs)
-        mop = _max_pool_op(x, nd, b)
-        y, idx, _ = mop.run_forward(x)
-        return y, idx
-
-    rule.__qualname__ = f"max_pool{nd}d_rule"
-    return rule
-
-
-def _max_pool_op(x, nd: int, b: dict) -> MaxPoolOp:
-    _, _, world, rank = domain_info(x)
-    dim = spatial_shard_dim(x, nd, f"max_pool{nd}d")
-    k = _ntuple(b["kernel_size"], nd)
-    s = _ntuple(b["stride"], nd, k)
-    p, d = _ntuple(b["padding"], nd), _ntuple(b["dilation"], nd)
-    return _cached(MaxPoolOp, tuple(x.shape), k, s, p, d, bool(b["ceil_mode"]), True, dim, world, rank)
-
-
-def _max_pool_backward_rule(nd: int):
-    def rule(op, args, kwargs):
-        b = _bind(op, args, kwargs)
-        x = b["self"]
-        if spatial_shard_dim(x, nd, str(op)) is None:
-            return NotImplemented
-        mop = _max_pool_op(x, nd, b)
-        mesh = x.device_mesh
-        idx = b["indices"]
-        idx_local = (
-            idx.redistribute(mesh, [x.placements[0]]).to_local()
-            if tuple(idx.placements) != (x.placements[0],)
-            else idx.to_local()
-        )
-        return mop.run_backward(b["grad_output"], mesh, mop.local_from_global(idx_local))
-
-    rule.__qualname__ = f"max_pool{nd}d_backward_rule"
-    return rule
-
-
-def _avg_pool_op(x, nd: int, b: dict) -> AvgPoolOp:
-    _, _, world, rank = domain_info(x)
-    dim = spatial_shard_dim(x, nd, f"avg_pool{nd}d")
-    k = _ntuple(b["kernel_size"], nd)
-    s = _ntuple(b["stride"], nd, k)
-    p = _ntuple(b["padding"], nd)
-    return _cached(
-        AvgPoolOp,
-        tuple(x.shape),
-        k,
-        s,
-        p,
-        bool(b["ceil_mode"]),
-        bool(b["count_include_pad"]),
-        b["divisor_override"],
-        dim,
-        world,
-        rank,
-    )
-
-
-def _avg_pool_rule(nd: int):
-    def rule(op, args, kwargs):
-        b = _bind(op, args, kwargs)
-        x = b["self"]
-        if spatial_shard_dim(x, nd, str(op)) is None:
-            return NotImplemented
-        _validate_meta(op, args, kwargs)
-        y, _, _ = _avg_pool_op(x, nd, b).run_forward(x)
-        return y
-
-    rule.__qualname__ = f"avg_pool{nd}d_rule"
-    return rule
-
-
-def _avg_pool_backward_rule(nd: int):
-    def rule(op, args, kwargs):
-        b = _bind(op, args, kwargs)
-        x = b["self"]
-        if spatial_shard_dim(x, nd, str(op)) is None:
-            return NotImplemented
-        return _avg_pool_op(x, nd, b).run_backward(b["grad_output"], x.device_mesh, None)
-
-    rule.__qualname__ = f"avg_pool{nd}d_backward_rule"
-    return rule
-
-
-def _adaptive_avg_rule(nd: int):
-    def rule(op, args, kwargs):
-        b = _bind(op, args, kwargs)
-        x = b["self"]
-        dim = spatial_shard_dim(x, nd, str(op))
-        if dim is None:
-            return NotImplemented
-        _validate_meta(op, args, kwargs)
-        _, _, world, rank = domain_info(x)
-        aop = _cached(AdaptiveAvgPoolOp, tuple(x.shape), tuple(int(v) for v in b["output_size"]), dim, world, rank)
-        y, _, _ = aop.run_forward(x)
-        return y
-
-    rule.__qualname__ = f"adaptive_avg_pool{nd}d_rule"
-    return rule
-
-
-def _adaptive_avg_backward_rule(nd: int):
-    def rule(op, args, kwargs):
-        b = _bind(op, args, kwargs)
-        x, g = b["self"], b["grad_output"]
-        dim = spatial_shard_dim(x, nd, str(op))
-        if dim is None:
-            return NotImplemented
-        mesh, _, world, rank = domain_info(x)
-        size = tuple(g.shape[g.ndim - nd :])
-        aop = _cached(AdaptiveAvgPoolOp, tuple(x.shape), size, dim, world, rank)
-        return aop.run_backward(g, mesh, None)
-
-    rule.__qualname__ = f"adaptive_avg_pool{nd}d_backward_rule"
-    return rule
-
-
-def _adaptive_max_rule(nd: int):
-    def rule(op, args, kwargs):
-        b = _bind(op, args, kwargs)
-        x = b["self"]
-        dim = spatial_shard_dim(x, nd, str(op))
-        if dim is None:
-            return NotImplemented
-        _validate_meta(op, args, kwargs)
-        _, _, world, rank = domain_info(x)
-        mop = _cached(
-            AdaptiveMaxPoolOp, tuple(x.shape), tuple(int(v) for v in b["output_size"]), True, dim, world, rank
-        )
-        y, idx, _ = mop.run_forward(x)
-        return y, idx
-
-    rule.__qualname__ = f"adaptive_max_pool{nd}d_rule"
-    return rule
-
-
-def _adaptive_max_backward_rule(nd: int):
-    def rule(op, args, kwargs):
-        b = _bind(op, args, kwargs)
-        x, g, idx = b["self"], b["grad_output"], b["indices"]
-        dim = spatial_shard_dim(x, nd, str(op))
-        if dim is None:
-            return NotImplemented
-        mesh, _, world, rank = domain_info(x)
-        size = tuple(g.shape[g.ndim - nd :])
-        mop = _cached(AdaptiveMaxPoolOp, tuple(x.shape), size, True, dim, world, rank)
-        idx_local = (
-            idx.redistribute(mesh, [x.placements[0]]).to_local()
-            if tuple(idx.placements) != (x.placements[0],)
-            else idx.to_local()
-        )
-        return mop.run_backward(g, mesh, mop.local_from_global(idx_local))
-
-    rule.__qualname__ = f"adaptive_max_pool{nd}d_backward_rule"
-    return rule
-
-
-def _pixel_rule(shuffle: bool):
-    def rule(op, args, kwargs):
-        x, factor = args[0], args[1] if len(args) > 1 else next(iter(kwargs.values()))
-        dim = _pixel_dim(x, str(op))
-        if dim is None:
-            return NotImplemented
-        if not shuffle:
-            _check_unshuffle(x.shape, int(factor))
-        _validate_meta(op, args, kwargs)
-        _, _, world, rank = domain_info(x)
-        pop = _cached(PixelShuffleOp, tuple(x.shape), int(factor), shuffle, dim, world, rank)
-        y, _, _ = pop.run_forward(x)
-        return y
-
-    rule.__qualname__ = "pixel_shuffle_rule" if shuffle else "pixel_unshuffle_rule"
+    rule.__qualname__ = f"{public.__name__}_rule"
     return rule
 
 
 def _register() -> None:
+    for cls in (InterpOp, AdaptiveAvgPoolOp, AvgPoolOp, MaxPoolOp, AdaptiveMaxPoolOp, PixelShuffleOp):
+        ROW_FACTORIES[cls.__name__] = functools.partial(_cached, cls)
+    register(F.interpolate)(_route(interpolate, None))
     for nd in (1, 2, 3):
-        for mode, name in (("nearest", f"upsample_nearest{nd}d"), ("nearest-exact", f"_upsample_nearest_exact{nd}d")):
-            register_rule(getattr(aten, name).default, _upsample_rule(mode, nd))
-            register_rule(getattr(aten, name + "_backward").default, _upsample_backward_rule(mode, nd))
-        lin = {1: "upsample_linear1d", 2: "upsample_bilinear2d", 3: "upsample_trilinear3d"}[nd]
-        register_rule(getattr(aten, lin).default, _upsample_rule(_LINEAR[nd - 1], nd))
-        register_rule(getattr(aten, lin + "_backward").default, _upsample_backward_rule(_LINEAR[nd - 1], nd))
-    register_rule(aten.upsample_bicubic2d.default, _upsample_rule("bicubic", 2))
-    register_rule(aten.upsample_bicubic2d_backward.default, _upsample_backward_rule("bicubic", 2))
-    register_rule(aten._upsample_bilinear2d_aa.default, _antialias_rule)
-    register_rule(aten._upsample_bicubic2d_aa.default, _antialias_rule)
-    for nd in (2, 3):
-        register_rule(getattr(aten, f"max_pool{nd}d_with_indices").default, _max_pool_rule(nd))
-        register_rule(getattr(aten, f"max_pool{nd}d_with_indices_backward").default, _max_pool_backward_rule(nd))
-        register_rule(getattr(aten, f"avg_pool{nd}d").default, _avg_pool_rule(nd))
-        register_rule(getattr(aten, f"avg_pool{nd}d_backward").default, _avg_pool_backward_rule(nd))
-        register_rule(getattr(aten, f"_adaptive_avg_pool{nd}d").default, _adaptive_avg_rule(nd))
-        register_rule(getattr(aten, f"_adaptive_avg_pool{nd}d_backward").default, _adaptive_avg_backward_rule(nd))
-        register_rule(getattr(aten, f"adaptive_max_pool{nd}d").default, _adaptive_max_rule(nd))
-        register_rule(getattr(aten, f"adaptive_max_pool{nd}d_backward").default, _adaptive_max_backward_rule(nd))
-    register_rule(aten.pixel_shuffle.default, _pixel_rule(True))
-    register_rule(aten.pixel_unshuffle.default, _pixel_rule(False))
+        # F.max_poolNd dispatches on return_indices; its torch-function call names the dispatcher
+        mp = globals()[f"max_pool{nd}d"]
+        register(getattr(F, f"max_pool{nd}d"))(_route(mp, nd))
+        register(getattr(F, f"max_pool{nd}d_with_indices"))(_route(mp, nd, return_indices=True))
+        register(getattr(F, f"avg_pool{nd}d"))(_route(globals()[f"avg_pool{nd}d"], nd))
+        register(getattr(F, f"adaptive_avg_pool{nd}d"))(_route(globals()[f"adaptive_avg_pool{nd}d"], nd))
+        amp = globals()[f"adaptive_max_pool{nd}d"]
+        register(getattr(F, f"adaptive_max_pool{nd}d"))(_route(amp, nd))
+        register(getattr(F, f"adaptive_max_pool{nd}d_with_indices"))(_route(amp, nd, return_indices=True))
+    register(F.pixel_shuffle)(_route(pixel_shuffle, None))
+    register(F.pixel_unshuffle)(_route(pixel_unshuffle, None))
 
 
 _register()

@@ -1,0 +1,51 @@
+"""The rule layer uses public mechanisms only: importing the package leaves DTensor's private op
+handler table untouched, every op family registers (a broken family is an import error, not a
+silent fallback to PyTorch's rule), and the communicating rules are torch.library custom ops."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SNAPSHOT = """
+import sys
+from torch.distributed.tensor import DTensor
+table = DTensor._op_dispatcher._custom_op_handlers
+before = {str(k): id(v) for k, v in table.items()}
+import credit_dtensor
+after = {str(k): id(v) for k, v in DTensor._op_dispatcher._custom_op_handlers.items()}
+assert DTensor._op_dispatcher._custom_op_handlers is table, "the table was rebound"
+print("SAME" if before == after else f"CHANGED {sorted(set(after.items()) ^ set(before.items()))}")
+"""
+
+
+def test_import_adds_nothing_to_dtensors_private_handler_table():
+    out = subprocess.run([sys.executable, "-c", SNAPSHOT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "SAME", out.stdout
+
+
+def test_rules_are_registered_for_the_functions_users_call():
+    import credit_dtensor
+    from credit_dtensor.intercept import _RULES, registered_functions
+    from credit_dtensor.ops import FAMILIES
+
+    assert credit_dtensor.intercept.enabled()
+    assert set(FAMILIES) >= {"conv", "norm", "pad", "resample", "reduce", "loss", "pointwise", "move", "refuse"}
+    for fn in (F.conv2d, F.conv_transpose3d, F.group_norm, F.layer_norm, F.pad, F.interpolate, F.max_pool2d,
+               F.adaptive_avg_pool2d, F.mse_loss, F.cross_entropy, torch.roll, torch.Tensor.__getitem__, torch.cat,
+               torch.Tensor.mean, torch.var, F.silu, torch.Tensor.__mul__, F.unfold):
+        assert fn in _RULES, fn
+    names = registered_functions()
+    assert "F.conv2d" in names or "torch.conv2d" in names
+
+
+def test_communicating_rules_are_custom_ops():
+    import credit_dtensor  # noqa: F401 - registers the ops
+
+    for name in ("halo_conv", "halo_conv_backward", "rule", "rule_backward"):
+        op = getattr(torch.ops.credit_dtensor, name)
+        assert isinstance(op.default, torch._ops.OpOverload), name
