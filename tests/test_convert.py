@@ -309,9 +309,14 @@ def test_cli_check_spawns_processes(capsys, monkeypatch):
     for k in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
     args = ["check", "credit_dtensor.models:unet", "--input-shape", "1,3,11,8", "--domain", "2"]
-    assert main([*args, "--kwargs", '{"width": 4}']) == 0
+    assert main([*args, "--kwargs", '{"width": 4}', "--fail-on-gather"]) == 0  # nothing gathered
     out = capsys.readouterr().out
     assert "exact" in out and "gradients: input +" in out
+    gathers = ["check", "tests/gather_model.py:build", "--input-shape", "1,3,10,6", "--domain", "2"]
+    assert main(gathers) == 0  # exact: gathers are reported, not failures...
+    out = capsys.readouterr().out
+    assert "implicit all-gather" in out and "torch.cumsum" in out
+    assert main([*gathers, "--fail-on-gather"]) == 1  # ...unless asked to fail on them
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,7 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "check",
         help="run the model sharded and on one device; first diverging layer",
         description="Run the model sharded and on one device on the same input, compare every layer's output "
-        "and every gradient. Exit 1 when a layer diverges or raises.",
+        "and every gradient, and record every implicit all-gather of an H-sharded activation. Exit 1 when a "
+        "layer diverges or raises (or, with --fail-on-gather, when an activation was gathered).",
         formatter_class=HelpFormatter,
     )
     _add_common(c, "float64")
@@ -113,6 +114,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--seed", type=nonneg_int, default=0, help="seed of the model and the input")
     c.add_argument("--no-backward", action="store_true", help="compare forward outputs only")
+    c.add_argument(
+        "--fail-on-gather",
+        action="store_true",
+        help="exit 1 when an H-sharded activation was all-gathered implicitly (forward or backward)",
+    )
     c.set_defaults(handler=cmd_check, validate=_validate)
 
 
@@ -152,6 +158,14 @@ def _check_rank(ctx: Any, job: tuple) -> Any:
     return report if ctx.rank == 0 else None
 
 
+def _status(report: Any, args: argparse.Namespace) -> int:
+    if not report.ok:
+        return EXIT_FAILED
+    if getattr(args, "fail_on_gather", False) and (report.gather_events or report.gathered):
+        return EXIT_FAILED
+    return 0
+
+
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
     from ..check import render_check
     from ..tools.launch import LaunchError, run_ranks
@@ -165,7 +179,7 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
         report = _run_check(*job, domain)
         if not dist.is_initialized() or dist.get_rank() == 0:
             render_check(report, console)
-        return 0 if report.ok else EXIT_FAILED
+        return _status(report, args)
     console.print(f"starting {domain} local CPU processes (gloo)")
     try:
         report = run_ranks(_check_rank, domain, (job,), timeout=1800)[0]
@@ -174,4 +188,4 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
         logger.info("rank %d traceback:\n%s", exc.rank, exc.detail)
         return EXIT_USAGE if exc.domain_error else EXIT_FAILED
     render_check(report, console)
-    return 0 if report.ok else EXIT_FAILED
+    return _status(report, args)

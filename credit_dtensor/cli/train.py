@@ -59,6 +59,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter and data dtype")
     p.add_argument("--no-fsdp", action="store_true", help="replicate parameters and all-reduce gradients instead")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        choices=("inductor", "aot_eager", "eager"),
+        help="torch.compile every block (fullgraph, one graph each) with this backend (bare flag: inductor)",
+    )
     p.add_argument("--checkpoint-dir", default=None, help="directory of the DCP checkpoints (None: no checkpoints)")
     p.add_argument(
         "--checkpoint-every",
@@ -194,6 +202,7 @@ def _config(args: argparse.Namespace):
         dtype=args.dtype,
         fsdp=not args.no_fsdp,
         activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=every if args.checkpoint_dir else 0,
         resume=args.resume,

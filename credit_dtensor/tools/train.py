@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -65,6 +66,7 @@ class TrainConfig:
     dtype: str = "float32"
     fsdp: bool = True
     activation_checkpointing: bool = False
+    compile: str | None = None  # torch.compile every block with this backend ("inductor", "aot_eager")
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False  # newest checkpoint under checkpoint_dir that loads (damaged ones skipped)
@@ -105,8 +107,9 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 
 def global_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the whole (possibly H-sharded) batch; exact for uneven shards."""
-    return ((pred - target) ** 2).sum() / target.numel()
+    """Mean squared error over the whole (possibly H-sharded) batch: ``F.mse_loss`` as users write
+    it, which credit_dtensor's loss rule makes exact for uneven shards (a ``Replicate`` scalar)."""
+    return F.mse_loss(pred, target)
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -155,7 +158,13 @@ def setup(config: TrainConfig, manager: DomainParallelManager) -> tuple[nn.Modul
             "choose --global-batch as a multiple of --dp"
         )
     model = build_model(config).to(manager.device)
-    model = parallelize(model, manager, fsdp=config.fsdp, activation_checkpointing=config.activation_checkpointing)
+    model = parallelize(
+        model,
+        manager,
+        fsdp=config.fsdp,
+        activation_checkpointing=config.activation_checkpointing,
+        compile=config.compile or False,
+    )
     return model, _make_optimizer(model, config)
 
 
@@ -188,7 +197,7 @@ def train(
         idx = sample_indices(step, config.global_batch, manager.dp_rank, manager.dp_world_size)
         x, y = ds.sharded_batch(idx, manager)
         with step_context(step) if step_context is not None else contextlib.nullcontext():
-            loss = global_mse(model(x), y)
+            loss = F.mse_loss(model(x), y)
             loss.backward()
             if not config.fsdp:
                 reduce_gradients(model, manager)
