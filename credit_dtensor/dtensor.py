@@ -20,8 +20,11 @@ from .geometry import chunk_range
 
 __all__ = [
     "contiguous_stride",
+    "sharded_dim",
+    "is_sharded",
     "domain_shard_dim",
     "is_domain_sharded",
+    "spatial_shard_dim",
     "first_sharded",
     "wrap_shard",
     "wrap_replicate",
@@ -39,16 +42,51 @@ def contiguous_stride(shape: torch.Size | Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
+def _shard_dims(x: object) -> list[int]:
+    """The tensor dims of a DTensor's ``Shard`` placements, one per mesh dim that shards it (the
+    one place that reads placements for "which dim"); empty for anything else."""
+    if not isinstance(x, DTensor):
+        return []
+    return [p.dim % x.ndim for p in x.placements if isinstance(p, Shard)]
+
+
+def sharded_dim(x: object) -> int | None:
+    """The tensor dim of a DTensor's first ``Shard`` placement (any mesh); None for plain tensors
+    and DTensors that are not sharded."""
+    dims = _shard_dims(x)
+    return dims[0] if dims else None
+
+
+def is_sharded(x: object) -> bool:
+    """A DTensor sharded somewhere, on any mesh: a rule's business (exact, or a clear error)."""
+    return sharded_dim(x) is not None
+
+
 def domain_shard_dim(x: object) -> int | None:
     """The tensor dim a DTensor on a 1-D mesh is ``Shard``-ed on; None for anything else."""
     if not isinstance(x, DTensor) or x.device_mesh.ndim != 1:
         return None
-    p = x.placements[0]
-    return p.dim if isinstance(p, Shard) else None
+    return sharded_dim(x)
 
 
 def is_domain_sharded(x: object) -> bool:
     return domain_shard_dim(x) is not None
+
+
+def spatial_shard_dim(x: object, nd: int, where: str) -> int | None:
+    """The tensor dim (one of the last ``nd``) a DTensor is sharded on; None when it is not
+    spatially sharded (plain, replicated, or sharded on a leading dim). Spatial sharding on a
+    multi-dim mesh is refused: activations live on the 1-D domain mesh."""
+    dims = [d for d in _shard_dims(x) if d >= x.ndim - nd]  # type: ignore[attr-defined]
+    if not dims:
+        return None
+    mesh = x.device_mesh  # type: ignore[attr-defined]
+    if mesh.ndim != 1:
+        raise UnsupportedShardingError(
+            f"{where}: input is spatially sharded on a {mesh.ndim}-D mesh {mesh}: "
+            "activations must live on the 1-D domain mesh (DomainParallelManager.domain_mesh)"
+        )
+    return dims[0]
 
 
 def has_dtensor(args: Sequence[Any], kwargs: dict | None = None) -> bool:
@@ -85,8 +123,9 @@ def wrap_shard(local: torch.Tensor, mesh: DeviceMesh, dim: int, shape: Sequence[
 
 def wrap_replicate(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
     """A tensor every rank holds identically, as a ``Replicate`` DTensor (no communication)."""
-    return DTensor.from_local(local, mesh, [Replicate()] * mesh.ndim, run_check=False, shape=local.shape,
-                              stride=local.stride())
+    return DTensor.from_local(
+        local, mesh, [Replicate()] * mesh.ndim, run_check=False, shape=local.shape, stride=local.stride()
+    )
 
 
 def local_replicated(t: DTensor) -> torch.Tensor:
@@ -122,9 +161,7 @@ def full_operand(t: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return t
 
 
-def align_operand(
-    t: object, ref: DTensor, ref_dim: int, out_ndim: int, where: str
-) -> object:
+def align_operand(t: object, ref: DTensor, ref_dim: int, out_ndim: int, where: str) -> object:
     """``t`` (an operand broadcast against the H-sharded ``ref``) as this rank's local operand.
 
     ``ref`` is sharded on ``ref_dim``; the broadcast result has ``out_ndim`` dims, so the sharded

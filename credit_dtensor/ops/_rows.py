@@ -3,58 +3,45 @@
 Every such op, along the sharded axis, is "each output row reads a few input rows". A *row op*
 (:class:`RowOp`) is built from pure geometry for one (shape, params, world, rank): it knows every
 rank's extended input (so the halo exchange needs no negotiation) and has an explicit forward and
-an explicit adjoint on *local* tensors. Both entry points use the same pair:
-
-* the module / public-function path wraps it in one autograd node (:func:`apply_row_op`);
-* the functional path (aten rules, below autograd) calls ``forward`` in the forward rule and
-  ``backward`` in the rule of the aten backward op.
-
-So one tested implementation serves both, and no path ever all-gathers the activation.
+an explicit adjoint on *local* tensors. :func:`apply_row_op` runs the pair inside the generic
+``credit_dtensor::rule`` custom op (:mod:`.opaque`), rebuilt there from a :class:`RowOpRef` (the
+op's factory name and arguments, see :func:`register_row_ops`). The module wrappers, the public
+functions and the torch-function rules (``F.pad(x_sharded, ...)`` etc.) all end there, so one
+tested implementation serves every entry point and no path ever all-gathers the activation.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from .. import stats
-from ..errors import DomainParallelError, UnsupportedShardingError
+from ..dtensor import wrap_shard
 from ..geometry import chunk_range
-from ..sharding import contiguous_stride
+from ..geometry.resample import taps_rows
+from ..halo import cached_plan, halo_gather, halo_scatter_add
 from . import _groups, opaque
 
 __all__ = [
     "RowOp",
+    "RowOpRef",
+    "SeparableOp",
     "Taps",
     "apply_row_op",
-    "spatial_shard_dim",
+    "register_row_ops",
+    "row_op_ref",
     "domain_info",
-    "wrap",
-    "grad_local",
     "chunk_needs",
     "broadcast_shape",
+    "local_shape",
+    "meta_like",
 ]
-
-
-def spatial_shard_dim(x: object, nd: int, where: str) -> int | None:
-    """The tensor dim (one of the last ``nd``) a DTensor is sharded on; None if not spatially sharded."""
-    if not isinstance(x, DTensor):
-        return None
-    first = x.ndim - nd
-    dims = [p.dim for p in x.placements if isinstance(p, Shard) and p.dim >= first]
-    if not dims:
-        return None
-    if x.device_mesh.ndim != 1:
-        raise UnsupportedShardingError(
-            f"{where}: input is spatially sharded on a {x.device_mesh.ndim}-D mesh {x.device_mesh}: "
-            "activations must live on the 1-D domain mesh (DomainParallelManager.domain_mesh)"
-        )
-    return dims[0]
 
 
 def domain_info(x: DTensor) -> tuple[DeviceMesh, dist.ProcessGroup, int, int]:
@@ -62,30 +49,26 @@ def domain_info(x: DTensor) -> tuple[DeviceMesh, dist.ProcessGroup, int, int]:
     return mesh, mesh.get_group(), mesh.size(), mesh.get_local_rank()
 
 
-def wrap(local: torch.Tensor, mesh: DeviceMesh, dim: int, shape: Sequence[int]) -> DTensor:
-    """``DTensor.from_local`` with explicit global shape/stride (uneven shards safe)."""
-    shape = torch.Size(shape)
-    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=shape, stride=contiguous_stride(shape))
-
-
-def grad_local(g: object, mesh: DeviceMesh, dim: int) -> torch.Tensor:
-    """This rank's rows of an output gradient, redistributed to ``Shard(dim)`` if it arrives otherwise."""
-    if not isinstance(g, DTensor):
-        raise DomainParallelError(f"expected a DTensor gradient for a Shard({dim}) output, got {type(g).__name__}")
-    if tuple(g.placements) != (Shard(dim),):
-        g = g.redistribute(mesh, [Shard(dim)])
-    return g.to_local().contiguous()
-
-
 def chunk_needs(n_out: int, world: int, rows_of: Any) -> tuple[tuple[int | None, ...], ...]:
     """Every rank's extended input: ``rows_of(o0, o1)`` for its ``torch.chunk`` output rows."""
     return tuple(tuple(rows_of(*chunk_range(n_out, world, r))) for r in range(world))
 
 
+def local_shape(shape: Sequence[int], dim: int, rows: int) -> list[int]:
+    """``shape`` with ``rows`` along ``dim``."""
+    s = list(shape)
+    s[dim] = rows
+    return s
+
+
+def meta_like(t: torch.Tensor) -> torch.Tensor:
+    """A ``meta`` tensor of ``t``'s global shape and dtype: PyTorch's own shape checks and output
+    shape for an op, without memory or compute."""
+    return torch.empty(tuple(t.shape), device="meta", dtype=t.dtype)
+
+
 def broadcast_shape(ndim: int, dim: int, n: int) -> list[int]:
-    shape = [1] * ndim
-    shape[dim] = n
-    return shape
+    return local_shape([1] * ndim, dim, n)
 
 
 class Taps:
@@ -166,6 +149,7 @@ class RowOp:
     dim: int
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    nd: int = 0  # trailing dims the op owns; the ones before them (batch, if any) pass through
 
     def forward(self, x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
         raise NotImplementedError
@@ -174,13 +158,87 @@ class RowOp:
         raise NotImplementedError
 
     def local_out_shape(self, rank_rows: int) -> list[int]:
-        shape = list(self.out_shape)
-        shape[self.dim] = rank_rows
-        return shape
+        return local_shape(self.out_shape, self.dim, rank_rows)
+
+    def shape_like(self, t: torch.Tensor, shape: Sequence[int], rows: int) -> list[int]:
+        """``t``'s leading dims, then the last ``nd`` dims of ``shape`` with ``rows`` along ``dim``."""
+        lead = list(t.shape[: t.ndim - self.nd])
+        return local_shape(lead + list(shape[len(shape) - self.nd :]), self.dim, rows)
+
+
+class SeparableOp(RowOp):
+    """Taps along the sharded dim (:class:`Taps`) + PyTorch's kernel on the other spatial dims
+    (``_other`` and its adjoint; identity by default)."""
+
+    def _setup_taps(self, n: int, n_out: int, taps_of, world: int, rank: int, bwd_taps_of=None) -> None:
+        """Forward taps, and (when PyTorch's backward is not the forward's adjoint, see
+        :func:`~credit_dtensor.geometry.resample.nearest_source`) separate backward taps; the
+        extended input holds the rows of both."""
+        allt = [taps_of(o) for o in range(n_out)]
+        allb = [bwd_taps_of(o) for o in range(n_out)] if bwd_taps_of is not None else None
+        if allb == allt:
+            allb = None
+
+        def rows_of(o0, o1):
+            rows = set(taps_rows(allt[o0:o1]))
+            if allb is not None:
+                rows.update(taps_rows(allb[o0:o1]))
+            return tuple(sorted(rows))
+
+        needs = chunk_needs(n_out, world, rows_of)
+        self.plan = cached_plan(n, world, rank, needs)
+        self.o0, self.o1 = chunk_range(n_out, world, rank)
+        pos = {g: i for i, g in enumerate(needs[rank])}
+        self.ext_len = len(needs[rank])
+
+        def local(taps):
+            return Taps([[(pos[r], w) for r, w in taps[o] if w != 0.0] for o in range(self.o0, self.o1)])
+
+        self.taps = local(allt)
+        self.taps_bwd = local(allb) if allb is not None else self.taps
+
+    @property
+    def rows(self) -> int:
+        return self.o1 - self.o0
+
+    def _other(self, yh: torch.Tensor) -> torch.Tensor:
+        return yh
+
+    def _other_adjoint(self, g: torch.Tensor, yh_shape: list[int]) -> torch.Tensor:
+        return g
+
+    def forward(self, x: torch.Tensor, group: dist.ProcessGroup):
+        ext = halo_gather(x, self.dim, self.plan, group)
+        if self.rows == 0:
+            return x.new_zeros(self.shape_like(x, self.out_shape, 0)), None, None
+        return self._other(self.taps.apply(ext, self.dim)), None, None
+
+    def backward(self, g: torch.Tensor, saved: object, group: dist.ProcessGroup) -> torch.Tensor:
+        ext_shape = self.shape_like(g, self.in_shape, self.ext_len)
+        if self.rows == 0:
+            g_ext = g.new_zeros(ext_shape)
+        else:
+            yh_shape = local_shape(ext_shape, self.dim, self.rows)
+            g_ext = self.taps_bwd.adjoint(self._other_adjoint(g, yh_shape), self.dim, self.ext_len)
+        return halo_scatter_add(g_ext.contiguous(), self.dim, self.plan, group)
 
 
 #: RowOp class name -> cached factory ``(*args) -> RowOp`` (each family registers its ops)
 ROW_FACTORIES: dict[str, Any] = {}
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached(cls: type, *args: Any) -> RowOp:
+    op = cls(*args)
+    op.cache_key = (cls.__name__, args)
+    return op
+
+
+def register_row_ops(*classes: type) -> None:
+    """Make each :class:`RowOp` class buildable by name (``row_op_ref(cls.__name__, args, ...)``),
+    one cached instance per argument tuple."""
+    for cls in classes:
+        ROW_FACTORIES[cls.__name__] = functools.partial(_cached, cls)
 
 
 class RowOpRef(NamedTuple):
@@ -226,16 +284,20 @@ class _RowRule:
         x = inputs[0]
         with stats.op_label(self.op.label):
             y, aux, saved = self.op.forward(x, _groups.resolve(self.group))
-        return [y, y.new_empty(0, dtype=torch.long) if aux is None else aux,
-                y.new_empty(0, dtype=torch.long) if saved is None else saved]
+        return [
+            y,
+            y.new_empty(0, dtype=torch.long) if aux is None else aux,
+            y.new_empty(0, dtype=torch.long) if saved is None else saved,
+        ]
 
     def backward(self, saved: list, grads: list, needs: list) -> list:
         g = grads[0]
         if g is None:
             return [None]
         with stats.op_label(self.op.label):
-            return [self.op.backward(g.contiguous(), saved[0] if saved[0].numel() else None,
-                                     _groups.resolve(self.group))]
+            return [
+                self.op.backward(g.contiguous(), saved[0] if saved[0].numel() else None, _groups.resolve(self.group))
+            ]
 
     def fake_forward(self, inputs: list) -> list[torch.Tensor]:
         x = inputs[0]
@@ -263,7 +325,7 @@ def apply_row_op(x: DTensor, op: RowOp | RowOpRef) -> Any:
     mesh, _, world, rank = domain_info(x)
     key = opaque.make_key("rows", *op.cache_key, _groups.name_of(mesh), world, rank)
     y, aux, _ = opaque.apply(key, [x.to_local()])
-    out = wrap(y, mesh, op.dim, op.out_shape)
+    out = wrap_shard(y, mesh, op.dim, op.out_shape)
     if getattr(op, "with_indices", False):
-        return out, wrap(aux, mesh, op.dim, op.out_shape)
+        return out, wrap_shard(aux, mesh, op.dim, op.out_shape)
     return out

@@ -14,34 +14,20 @@ torch-function rule, before PyTorch decomposes circular padding into slices.
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Shard
 
+from ..dtensor import domain_shard_dim
 from ..errors import DomainParallelError
 from ..geometry.pad import check_pad, normalize_pad_mode, pad_sources, split_pad
 from ..halo import cached_plan, halo_gather, halo_scatter_add
 from ..intercept import register
-from ._rows import ROW_FACTORIES, RowOp, apply_row_op, chunk_needs, domain_info, row_op_ref
+from ._rows import RowOp, apply_row_op, chunk_needs, domain_info, register_row_ops, row_op_ref
 
-__all__ = ["pad", "PadOp", "pad_op", "sharded_dim_of"]
-
-logger = logging.getLogger(__name__)
-
-
-def sharded_dim_of(x: object) -> int | None:
-    """The dim a DTensor on a 1-D mesh is sharded on (any dim), else None."""
-    if not isinstance(x, DTensor) or x.device_mesh.ndim != 1:
-        return None
-    for p in x.placements:
-        if isinstance(p, Shard):
-            return p.dim
-    return None
+__all__ = ["pad", "PadOp", "pad_args"]
 
 
 class PadOp(RowOp):
@@ -128,14 +114,7 @@ class PadOp(RowOp):
         return halo_scatter_add(g_ext.contiguous(), self.dim, self.plan, group)
 
 
-@functools.lru_cache(maxsize=512)
-def _cached_pad_op(in_shape, pads, mode, value, dim, world, rank) -> PadOp:
-    op = PadOp(in_shape, pads, mode, value, dim, world, rank)
-    op.cache_key = ("PadOp", (in_shape, pads, mode, value, dim, world, rank))
-    return op
-
-
-ROW_FACTORIES["PadOp"] = _cached_pad_op
+register_row_ops(PadOp)
 
 
 def pad_args(
@@ -155,16 +134,6 @@ def pad_args(
     return (tuple(in_shape), pads, mode, float(value or 0.0), dim % ndim, world, rank)
 
 
-def pad_op(
-    in_shape: Sequence[int], pad: Sequence[int], mode: str, value: float | None, dim: int, world: int, rank: int
-) -> PadOp:
-    """The (cached) :class:`PadOp`; raises :class:`DomainParallelError` for invalid pads."""
-    try:
-        return _cached_pad_op(*pad_args(in_shape, pad, mode, value, dim, world, rank))
-    except ValueError as e:
-        raise DomainParallelError(f"pad(mode={mode!r}, pad={tuple(pad)}) on shape {tuple(in_shape)}: {e}") from e
-
-
 def _validate(shape: Sequence[int], pad: Sequence[int], mode: str, value: float | None) -> torch.Size:
     """Single-device validation on a meta tensor (same errors as ``F.pad``); the output shape."""
     return F.pad(torch.empty(tuple(shape), device="meta"), list(pad), mode=mode, value=value).shape
@@ -176,7 +145,7 @@ def pad(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: floa
     The output is sharded on the same dim and re-chunked by ``torch.chunk`` of the padded length.
     Plain tensors and unsharded DTensors go to ``F.pad``.
     """
-    dim = sharded_dim_of(x)
+    dim = domain_shard_dim(x)
     if dim is None:
         return F.pad(x, list(pad), mode=mode, value=value)
     out_shape = _validate(x.shape, pad, mode, value)
@@ -194,7 +163,7 @@ def pad(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: floa
 @register(F.pad)
 def _pad_rule(func, args, kwargs):
     x = args[0] if args else kwargs.get("input")
-    if sharded_dim_of(x) is None:
+    if domain_shard_dim(x) is None:
         return NotImplemented
     pad_ = kwargs.get("pad", args[1] if len(args) > 1 else None)
     mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")

@@ -1,0 +1,37 @@
+"""Table-driven torch-function rules: one rule per op family, one table row per torch function.
+
+A row ``{torch function: (public function, nd, fixed kwargs)}`` sends a call on a sharded DTensor
+to the family's public function (same signature as ``torch.nn.functional``) with ``fixed``
+merged into its keyword arguments. With ``nd`` (the op's spatial dims) a call whose input is
+sharded on a leading (batch) dim is left to PyTorch's own DTensor rule, which is exact there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..dtensor import is_sharded, spatial_shard_dim
+from ..intercept import register
+
+__all__ = ["Route", "register_routes"]
+
+#: (public function, spatial dims or None, keyword arguments the torch function implies)
+Route = tuple[Callable[..., Any], "int | None", Mapping[str, Any]]
+
+
+def register_routes(name: str, table: Mapping[Any, Route]) -> Callable:
+    """Register one rule, named ``name`` (``credit-dtensor info`` lists it), for every function of
+    ``table``."""
+
+    def rule(func: Any, args: tuple, kwargs: dict) -> Any:
+        public, nd, fixed = table[func]
+        x = args[0] if args else kwargs.get("input")
+        if not is_sharded(x):
+            return NotImplemented  # replicated: PyTorch's own rule
+        if nd is not None and x.ndim in (nd + 1, nd + 2) and spatial_shard_dim(x, nd, public.__name__) is None:
+            return NotImplemented  # batch-sharded: PyTorch's own rule
+        return public(*args, **{**kwargs, **fixed})
+
+    rule.__name__ = rule.__qualname__ = name
+    return register(*table)(rule)
