@@ -19,8 +19,12 @@ from tests.harness import get_world, manager
 
 def _stack() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
-        nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Conv2d(4, 2, 3, padding=1, padding_mode="circular"),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.SiLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ConvTranspose2d(8, 4, 2, stride=2),
+        nn.Conv2d(4, 2, 3, padding=1, padding_mode="circular"),
     )
 
 
@@ -109,3 +113,43 @@ def test_compile_uneven_and_empty_shards(world, h, tmp_path):
 
 def test_compile_inductor_fp32(tmp_path):
     _check(get_world(2).run(_compile_task, "stack", "inductor", 13, str(tmp_path)), 1e-5)
+
+
+def _fsdp_compile_task(tmp: str) -> dict:
+    import torch._dynamo as dynamo
+    import torch.nn.functional as F
+
+    import credit_dtensor as cd
+    from credit_dtensor.models.demo import DemoNet
+    from credit_dtensor.parallelize import parallelize
+
+    m = manager()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, f"inductor_rank{m.domain_rank}")
+    torch._functorch.config.enable_autograd_cache = False
+    torch.manual_seed(0)
+    ref = DemoNet().double()
+    model = DemoNet().double()
+    model.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, y = (
+        torch.randn(2, 4, 16, 32, generator=g, dtype=torch.float64),
+        torch.randn(2, 4, 16, 32, generator=g, dtype=torch.float64),
+    )
+    loss_ref = F.mse_loss(ref(x), y)
+    loss_ref.backward()
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    model = parallelize(model, m, fsdp=True, compile="aot_eager")  # FSDP2 on dp, every block compiled
+    with cd.gather_policy("raise"):
+        loss = F.mse_loss(model(cd.shard_tensor(x, m, 2)), cd.shard_tensor(y, m, 2))
+        loss.backward()
+    errs = {"loss": abs(loss.full_tensor().item() - loss_ref.item())}
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        errs[n] = _rel(p.grad.full_tensor(), q.grad)
+    return {"breaks": sum(dynamo.utils.counters["graph_break"].values()), "errs": errs}
+
+
+def test_compile_under_fsdp2(tmp_path):
+    for rank, res in enumerate(get_world(2).run(_fsdp_compile_task, str(tmp_path))):
+        bad = {k: v for k, v in res["errs"].items() if not v <= 1e-10}
+        assert not bad, (rank, bad)
