@@ -8,7 +8,7 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("conv", "params", "norm", "pad", "resample", "reduce", "loss", "pointwise", "move", "refuse")
+FAMILIES = ("conv", "params", "norm", "pad", "resample", "reduce", "loss", "pointwise", "move", "reshape", "refuse")
 
 
 def _register_all() -> list[str]:

@@ -20,14 +20,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from .. import stats
+from ..comm import exchange
 from ..dtensor import align_operand, domain_shard_dim, full_operand, wrap_shard
 from ..geometry import chunk_range
+from ..geometry.window import repartition as repartition_plan
 from ..halo import cached_plan, halo_gather, halo_scatter_add
 from ..intercept import register
+from . import _groups, opaque
 from ._rows import ROW_FACTORIES, RowOp, apply_row_op, chunk_needs, domain_info, row_op_ref
 from .pointwise import local_apply
 
-__all__ = ["RowMapOp", "row_map", "roll_sources", "slice_sources"]
+__all__ = ["RowMapOp", "row_map", "roll_sources", "slice_sources", "repartition_local"]
 
 
 class RowMapOp(RowOp):
@@ -318,3 +322,74 @@ def _with(shape: list[int], dim: int, n: int) -> list[int]:
     s = list(shape)
     s[dim] = n
     return s
+
+
+# --- re-chunking: contiguous runs change owner (window-aligned layouts, reshapes) ---------------------
+
+
+class _Repartition:
+    """One rank's re-chunking along ``dim`` from ``in_units`` to ``out_units`` ownership (both
+    ``world + 1`` offsets of the same total), as an opaque custom-op rule. Each run moves once, in
+    one batched exchange; backward is the reverse re-chunking (a permutation's adjoint is its
+    inverse). Pure geometry: :func:`credit_dtensor.geometry.window.repartition`."""
+
+    saved_inputs: tuple[int, ...] = ()
+    saved_outputs: tuple[int, ...] = ()
+    differentiable_outputs = (0,)
+
+    def __init__(self, dim: int, in_units: tuple, out_units: tuple, group: str, world: int, rank: int) -> None:
+        self.dim, self.group, self.rank = dim, group, rank
+        self.fwd = repartition_plan(in_units, out_units, rank)
+        self.bwd = repartition_plan(out_units, in_units, rank)
+
+    def _move(self, x: torch.Tensor, plan: Any) -> torch.Tensor:
+        x = x.contiguous()
+        sends = [(dst, x.narrow(self.dim, a, c)) for dst, a, c in plan.sends]
+        shapes = [(s, _with(list(x.shape), self.dim, c)) for s, _, c in plan.pieces if s != self.rank]
+        received = exchange(sends, shapes, _groups.resolve(self.group), dtype=x.dtype, device=x.device)
+        pieces, k = [], 0
+        for s, a, c in plan.pieces:
+            if s == self.rank:
+                pieces.append(x.narrow(self.dim, a, c))
+            else:
+                pieces.append(received[k])
+                k += 1
+        if not pieces:
+            return x.new_zeros(_with(list(x.shape), self.dim, 0))
+        return torch.cat(pieces, self.dim) if len(pieces) > 1 else pieces[0].clone()
+
+    def forward(self, inputs: list) -> list[torch.Tensor]:
+        with stats.op_label("reshape"):
+            return [self._move(inputs[0], self.fwd)]
+
+    def backward(self, saved: list, grads: list, needs: list) -> list:
+        if grads[0] is None:
+            return [None]
+        with stats.op_label("reshape"):
+            return [self._move(grads[0], self.bwd)]
+
+    def fake_forward(self, inputs: list) -> list[torch.Tensor]:
+        return [inputs[0].new_empty(_with(list(inputs[0].shape), self.dim, self.fwd.out_len))]
+
+    def fake_backward(self, saved: list, grads: list, needs: list) -> list:
+        return [grads[0].new_empty(_with(list(grads[0].shape), self.dim, self.fwd.in_len))]
+
+
+@opaque.builder("repartition")
+def _build_repartition(dim: int, in_units: tuple, out_units: tuple, group: str, world: int, rank: int) -> _Repartition:
+    return _Repartition(dim, in_units, out_units, group, world, rank)
+
+
+def repartition_local(
+    local: torch.Tensor, mesh: Any, dim: int, in_units: Sequence[int], out_units: Sequence[int]
+) -> torch.Tensor:
+    """Re-chunk plain local tensors along ``dim``: rank ``r`` holds global rows
+    ``[in_units[r], in_units[r+1])`` and gets ``[out_units[r], out_units[r+1])`` (differentiable,
+    compile-friendly; every rank of the mesh must call it). Only rows that change owner move.
+    Unlike :func:`row_map`, neither layout has to be ``torch.chunk`` (e.g. window-aligned rows)."""
+    in_units, out_units = tuple(int(v) for v in in_units), tuple(int(v) for v in out_units)
+    if in_units == out_units:
+        return local
+    world, rank = mesh.size(), mesh.get_local_rank()
+    key = opaque.make_key("repartition", dim, in_units, out_units, _groups.name_of(mesh), world, rank)
+    return opaque.apply(key, [local])[0]

@@ -1,0 +1,201 @@
+"""Reshapes of H-sharded tensors: ``view`` / ``reshape`` / ``flatten`` / ``unflatten`` /
+``view_as`` / ``reshape_as`` (and so every einops ``rearrange`` pattern, which is a reshape, a
+permute and a reshape).
+
+PyTorch 2.13's DTensor all-gathers a view that splits or merges an evenly sharded dim and refuses
+an unevenly sharded one ("Cannot unflatten unevenly sharded tensor"). The rule here
+(:func:`credit_dtensor.geometry.window.view_plan`) shards the result on the outermost dim of the
+group the sharded dim is reshaped with, and
+
+* reshapes locally when each rank's elements already are that dim's ``torch.chunk`` shard
+  (window split ``H -> (H/w, w)`` when every shard holds whole windows, uneven ones included:
+  H=40, w=8 over 3 ranks after re-chunking holds 2, 2, 1 windows; reshapes that do not touch H);
+* re-chunks otherwise, when the sharded dim is the outermost of its group (each rank's elements
+  are one contiguous run): only the rows that change owner move, in one batched exchange, then
+  the reshape is local (window split on shards that cut windows, window reverse back to
+  ``torch.chunk`` of H, ``(H, W) -> H*W`` tokens);
+* raises a :class:`~credit_dtensor.DomainParallelError` when the sharded dim is merged *under* a
+  larger dim (window partition's ``view(-1, w, w, C)`` merging ``(B, nH, nW)``): no rank would
+  hold a ``torch.chunk`` shard. The message names the module, the window, the valid domain sizes
+  and the fix (declare the window-attention module shard-local). Nothing is gathered silently.
+
+``permute`` / ``transpose`` / ``movedim`` / ``squeeze`` / ``unsqueeze`` keep every rank's rows and
+are left to DTensor, which handles them locally for any shard sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import guard
+from ..dtensor import domain_shard_dim, wrap_shard
+from ..errors import DomainParallelError
+from ..geometry import chunk_range
+from ..geometry.window import ViewPlan, valid_domain_sizes, view_plan
+from ..intercept import register
+from .move import repartition_local
+
+__all__ = ["FUNCS", "target_shape", "reshape_sharded"]
+
+FUNCS = (
+    torch.Tensor.view,
+    torch.Tensor.reshape,
+    torch.reshape,
+    torch.Tensor.flatten,
+    torch.flatten,
+    torch.Tensor.unflatten,
+    torch.unflatten,
+    torch.Tensor.view_as,
+    torch.Tensor.reshape_as,
+)
+
+
+def _ints(shape: Any) -> list[int] | None:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = shape[0]
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        return None  # view(dtype), symbolic or named sizes: PyTorch's own path
+    return list(shape)
+
+
+def _infer(shape: list[int], numel: int) -> list[int] | None:
+    """Resolve one ``-1`` like PyTorch; ``None`` where PyTorch would raise (its error, not ours)."""
+    if shape.count(-1) > 1 or any(s < -1 for s in shape):
+        return None
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if known == 0 or numel % known:
+            return None
+        shape = [numel // known if s == -1 else s for s in shape]
+    return shape if math.prod(shape) == numel else None
+
+
+def target_shape(func: Any, args: tuple, kwargs: dict) -> tuple[list[int], bool] | None:
+    """The global result shape of a reshape call and whether it is a ``view`` (aliasing)."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    rest = args[1:]
+    shape: Any
+    if func in (torch.Tensor.view, torch.Tensor.reshape, torch.reshape):
+        shape = rest if rest else (kwargs.get("shape", kwargs.get("size")),)
+        if shape == (None,):
+            return None
+        shape = _ints(shape)
+    elif func in (torch.Tensor.view_as, torch.Tensor.reshape_as):
+        other = rest[0] if rest else kwargs.get("other")
+        shape = list(other.shape) if isinstance(other, torch.Tensor) else None
+    elif func in (torch.Tensor.flatten, torch.flatten):
+        names = ("start_dim", "end_dim")
+        vals = list(rest) + [kwargs[k] for k in names[len(rest) :] if k in kwargs]
+        start, end = (vals + [0, -1][len(vals) :])[:2]
+        if not isinstance(start, int) or not isinstance(end, int) or x.ndim == 0:
+            return None
+        start, end = start % x.ndim, end % x.ndim
+        if start > end:
+            return None
+        s = list(x.shape)
+        shape = s[:start] + [math.prod(s[start : end + 1])] + s[end + 1 :]
+    elif func in (torch.Tensor.unflatten, torch.unflatten):
+        vals = list(rest) + [kwargs[k] for k in ("dim", "sizes")[len(rest) :] if k in kwargs]
+        if len(vals) != 2 or not isinstance(vals[0], int):
+            return None
+        dim, sizes = vals[0] % x.ndim, _ints((vals[1],))
+        if sizes is None:
+            return None
+        sizes = _infer(sizes, x.shape[dim])
+        if sizes is None:
+            return None
+        shape = list(x.shape[:dim]) + sizes + list(x.shape[dim + 1 :])
+    else:
+        return None
+    if shape is None:
+        return None
+    shape = _infer(shape, x.numel())
+    return (shape, func is torch.Tensor.view) if shape is not None else None
+
+
+def reshape_sharded(x: Any, shape: list[int], view: bool = False, func: Any = None) -> Any:
+    """``x`` (sharded on one dim of a 1-D mesh) reshaped to ``shape``; see the module docstring."""
+    sd = domain_shard_dim(x)
+    mesh = x.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    plan = view_plan(tuple(x.shape), shape, sd, world)
+    if plan is None:
+        return NotImplemented
+    if plan.kind == "unsupported":
+        where = guard._op_name(func) if func is not None else "reshape"
+        raise DomainParallelError(_message(where, tuple(x.shape), shape, plan, world))
+    local = x.to_local()
+    a, b = chunk_range(shape[plan.out_dim], world, rank)
+    local_shape = list(shape)
+    local_shape[plan.out_dim] = b - a
+    if plan.kind == "local":
+        y = local.view(local_shape) if view else local.reshape(local_shape)
+    else:
+        held = plan.in_units[rank + 1] - plan.in_units[rank]
+        units = local.reshape([*local.shape[: plan.start], held, plan.unit, *local.shape[plan.stop :]])
+        y = repartition_local(units, mesh, plan.start, plan.in_units, plan.out_units).reshape(local_shape)
+    return wrap_shard(y, mesh, plan.out_dim, shape)
+
+
+@register(*FUNCS)
+def _reshape_rule(func, args, kwargs):
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    if domain_shard_dim(x) is None:
+        return NotImplemented
+    target = target_shape(func, args, kwargs)
+    if target is None:
+        return NotImplemented
+    return reshape_sharded(x, target[0], target[1], func)
+
+
+# --- the error for merges that cannot stay sharded ----------------------------------------------------
+
+
+def _window_module() -> tuple[nn.Module, int] | None:
+    """The innermost module on the call stack that has a window (``window_size``)."""
+    from ..convert import window_height
+
+    f = sys._getframe(1)
+    while f is not None:
+        obj = f.f_locals.get("self")
+        if isinstance(obj, nn.Module):
+            w = window_height(obj)
+            if w is not None and w > 1:
+                return obj, w
+        f = f.f_back
+    return None
+
+
+def _message(where: str, in_shape: tuple[int, ...], out_shape: list[int], plan: ViewPlan, world: int) -> str:
+    path = guard.module_path() or "(outside a converted module)"
+    n = in_shape[plan.in_dim]
+    found = _window_module()
+    head = (
+        f"{path}: {where} {tuple(in_shape)} -> {tuple(out_shape)} on a tensor sharded on dim {plan.in_dim}: "
+        f"{plan.reason} (as in window partition's view(-1, w, w, C), which merges (B, nH, nW)). "
+    )
+    fix = (
+        "Fix: declare the module that merges them shard-local (credit_dtensor.shard_local, e.g. "
+        "convert_to_domain_parallel(model, manager, custom_converters={YourWindowAttention: credit_dtensor.shard_local})"
+        " or register_converter(YourWindowAttention, credit_dtensor.shard_local)): its windows then lie inside one "
+        "shard and the merge runs on each rank's own windows. "
+    )
+    if found is not None:
+        mod, w = found
+        h = n * w if w in in_shape[plan.in_dim + 1 :] else n
+        sizes = valid_domain_sizes(h, w, max(8, world))
+        fix += (
+            f"That needs every shard to hold whole windows of {w} rows ({type(mod).__name__}.window_size): "
+            f"for H={h}, domain sizes {sizes} (this run: {world}). "
+        )
+    fix += (
+        "On other domain sizes, split H into windows through the rules first (x.view(B, H // w, w, ...) outside "
+        "the shard-local module re-chunks to whole windows on any shard sizes) and merge batch and window "
+        "dims inside it (docs/patterns.md, 'Window reshapes')."
+    )
+    return head + fix
