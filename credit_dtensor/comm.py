@@ -19,6 +19,7 @@ __all__ = [
     "sum_over_ranks",
     "all_gather_small",
     "all_gather_rows",
+    "all_to_all",
     "broadcast_object",
     "nbytes",
 ]
@@ -137,6 +138,36 @@ def all_gather_rows(t: torch.Tensor, dim: int, sizes: Sequence[int], group: dist
     dist.all_gather(bufs, padded, group=group)
     stats.record(nbytes(padded) * (world - 1), nbytes(padded) * (world - 1), collectives=1)
     return torch.cat([b.narrow(dim, 0, n) for b, n in zip(bufs, sizes)], dim)
+
+
+def all_to_all(
+    sends: Sequence[Sequence[torch.Tensor]],
+    recv_numels: Sequence[int],
+    group: dist.ProcessGroup,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """One all-to-all with uneven sizes: the pieces ``sends[r]`` (flattened, in order) go to group
+    rank ``r``; returns the flat tensors received from each rank (``recv_numels[r]`` elements from
+    rank ``r``). Both sides derive the sizes from the same pure plan, so none are exchanged; the
+    rank's own piece is copied locally and not counted as traffic.
+    """
+    world = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    send_numels = [sum(t.numel() for t in pieces) for pieces in sends]
+    if len(sends) != world or len(recv_numels) != world or send_numels[me] != recv_numels[me]:
+        raise AssertionError(f"all_to_all: plan mismatch (send {send_numels}, receive {list(recv_numels)})")
+    flat = [t.reshape(-1).to(dtype) for pieces in sends for t in pieces]
+    inp = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+    if world == 1:
+        return [inp]
+    out = torch.empty(sum(recv_numels), dtype=dtype, device=device)
+    dist.all_to_all_single(out, inp, list(recv_numels), send_numels, group=group)
+    size = out.element_size()
+    stats.record((sum(send_numels) - send_numels[me]) * size, (sum(recv_numels) - recv_numels[me]) * size,
+                 collectives=1)
+    return list(out.split(list(recv_numels)))
 
 
 def broadcast_object(obj: object, src: int, group: dist.ProcessGroup) -> object:

@@ -8,7 +8,9 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("conv", "params", "norm", "pad", "resample", "reduce", "loss", "pointwise", "move", "reshape", "refuse")
+FAMILIES = (
+    "conv", "params", "norm", "pad", "resample", "reduce", "loss", "pointwise", "move", "reshape", "attention", "refuse",
+)
 
 
 def _register_all() -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 
 from ..dtensor import domain_shard_dim
@@ -56,23 +55,4 @@ def _grid_sample_rule(func, args, kwargs):
         func,
         "each output pixel may sample any input row, so the rows it needs are only known from the grid's values",
         _GATHER_FIX,
-    )
-
-
-def _token_dim_sharded(q: object, token_dim: int) -> bool:
-    d = domain_shard_dim(q)
-    return d is not None and isinstance(q, torch.Tensor) and d % q.ndim == token_dim % q.ndim
-
-
-@register(F.multi_head_attention_forward)
-def _mha_rule(func, args, kwargs):
-    q = args[0] if args else kwargs.get("query")
-    if domain_shard_dim(q) is None:
-        return NotImplemented
-    raise refuse(
-        func,
-        "attention over tokens that span shards needs every token's keys and values",
-        "attend within windows that lie inside one shard (declare the block shard-local: "
-        "credit_dtensor.shard_local), or use F.scaled_dot_product_attention on (B, heads, tokens, dim) with "
-        "heads divisible by the domain size",
     )
