@@ -19,21 +19,50 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from ..dtensor import align_operand, domain_shard_dim, first_sharded, wrap_shard
+from ..dtensor import (
+    align_operand,
+    domain_shard_dim,
+    first_sharded,
+    full_operand,
+    local_replicated,
+    wrap_replicate,
+    wrap_shard,
+)
 from ..errors import DomainParallelError
-from ..intercept import register_many
+from ..intercept import register, register_many
 
 __all__ = ["POINTWISE", "DIMWISE", "local_apply", "wrap_outputs"]
 
 _RANDOM = ("rand", "bernoulli", "normal", "dropout", "uniform", "exponential", "geometric", "cauchy", "poisson")
 _NOT_ELEMENTWISE = {"equal", "max", "min"}  # bool result / reductions (max/min: see ops.reduce)
 _OPERATORS = {
-    "__add__": "add", "__radd__": "add", "__sub__": "sub", "__rsub__": "rsub", "__mul__": "mul",
-    "__rmul__": "mul", "__truediv__": "div", "__rtruediv__": "div", "__floordiv__": "floor_divide",
-    "__rfloordiv__": "floor_divide", "__mod__": "remainder", "__rmod__": "remainder", "__pow__": "pow",
-    "__rpow__": "pow", "__neg__": "neg", "__abs__": "abs", "__and__": "bitwise_and", "__or__": "bitwise_or",
-    "__xor__": "bitwise_xor", "__invert__": "bitwise_not", "__eq__": "eq", "__ne__": "ne", "__lt__": "lt",
-    "__le__": "le", "__gt__": "gt", "__ge__": "ge", "__lshift__": "bitwise_left_shift",
+    "__add__": "add",
+    "__radd__": "add",
+    "__sub__": "sub",
+    "__rsub__": "rsub",
+    "__mul__": "mul",
+    "__rmul__": "mul",
+    "__truediv__": "div",
+    "__rtruediv__": "div",
+    "__floordiv__": "floor_divide",
+    "__rfloordiv__": "floor_divide",
+    "__mod__": "remainder",
+    "__rmod__": "remainder",
+    "__pow__": "pow",
+    "__rpow__": "pow",
+    "__neg__": "neg",
+    "__abs__": "abs",
+    "__and__": "bitwise_and",
+    "__or__": "bitwise_or",
+    "__xor__": "bitwise_xor",
+    "__invert__": "bitwise_not",
+    "__eq__": "eq",
+    "__ne__": "ne",
+    "__lt__": "lt",
+    "__le__": "le",
+    "__gt__": "gt",
+    "__ge__": "ge",
+    "__lshift__": "bitwise_left_shift",
     "__rshift__": "bitwise_right_shift",
 }
 _F_ALIASES = {"logsigmoid": "log_sigmoid", "relu6": "hardtanh", "softsign": None, "tanhshrink": None}
@@ -115,7 +144,7 @@ def _pointwise_rule(func, args, kwargs):
     tensors = _tensors((*args, *kwargs.values()))
     ref = first_sharded(*tensors)
     if ref is None:
-        return NotImplemented
+        return _replicated_pointwise(func, args, kwargs, tensors)
     try:
         out_ndim = len(torch.broadcast_shapes(*(t.shape for t in tensors)))
     except RuntimeError:
@@ -140,6 +169,32 @@ def _pointwise_rule(func, args, kwargs):
         return NotImplemented
 
 
+def _replicated_pointwise(func, args, kwargs, tensors):
+    """Every DTensor operand ``Replicate`` on one 1-D mesh (a pooled gate, a statistic): compute on
+    the local values (identical on every rank) -- some ops (``hardsigmoid_backward``) have no DTensor
+    strategy at all. Gradients stay ``Replicate``: every rank computes the same full gradient."""
+    dts = [t for t in tensors if isinstance(t, DTensor)]
+    mesh = dts[0].device_mesh
+    if mesh.ndim != 1 or any(t.device_mesh != mesh or not t.placements[0].is_replicate() for t in dts):
+        return NotImplemented
+
+    def local(a: Any) -> Any:
+        if isinstance(a, DTensor):
+            return a.to_local()
+        if isinstance(a, (list, tuple)) and any(isinstance(b, DTensor) for b in a):
+            return type(a)(local(b) for b in a)
+        return a
+
+    out = func(*(local(a) for a in args), **{k: local(v) for k, v in kwargs.items()})
+
+    def wrap(t: Any) -> Any:
+        return wrap_replicate(t, mesh) if isinstance(t, torch.Tensor) and not isinstance(t, DTensor) else t
+
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return type(out)(tuple(wrap(t) for t in out))
+    return type(out)(wrap(t) for t in out) if isinstance(out, (tuple, list)) else wrap(out)
+
+
 register_many(POINTWISE, _pointwise_rule)
 
 
@@ -147,13 +202,27 @@ register_many(POINTWISE, _pointwise_rule)
 
 #: function -> (position of ``dim`` in args, keyword name)
 DIMWISE: dict[Callable, tuple[int, str]] = {
-    F.softmax: (1, "dim"), F.log_softmax: (1, "dim"), F.softmin: (1, "dim"), F.normalize: (2, "dim"),
-    F.glu: (1, "dim"), torch.softmax: (1, "dim"), torch.log_softmax: (1, "dim"),
-    torch.Tensor.softmax: (1, "dim"), torch.Tensor.log_softmax: (1, "dim"),
-    torch.cumsum: (1, "dim"), torch.Tensor.cumsum: (1, "dim"), torch.cumprod: (1, "dim"),
-    torch.Tensor.cumprod: (1, "dim"), torch.logcumsumexp: (1, "dim"), torch.Tensor.logcumsumexp: (1, "dim"),
-    torch.cummax: (1, "dim"), torch.cummin: (1, "dim"), torch.sort: (1, "dim"), torch.Tensor.sort: (1, "dim"),
-    torch.argsort: (1, "dim"), torch.Tensor.argsort: (1, "dim"),
+    F.softmax: (1, "dim"),
+    F.log_softmax: (1, "dim"),
+    F.softmin: (1, "dim"),
+    F.normalize: (2, "dim"),
+    F.glu: (1, "dim"),
+    torch.softmax: (1, "dim"),
+    torch.log_softmax: (1, "dim"),
+    torch.Tensor.softmax: (1, "dim"),
+    torch.Tensor.log_softmax: (1, "dim"),
+    torch.cumsum: (1, "dim"),
+    torch.Tensor.cumsum: (1, "dim"),
+    torch.cumprod: (1, "dim"),
+    torch.Tensor.cumprod: (1, "dim"),
+    torch.logcumsumexp: (1, "dim"),
+    torch.Tensor.logcumsumexp: (1, "dim"),
+    torch.cummax: (1, "dim"),
+    torch.cummin: (1, "dim"),
+    torch.sort: (1, "dim"),
+    torch.Tensor.sort: (1, "dim"),
+    torch.argsort: (1, "dim"),
+    torch.Tensor.argsort: (1, "dim"),
 }
 
 
@@ -182,3 +251,48 @@ def _dimwise_rule(func, args, kwargs):
 
 
 register_many(DIMWISE, _dimwise_rule)
+
+
+# --- linear algebra over a dim that is not the sharded one ---------------------------------------------------
+
+
+def _replicated_local(t: Any, mesh: Any) -> Any:
+    """A weight/bias operand as its local value (DTensor: Replicate only, gradient ``Partial``)."""
+    if isinstance(t, DTensor):
+        if domain_shard_dim(t) is not None or t.device_mesh != mesh:
+            raise ValueError("not a replicated operand")
+        return local_replicated(t)
+    return full_operand(t, mesh) if isinstance(t, torch.Tensor) else t
+
+
+@register(F.linear)
+def _linear_rule(func, args, kwargs):
+    """``F.linear`` over the last dim of a tensor sharded on another dim (tokens, rows): local rows.
+    DTensor's own rule flattens the leading dims and refuses uneven shards."""
+    x = args[0] if args else kwargs.get("input")
+    sd = domain_shard_dim(x)
+    if sd is None or sd == x.ndim - 1:
+        return NotImplemented  # contracting the sharded dim: not row-local
+    w = kwargs.get("weight", args[1] if len(args) > 1 else None)
+    b = kwargs.get("bias", args[2] if len(args) > 2 else None)
+    try:
+        wl, bl = _replicated_local(w, x.device_mesh), _replicated_local(b, x.device_mesh)
+    except ValueError:
+        return NotImplemented
+    return wrap_outputs(F.linear(x.to_local(), wl, bl), x, lambda t: sd)
+
+
+@register(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+def _matmul_rule(func, args, kwargs):
+    """``a @ b`` with ``a`` sharded on a batch or row dim and ``b`` replicated: local rows of ``a``."""
+    a = args[0] if args else kwargs.get("input")
+    b = args[1] if len(args) > 1 else kwargs.get("other")
+    sd = domain_shard_dim(a)
+    if sd is None or not isinstance(b, torch.Tensor) or a.ndim < 2 or b.ndim < 2 or sd >= a.ndim - 1:
+        return NotImplemented  # 1-D operands, or the sharded dim is contracted
+    try:
+        bl = _replicated_local(b, a.device_mesh)
+    except ValueError:
+        return NotImplemented
+    out = torch.matmul(a.to_local(), bl)
+    return wrap_outputs(out, a, lambda t: t.ndim - a.ndim + sd)
