@@ -25,11 +25,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten
 
 from . import guard, sharding
+from .audit.report import rich_text
 from .convert import convert_to_domain_parallel
+from .dtensor import is_sharded, sharded_dim, wrap_replicate
 from .errors import DomainParallelError
 from .guard import GatherEvent
 from .mesh import DomainParallelManager
@@ -110,17 +112,7 @@ class CheckReport:
         )
 
     def __str__(self) -> str:
-        console = Console(width=140, record=True, file=_Null())
-        render_check(self, console)
-        return console.export_text()
-
-
-class _Null:
-    def write(self, s: str) -> int:
-        return len(s)
-
-    def flush(self) -> None:
-        pass
+        return rich_text(render_check, self, 140)
 
 
 def render_check(report: CheckReport, console: Console | None = None, *, max_rows: int = 60) -> None:
@@ -151,8 +143,9 @@ def render_check(report: CheckReport, console: Console | None = None, *, max_row
         worst = max(g.error for g in report.grads)
         console.print(f"gradients: input + {len(report.grads) - 1} parameters exact (worst {worst:.2e})")
     if report.gather_events:
-        gt = Table(title=f"{len(report.gather_events)} implicit all-gather(s) of H-sharded activations",
-                   title_justify="left")
+        gt = Table(
+            title=f"{len(report.gather_events)} implicit all-gather(s) of H-sharded activations", title_justify="left"
+        )
         for col in ("module", "op", "phase", "bytes", "call site"):
             gt.add_column(col, overflow="fold")
         for e in report.gather_events[:max_rows]:
@@ -191,10 +184,6 @@ def _placement(t: torch.Tensor) -> str:
     if not isinstance(t, DTensor):
         return "plain"
     return ",".join(str(p) for p in t.placements)
-
-
-def _is_sharded(t: Any) -> bool:
-    return isinstance(t, DTensor) and any(isinstance(p, Shard) for p in t.placements)
 
 
 def check(
@@ -252,7 +241,7 @@ def check(
 
     def pre(mod: nn.Module, args: tuple, path: str) -> None:
         stack.append(path)
-        in_sharded[path] = any(_is_sharded(t) for t in _tensors(args))
+        in_sharded[path] = any(is_sharded(t) for t in _tensors(args))
 
     def post(mod: nn.Module, args: tuple, out: Any, path: str) -> None:
         stack.pop()
@@ -271,7 +260,7 @@ def check(
         row.error = max(errs, default=0.0)
         if not row.error <= tol:
             row.status = "diverged"
-        elif in_sharded.get(path) and outs and not any(_is_sharded(t) for t in outs) and outs[0].ndim >= 3:
+        elif in_sharded.get(path) and outs and not any(is_sharded(t) for t in outs) and outs[0].ndim >= 3:
             row.status, row.note = "gathered", "sharded input, replicated output: the activation was all-gathered"
         report.modules.append(row)
 
@@ -338,11 +327,8 @@ def _compare_grads(report, plain, conv, x_ref, x, y, y_ref, mesh, seed, tol) -> 
     g = torch.randn(y_ref.shape, generator=gen, dtype=y_ref.dtype)
     y_ref.backward(g)
     if isinstance(y, DTensor):
-        d = next((p.dim for p in y.placements if isinstance(p, Shard)), None)
-        if d is not None:
-            gd = shard_tensor(g, mesh, d)
-        else:
-            gd = DTensor.from_local(g, mesh, [Replicate()], run_check=False, shape=g.shape, stride=g.stride())
+        d = sharded_dim(y)
+        gd = shard_tensor(g, mesh, d) if d is not None else wrap_replicate(g, mesh)
     else:
         gd = g
     y.backward(gd)

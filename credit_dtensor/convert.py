@@ -13,24 +13,18 @@
    model: ``state_dict()`` returns plain tensors for domain-``Replicate`` values, and
    ``load_state_dict`` accepts plain tensors (every rank loads the same file, as usual).
 
-Which module gets which wrapper comes from a registry that every op family contributes to
-without editing this file: each ``credit_dtensor/nn/<family>.py`` exposes ``*_WRAPPERS`` (a dict,
-or pairs, ``{torch class: wrapper factory}``) and optionally a predicate (``needs_conversion`` or
-its family name, e.g. ``module_needs_halo``) saying whether a given instance needs its wrapper;
-families are discovered on each call, so a family that lands later is picked up. Users add
-their own types with :func:`register_converter` (process-wide) or ``custom_converters`` (one call).
+Which module gets which wrapper comes from the converter registry (:mod:`.converters`, every op
+family contributes to it); users add their own types with :func:`register_converter`
+(process-wide) or ``custom_converters`` (one call). :func:`validate_sharding_constraints`
+(:mod:`.constraints`) checks windowed layers against a shard height statically.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
-import pkgutil
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -40,9 +34,20 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from . import guard
+from .constraints import validate_sharding_constraints
+from .converters import (
+    Converter,
+    converter_for,
+    family_errors,
+    lookup,
+    register_converter,
+    registered_converters,
+)
+from .dtensor import wrap_replicate
 from .errors import DomainParallelError, MeshMismatchError
 from .mesh import DomainParallelManager
 from .nn._base import DomainParallelModule
+from .nn.local import window_height
 
 __all__ = [
     "convert_to_domain_parallel",
@@ -56,130 +61,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Names a family module may give its "does this instance need the wrapper?" predicate.
-PREDICATE_NAMES = ("needs_conversion", "module_needs_halo", "needs_distributed_norm", "needs_domain_parallel")
-#: Preferred lookup order of families for the same torch class (most specific type wins first).
-FAMILY_ORDER = ("conv", "norm", "pad", "resample", "local")
-
-
-@dataclass(frozen=True)
-class Converter:
-    """How to convert instances of ``torch_type``: ``factory(module, manager) -> module``;
-    ``needs(module)`` (``None``: always) says whether an instance needs it at all."""
-
-    torch_type: type
-    factory: Callable[..., nn.Module]
-    needs: Callable[[nn.Module], bool] | None = None
-    family: str = "custom"
-
-    def applies(self, module: nn.Module) -> bool:
-        return self.needs is None or bool(self.needs(module))
-
-
-_USER: dict[type, Converter] = {}
-_FAMILIES: dict[str, dict[type, Converter]] = {}
-_FAMILY_ERRORS: dict[str, str] = {}
-
-
-def register_converter(
-    torch_type: type,
-    factory: Callable[..., nn.Module],
-    *,
-    needs: Callable[[nn.Module], bool] | None = None,
-    family: str = "custom",
-) -> None:
-    """Convert every instance of ``torch_type`` (and subclasses) with ``factory(module, manager)``.
-
-    Registered converters take precedence over the built-in families for the same class. E.g.
-    ``register_converter(WindowAttention, shard_local)`` declares a module shard-local.
-    """
-    if not isinstance(torch_type, type) or not issubclass(torch_type, nn.Module):
-        raise DomainParallelError(f"register_converter: {torch_type!r} is not an nn.Module subclass")
-    if not callable(factory):
-        raise DomainParallelError(f"register_converter({torch_type.__name__}): factory {factory!r} is not callable")
-    _USER[torch_type] = Converter(torch_type, factory, needs, family)
-
-
-def _family_table(mod: Any, family: str) -> dict[type, Converter]:
-    """``{torch class: Converter}`` from a family module's ``*_WRAPPERS`` (or, if it has none, from
-    the ``DomainParallelModule`` classes it defines)."""
-    needs = next((getattr(mod, n) for n in PREDICATE_NAMES if callable(getattr(mod, n, None))), None)
-    pairs: list[tuple[type, Any]] = []
-    for name in sorted(vars(mod)):
-        if name == "WRAPPERS" or name.endswith("_WRAPPERS"):
-            table = getattr(mod, name)
-            items = table.items() if isinstance(table, Mapping) else table
-            try:
-                pairs += [(t, f) for t, f in items]
-            except (TypeError, ValueError):
-                logger.warning("credit_dtensor.nn.%s.%s is not a {type: wrapper} table; ignored", family, name)
-    if not pairs:  # no table: derive one from the wrapper classes themselves
-        for obj in vars(mod).values():
-            if (
-                isinstance(obj, type)
-                and issubclass(obj, DomainParallelModule)
-                and obj.__module__ == mod.__name__
-                and obj.wraps is not nn.Module
-            ):
-                pairs.append((obj.wraps, obj))
-    return {t: Converter(t, f, needs, family) for t, f in pairs if isinstance(t, type)}
-
-
-def _load_families() -> None:
-    """Import every ``credit_dtensor.nn`` family not loaded yet (a broken one is logged, skipped)."""
-    import credit_dtensor.nn as nn_pkg
-
-    for info in pkgutil.iter_modules(nn_pkg.__path__):
-        name = info.name
-        if name.startswith("_") or name in _FAMILIES:
-            continue
-        try:
-            mod = importlib.import_module(f"{nn_pkg.__name__}.{name}")
-        except Exception as exc:  # noqa: BLE001 - one half-written family must not break conversion
-            if name not in _FAMILY_ERRORS:
-                logger.warning(
-                    "credit_dtensor.nn.%s could not be imported (%s: %s); its modules stay unconverted",
-                    name,
-                    type(exc).__name__,
-                    exc,
-                )
-            _FAMILY_ERRORS[name] = f"{type(exc).__name__}: {exc}"
-            continue
-        _FAMILY_ERRORS.pop(name, None)
-        _FAMILIES[name] = _family_table(mod, name)
-
-
-def family_errors() -> dict[str, str]:
-    """Families that failed to import: ``{name: error}`` (reported by ``plan``)."""
-    _load_families()
-    return dict(_FAMILY_ERRORS)
-
-
-def registered_converters() -> dict[type, Converter]:
-    """Every known ``{torch class: Converter}`` (families, then user registrations on top)."""
-    _load_families()
-    out: dict[type, Converter] = {}
-    for fam in sorted(_FAMILIES, key=lambda f: FAMILY_ORDER.index(f) if f in FAMILY_ORDER else len(FAMILY_ORDER)):
-        for t, c in _FAMILIES[fam].items():
-            out.setdefault(t, c)
-    out.update(_USER)
-    return out
-
-
-def _lookup(module: nn.Module, table: Mapping[type, Any]) -> Any:
-    for cls in type(module).__mro__:
-        if cls in table:
-            return table[cls]
-    return None
-
-
-def converter_for(module: nn.Module) -> Converter | None:
-    """The converter for ``module``'s class (most specific registered base class), or ``None``.
-    Already converted modules return ``None``."""
-    if isinstance(module, DomainParallelModule):
-        return None
-    return _lookup(module, registered_converters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +210,7 @@ def _apply_custom(model: nn.Module, custom: dict[type, Callable]) -> tuple[nn.Mo
     def convert_one(mod: nn.Module, path: str) -> nn.Module | None:
         if getattr(mod, "_dp_custom", False) or isinstance(mod, DomainParallelModule):
             return None
-        fn = _lookup(mod, custom)
+        fn = lookup(mod, custom)
         if fn is None:
             return None
         new = fn(mod)
@@ -473,10 +354,7 @@ def _load_plain(
             key = prefix + name
             v = state_dict.get(key)
             if _is_domain_replicate(cur) and isinstance(v, torch.Tensor) and not isinstance(v, DTensor):
-                v = v.to(device=cur.to_local().device)
-                state_dict[key] = DTensor.from_local(
-                    v, cur.device_mesh, [Replicate()], run_check=False, shape=v.shape, stride=v.stride()
-                )
+                state_dict[key] = wrap_replicate(v.to(device=cur.to_local().device), cur.device_mesh)
 
 
 _state_dict_to_plain._from_public_api = True  # type: ignore[attr-defined]
@@ -524,7 +402,6 @@ def convert_to_domain_parallel(
     _check_shard_dim(model, shard_dim)
     _check_mesh_and_types(model, mesh)
     custom = _normalize_custom(custom_converters, manager)
-    _load_families()
 
     model, frozen, custom_counts = _apply_custom(model, custom)
     replicated = _replicate_state(model, mesh, frozen)
@@ -547,127 +424,3 @@ def convert_to_domain_parallel(
     else:
         logger.info("convert_to_domain_parallel: nothing to do (already converted)")
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# validate_sharding_constraints (static: strides read from the model)
-# ---------------------------------------------------------------------------------------------
-
-
-def window_height(module: nn.Module) -> int | None:
-    """H extent of a module's window (``window_size`` or any ``*window_size`` attribute; an int
-    means square windows, a tuple ``(..., h, w)``), else ``None``."""
-    names = ["window_size"] + sorted(n for n in vars(module) if n.endswith("window_size") and n != "window_size")
-    for n in names:
-        ws = getattr(module, n, None)
-        if isinstance(ws, int) and ws > 0:
-            return ws
-        if isinstance(ws, (tuple, list)) and ws and all(isinstance(v, int) for v in ws):
-            return int(ws[-2]) if len(ws) >= 2 else int(ws[0])
-    return None
-
-
-def _h_scale(mod: nn.Module) -> Fraction:
-    """How much a module divides H by (stride along H); <1 for up-sampling modules."""
-
-    def h_of(v: Any) -> Any:
-        if isinstance(v, (tuple, list)):
-            return v[-2] if len(v) >= 2 else v[0]
-        return v
-
-    if isinstance(mod, nn.modules.conv._ConvTransposeNd):
-        return Fraction(1, int(h_of(mod.stride)))
-    if isinstance(mod, nn.modules.conv._ConvNd):
-        return Fraction(int(h_of(mod.stride)))
-    if isinstance(mod, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
-        s = mod.stride if mod.stride is not None else mod.kernel_size
-        return Fraction(int(h_of(s)))
-    if isinstance(mod, nn.Upsample) and mod.scale_factor is not None:
-        return 1 / Fraction(h_of(mod.scale_factor)).limit_denominator(1000)
-    if isinstance(mod, nn.PixelShuffle):
-        return Fraction(1, mod.upscale_factor)
-    if isinstance(mod, nn.PixelUnshuffle):
-        return Fraction(mod.downscale_factor)
-    return Fraction(1)
-
-
-def _walk_scales(mod: nn.Module, path: str, f: Fraction, events: list) -> Fraction:
-    """Static walk in registration order; returns the H factor after ``mod``. ``events`` gets
-    ``("window", path, height, factor)`` and ``("scale", path, None, new factor)``. Children of a
-    ``ModuleList``/``ModuleDict`` that each rescale H equally and hold no windows are parallel
-    branches (e.g. cross-embedding kernels): they count once."""
-    wh = window_height(mod)
-    if wh is not None:
-        events.append(("window", path, wh, f))
-    children = list(mod.named_children())
-    if not children:
-        g = f * _h_scale(mod)
-        if g != f:
-            events.append(("scale", path, None, g))
-        return g
-    if isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and len(children) > 1:
-        results = []
-        for name, child in children:
-            sub: list = []
-            results.append((_walk_scales(child, f"{path}.{name}" if path else name, f, sub), sub))
-        if len({r for r, _ in results}) == 1 and not any(e[0] == "window" for _, sub in results for e in sub):
-            events.extend(results[0][1])
-            return results[0][0]
-    g = f
-    for name, child in children:
-        g = _walk_scales(child, f"{path}.{name}" if path else name, g, events)
-    return g
-
-
-def validate_sharding_constraints(
-    model: nn.Module, local_h: int, window_sizes: list[int] | tuple[int, ...] | None = None
-) -> list[str]:
-    """Warnings (strings) for windowed layers whose windows would straddle shards.
-
-    ``local_h`` is the input rows per rank. The H down-sampling before each layer is read from the
-    model's strides (strided convs/pools, transposed convs, Upsample, pixel (un)shuffle) in
-    registration order; windowed layers are those with a ``window_size`` attribute. With
-    ``window_sizes`` (the original API), entry ``i`` is the window height of level ``i`` -- the
-    resolution after the ``i``-th distinct down-sampling stage (level 0 if the model starts
-    windowed before any). This is a static estimate; :func:`credit_dtensor.audit.plan` traces the
-    real forward and is exact.
-    """
-    if not isinstance(local_h, int) or local_h < 1:
-        raise DomainParallelError(f"validate_sharding_constraints: local_h={local_h!r} must be a positive integer")
-    events: list[tuple[str, str, int | None, Fraction]] = []
-    _walk_scales(model, "", Fraction(1), events)
-    windows = [(path, wh, f) for kind, path, wh, f in events if kind == "window"]
-    warnings: list[str] = []
-    if window_sizes is not None:
-        levels: list[Fraction] = []
-        for f in [f for _, _, f in windows] or [Fraction(1)] + [f for kind, _, _, f in events if kind == "scale"]:
-            if f not in levels:
-                levels.append(f)
-        if len(window_sizes) > len(levels):
-            warnings.append(
-                f"window_sizes has {len(window_sizes)} levels but the model down-samples H only "
-                f"{len(levels)} time(s) ({', '.join(f'x{f}' for f in levels)}): extra entries are ignored"
-            )
-        checks = [(f"level {i}", int(w), f) for i, (w, f) in enumerate(zip(window_sizes, levels, strict=False))]
-    else:
-        checks = windows
-    for where, wh, f in checks:
-        h = Fraction(local_h) / f
-        if h.denominator != 1:
-            warnings.append(
-                f"{where}: local H {local_h} is not divisible by the down-sampling x{f} before it: "
-                f"shards would split output rows; use local H divisible by {f.numerator}"
-            )
-            continue
-        h = int(h)
-        if h < wh:
-            warnings.append(
-                f"{where}: local H {h} (= {local_h} / x{f}) is smaller than the window height {wh}: "
-                f"windows span several shards; use fewer domain ranks (local H >= {wh * f})"
-            )
-        elif h % wh:
-            warnings.append(
-                f"{where}: local H {h} (= {local_h} / x{f}) is not divisible by the window height {wh}: "
-                f"a window would straddle two shards; choose local H divisible by {wh * f}"
-            )
-    return warnings

@@ -18,7 +18,8 @@ import io
 import pytest
 import torch
 
-from credit_dtensor.audit import _resample_rules_loaded, plan
+from credit_dtensor.audit import plan
+from credit_dtensor.audit.tracker import resample_rules_loaded
 from credit_dtensor.convert import registered_converters
 from credit_dtensor.models import crossformer, pangu, unet
 from tests.harness import get_world, manager
@@ -45,7 +46,7 @@ def _missing_family(name: str) -> str | None:
         return "padding wrappers (credit_dtensor/nn/pad.py) not available: CircularPad2d/ZeroPad*/ReflectionPad2d"
     if name.startswith("unet") and "norm" not in fam:
         return "normalization wrappers (credit_dtensor/nn/norm.py) not available: GroupNorm"
-    if name.startswith("unet") and not _resample_rules_loaded():
+    if name.startswith("unet") and not resample_rules_loaded():
         return "resample rules (credit_dtensor/ops/resample.py) not available: F.interpolate would be gathered"
     return None
 

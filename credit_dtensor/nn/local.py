@@ -40,6 +40,7 @@ __all__ = [
     "LOCAL_WRAPPERS",
     "shard_local",
     "block_fits",
+    "window_height",
     "needs_conversion",
 ]
 
@@ -195,21 +196,24 @@ class DomainParallelShardLocal(DomainParallelModule, nn.Module):
         return tree_map(wrap, out)
 
 
-def _window_height(module: nn.Module) -> int:
-    """The H extent of ``module.window_size`` (int: square windows; tuple: ``(..., h, w)``)."""
-    ws = getattr(module, "window_size", None)
-    if ws is None:
-        return 1
-    if isinstance(ws, int):
-        return ws
-    ws = tuple(ws)
-    return int(ws[-2]) if len(ws) >= 2 else int(ws[0])
+def window_height(module: nn.Module) -> int | None:
+    """H extent of a module's windows (``window_size`` or any ``*window_size`` attribute; an int
+    means square windows, a tuple ``(..., h, w)``), else ``None``. The block of :func:`shard_local`
+    and the window height that ``plan`` and ``validate_sharding_constraints`` check."""
+    names = ["window_size"] + sorted(n for n in vars(module) if n.endswith("window_size") and n != "window_size")
+    for n in names:
+        ws = getattr(module, n, None)
+        if isinstance(ws, int) and ws > 0:
+            return ws
+        if isinstance(ws, (tuple, list)) and ws and all(isinstance(v, int) for v in ws):
+            return int(ws[-2]) if len(ws) >= 2 else int(ws[0])
+    return None
 
 
 def shard_local(module: nn.Module, manager: Any, *, block: int | None = None, dim: int | None = None) -> nn.Module:
     """Declare ``module`` shard-local (usable as a converter: ``register_converter(T, shard_local)``)."""
     if block is None:
-        block = _window_height(module)
+        block = window_height(module) or 1
     if not isinstance(block, int) or block < 1:
         raise DomainParallelError(f"shard_local({module_label(module)}): block={block!r} must be an integer >= 1")
     return DomainParallelShardLocal(module, manager, block=block, dim=dim)
