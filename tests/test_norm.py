@@ -426,6 +426,8 @@ def _misc() -> dict:
     e["buf_running_mean"] = (dp1.running_mean - bn1.running_mean).abs().max().item()
     e["buf_running_var"] = (dp1.running_var - bn1.running_var).abs().max().item()
     assert_parity(e, f64, "bn1d (N, C) plain input")
+    assert (dp1(x2).full_tensor() - bn1(x2)).abs().max() < 1e-12  # and absolute, as before
+    assert (dp1.running_var - bn1.running_var).abs().max() < 1e-12
     both(bn1d(), DomainParallelBatchNorm1d, torch.randn(2, 3, 7, dtype=f64), 2, "bn1d (N, C, L) Shard(L) uneven")
     both(bn1d(), DomainParallelBatchNorm1d, torch.randn(2, 3, 1, dtype=f64), 2, "bn1d (N, C, L=1) empty shard")
     both(bn1d(), DomainParallelBatchNorm1d, torch.randn(5, 3, dtype=f64), 0, "bn1d (N, C) Shard(0)")
