@@ -14,23 +14,19 @@ from typing import Any
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from . import comm, intercept
 from .agreement import VERIFY_ENV, check_agreement
+from .dtensor import wrap_shard
 from .errors import DomainParallelError, MeshMismatchError
 from .geometry import chunk_range, chunk_sizes
 from .mesh import DomainParallelManager
 
-__all__ = ["shard_tensor", "gather_tensor", "shard_batch", "h_dim_of", "contiguous_stride", "wrap_local", "verifying"]
+__all__ = ["shard_tensor", "gather_tensor", "shard_batch", "h_dim_of", "verifying"]
 
-
-def contiguous_stride(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for s in reversed(tuple(shape)):
-        stride.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(stride))
+#: Former name of :func:`credit_dtensor.dtensor.wrap_shard` (the same function), for old imports.
+wrap_local = wrap_shard
 
 
 def _normalize_dim(ndim: int, dim: int, what: str) -> int:
@@ -61,12 +57,6 @@ def _check_device(x: torch.Tensor, mesh: DeviceMesh, what: str) -> None:
             f"{what}: tensor is on device type {x.device.type!r} but the mesh is {mesh.device_type!r}: "
             f"move it with .to({mesh.device_type!r}) first"
         )
-
-
-def wrap_local(local: torch.Tensor, mesh: DeviceMesh, dim: int, global_shape: torch.Size | tuple[int, ...]) -> DTensor:
-    """Differentiable ``DTensor.from_local`` with an explicit global shape (uneven shards safe)."""
-    shape = torch.Size(global_shape)
-    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=shape, stride=contiguous_stride(shape))
 
 
 def _verify_default() -> bool:
@@ -120,7 +110,7 @@ def _slice(x: torch.Tensor, mesh: DeviceMesh, d: int) -> DTensor:
         local = _FromFull.apply(x, d, a, b, tuple(chunk_sizes(x.shape[d], world)), mesh.get_group())
     else:  # a copy: the shard must not alias (nor keep alive) the caller's full tensor
         local = x.narrow(d, a, b - a).clone(memory_format=torch.contiguous_format)
-    return wrap_local(local, mesh, d, x.shape)
+    return wrap_shard(local, mesh, d, x.shape)
 
 
 def shard_tensor(
@@ -194,7 +184,7 @@ def shard_tensor(
         local = x.narrow(d, a, b - a).clone(memory_format=torch.contiguous_format)
     else:
         local = got[0]
-    return wrap_local(local, mesh, d, shape)
+    return wrap_shard(local, mesh, d, shape)
 
 
 def gather_tensor(dt: DTensor, manager: DomainParallelManager | DeviceMesh | None = None) -> torch.Tensor:
@@ -241,8 +231,13 @@ def shard_batch(batch: Any, manager: DomainParallelManager | DeviceMesh, *, veri
                 collect(v)
 
     collect(batch)
-    check_agreement(found, [h_dim_of(t) for t in found], mesh, "shard_batch",  # type: ignore[misc]
-                    verify=_verify_default() if verify is None else verify)
+    check_agreement(
+        found,
+        [h_dim_of(t) for t in found],
+        mesh,
+        "shard_batch",  # type: ignore[misc]
+        verify=_verify_default() if verify is None else verify,
+    )
     return _shard_tree(batch, mesh)
 
 

@@ -136,7 +136,7 @@ class LocalConv(nn.Module):
         self.conv = conv
 
     def forward(self, x):
-        from credit_dtensor.sharding import wrap_local
+        from credit_dtensor.dtensor import wrap_shard as wrap_local
 
         y = self.conv(x.to_local())
         shape = (x.shape[0], y.shape[1], x.shape[2], y.shape[3])

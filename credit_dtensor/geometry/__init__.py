@@ -10,7 +10,6 @@ DTensor's ``Shard`` uses): chunk size ``ceil(n / world)``, trailing ranks may be
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 __all__ = [
     "chunk_sizes",
@@ -19,7 +18,6 @@ __all__ = [
     "owner_of",
     "PAD_MODES",
     "source_row",
-    "RowRef",
     "conv_out_len",
     "conv_input_rows",
     "conv_transpose_out_len",
@@ -89,13 +87,6 @@ def source_row(row: int, n: int, mode: str) -> int | None:
     raise ValueError(f"unknown padding mode {mode!r}; expected one of {PAD_MODES}")
 
 
-@dataclass(frozen=True)
-class RowRef:
-    """Where one row of a rank's extended (halo-padded) input comes from: a global row or zero."""
-
-    row: int | None  # global source row, or None for a zero row
-
-
 # ---------------------------------------------------------------------------------------------
 # Convolution
 # ---------------------------------------------------------------------------------------------
@@ -125,9 +116,7 @@ def conv_input_rows(
     return a, b
 
 
-def conv_transpose_out_len(
-    n: int, kernel: int, stride: int, padding: int, dilation: int, output_padding: int
-) -> int:
+def conv_transpose_out_len(n: int, kernel: int, stride: int, padding: int, dilation: int, output_padding: int) -> int:
     """Output length of a transposed convolution along one dim."""
     return (n - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
 
@@ -151,19 +140,6 @@ def conv_transpose_input_rows(
     if a >= b:
         return 0, 0
     return a, b
-
-
-def refs_for_range(a: int, b: int, n: int, mode: str) -> list[int | None]:
-    """Source rows for the global (virtual) rows ``[a, b)`` under a padding mode."""
-    return [source_row(r, n, mode) for r in range(a, b)]
-
-
-def shard_dims_check(ndim: int, dim: int) -> int:
-    """Normalise a possibly negative dim against ``ndim``; raise if out of range."""
-    d = dim + ndim if dim < 0 else dim
-    if not 0 <= d < ndim:
-        raise ValueError(f"dim {dim} out of range for a {ndim}-D tensor")
-    return d
 
 
 def tuple_n(value: int | Sequence[int], n: int, name: str = "value") -> tuple[int, ...]:

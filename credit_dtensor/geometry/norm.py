@@ -64,13 +64,6 @@ class NormLayout:
             return (0, *range(2, nd))
         return tuple(range(nd - self.norm_ndim, nd))
 
-    def affine_reduce_dims(self) -> tuple[int, ...]:
-        """Dims a weight/bias gradient sums over (all but the parameter's own dims)."""
-        nd = len(self.shape)
-        if self.kind == "layer":
-            return tuple(range(nd - self.norm_ndim))
-        return (0, *range(2, nd))
-
     def num_stats(self) -> int:
         """Number of statistics (``Q`` of the canonical layout) for the global shape."""
         return self.canonical(self.shape)[1]
@@ -91,7 +84,7 @@ class NormLayout:
         return 1, math.prod(s[:k]), math.prod(s[k:])
 
     def stats_shape(self) -> tuple[int, ...]:
-        """Shape of the mean/rstd outputs of the matching ``aten.native_*_norm`` op."""
+        """Shape of the mean/rstd outputs of PyTorch's ``native_*_norm`` kernel for this call."""
         if self.kind == "group":
             return (self.shape[0], self.groups)
         if self.kind == "batch":

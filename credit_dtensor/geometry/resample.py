@@ -18,7 +18,6 @@ PyTorch's own kernel on the other axes reproduce the single-device result.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from fractions import Fraction
 
 import numpy as np
@@ -261,10 +260,3 @@ def pixel_unshuffle_rows(out_start: int, out_stop: int, factor: int) -> tuple[in
 def taps_rows(taps: list[list[Tap]]) -> tuple[int, ...]:
     """Sorted unique input rows read with a nonzero weight by a block of output rows."""
     return tuple(sorted({r for row in taps for r, w in row if w != 0.0}))
-
-
-def interp_taps_fn(
-    mode: str, n_in: int, n_out: int, align_corners: bool | None, scale: float | None, single: bool
-) -> Callable[[int], list[Tap]]:
-    """``o -> taps`` closure (convenience for rank plans)."""
-    return lambda o: interp_taps(mode, o, n_in, n_out, align_corners, scale, single)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from ..errors import DomainParallelError, MeshMismatchError
 from ..mesh import DomainParallelManager
@@ -143,11 +143,3 @@ class DomainParallelModule:
     def extra_repr(self) -> str:  # type: ignore[override]
         base = super().extra_repr()  # type: ignore[misc]
         return f"{base}, domain={self._dp_mesh.size()}" if base else f"domain={self._dp_mesh.size()}"
-
-
-def shard_placement_dim(x: DTensor) -> int | None:
-    """The tensor dim a 1-D-mesh DTensor is sharded on, or None if replicated."""
-    for p in x.placements:
-        if isinstance(p, Shard):
-            return p.dim
-    return None

@@ -18,7 +18,6 @@ through :data:`LOCAL_WRAPPERS`; shard-local is opt-in per module type via
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,13 +25,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..dtensor import domain_shard_dim, full_operand, is_sharded, local_replicated, wrap_replicate, wrap_shard
 from ..errors import DomainParallelError, MeshMismatchError
 from ..geometry import chunk_sizes
-from ..sharding import wrap_local
-from ._base import DomainParallelModule, module_label, shard_placement_dim
+from ._base import DomainParallelModule, module_label
 
 __all__ = [
     "DomainParallelLinear",
@@ -44,13 +43,6 @@ __all__ = [
     "needs_conversion",
 ]
 
-logger = logging.getLogger(__name__)
-
-
-def _replicate(x: torch.Tensor, mesh) -> DTensor:
-    """A plain tensor that every rank holds in full (e.g. a conditioning vector) as Replicate."""
-    return DTensor.from_local(x, mesh, [Replicate()], run_check=False, shape=x.shape, stride=x.stride())
-
 
 class DomainParallelLinear(DomainParallelModule, nn.Linear):
     """``nn.Linear`` on the local rows: exact and communication-free for inputs sharded on any
@@ -61,13 +53,13 @@ class DomainParallelLinear(DomainParallelModule, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         mesh = self._dp_mesh
         if not isinstance(input, DTensor):
-            return super().forward(_replicate(input, mesh))
+            return super().forward(wrap_replicate(input, mesh))  # a full tensor every rank holds
         if input.device_mesh != mesh:
             raise MeshMismatchError(
                 f"{module_label(self)}: input lives on mesh {input.device_mesh} but the module on {mesh}: "
                 "shard inputs with the same manager that converted the model"
             )
-        d = shard_placement_dim(input)
+        d = domain_shard_dim(input)
         if d is None:
             return super().forward(input)
         if d == input.ndim - 1:
@@ -75,13 +67,10 @@ class DomainParallelLinear(DomainParallelModule, nn.Linear):
                 f"{module_label(self)}: Linear over the sharded dim (input {tuple(input.shape)} sharded on its "
                 f"last dim {d}) mixes rows of every rank: apply it over channels (channels-last) or gather first"
             )
-        w = self.weight.to_local(grad_placements=[Partial()]) if isinstance(self.weight, DTensor) else self.weight
-        b = self.bias
-        if isinstance(b, DTensor):
-            b = b.to_local(grad_placements=[Partial()])
+        w = full_operand(self.weight, mesh)
+        b = None if self.bias is None else full_operand(self.bias, mesh)
         y = F.linear(input.to_local(), w, b)
-        shape = (*input.shape[:-1], self.out_features)
-        return wrap_local(y, mesh, d, shape)
+        return wrap_shard(y, mesh, d, (*input.shape[:-1], self.out_features))
 
 
 def block_fits(n: int, world: int, block: int) -> bool:
@@ -96,9 +85,7 @@ def _localize(t: Any) -> Any:
     replicated values are used in full and their gradient comes back ``Partial``."""
     if not isinstance(t, DTensor):
         return t
-    if any(isinstance(p, Shard) for p in t.placements):
-        return t.to_local()
-    return t.to_local(grad_placements=[Partial()] * t.device_mesh.ndim)
+    return t.to_local() if is_sharded(t) else local_replicated(t)
 
 
 @contextmanager
@@ -139,7 +126,7 @@ class DomainParallelShardLocal(DomainParallelModule, nn.Module):
             return super().forward(*args, **kwargs)
         mesh = self._dp_mesh
         leaves, _ = tree_flatten((args, kwargs))
-        sharded = [t for t in leaves if isinstance(t, DTensor) and shard_placement_dim(t) is not None]
+        sharded = [t for t in leaves if is_sharded(t)]
         if not sharded:
             if any(isinstance(t, DTensor) for t in leaves):
                 raise DomainParallelError(
@@ -164,7 +151,7 @@ class DomainParallelShardLocal(DomainParallelModule, nn.Module):
                     f"{module_label(self)}: input on mesh {t.device_mesh} but the module on {mesh}: "
                     "use the manager that converted the model"
                 )
-        d = shard_placement_dim(ref)
+        d = domain_shard_dim(ref)
         n, world = ref.shape[d], mesh.size()
         if not block_fits(n, world, self._dp_block):
             raise DomainParallelError(
@@ -191,7 +178,7 @@ class DomainParallelShardLocal(DomainParallelModule, nn.Module):
                 )
             shape = list(t.shape)
             shape[d] = n
-            return wrap_local(t, mesh, d, shape)
+            return wrap_shard(t, mesh, d, shape)
 
         return tree_map(wrap, out)
 

@@ -9,16 +9,15 @@ converter which modules must be swapped.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ..dtensor import wrap_replicate
 from ..ops import norm as ops
-from ..sharding import contiguous_stride, h_dim_of
+from ..sharding import h_dim_of
 from ._base import DomainParallelModule, module_label
 
 __all__ = [
@@ -35,8 +34,6 @@ __all__ = [
     "norm_wrapper_for",
 ]
 
-logger = logging.getLogger(__name__)
-
 
 def _default_dim(ndim: int) -> int | None:
     """Where a plain (full) input is sharded: H of (N,C,H,W)/(N,C,T,H,W), L of (N,C,L); else none."""
@@ -49,10 +46,7 @@ class _NormMixin(DomainParallelModule):
         when the input has no spatial dim, e.g. (N, C) into BatchNorm1d)."""
         if isinstance(x, DTensor) or dim is not None:
             return self._dp_input(x, dim if dim is not None else 0)
-        shape = x.shape
-        return DTensor.from_local(
-            x, self._dp_mesh, [Replicate()], run_check=False, shape=shape, stride=contiguous_stride(shape)
-        )
+        return wrap_replicate(x, self._dp_mesh)
 
 
 class DomainParallelGroupNorm(_NormMixin, nn.GroupNorm):
