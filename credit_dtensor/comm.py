@@ -90,21 +90,55 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup, op: str = "sum") -> to
     return out
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """Sum of per-rank partial results; the gradient of each partial is the (replicated) output's."""
+# Group names for custom ops (their arguments are ints, strings and tensors): a group is registered
+# under its ``group_name`` when an op is built on it and resolved again inside the op.
+_GROUPS: dict[str, dist.ProcessGroup] = {}
 
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
-        return all_reduce(t, group, "sum")
 
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        return g, None
+def group_name(group: dist.ProcessGroup) -> str:
+    name = group.group_name
+    _GROUPS.setdefault(name, group)
+    return name
+
+
+def resolve_group(name: str) -> dist.ProcessGroup:
+    group = _GROUPS.get(name)
+    if group is None:  # e.g. a graph compiled in another process: ask c10d
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        group = _GROUPS[name] = _resolve_process_group(name)
+    return group
+
+
+@torch.library.custom_op("credit_dtensor::sum_over_ranks", mutates_args=())
+def _sum_over_ranks_op(t: torch.Tensor, group: str) -> torch.Tensor:
+    return all_reduce(t, resolve_group(group), "sum")
+
+
+@_sum_over_ranks_op.register_fake
+def _sum_over_ranks_fake(t, group):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _sum_setup(ctx, inputs, output) -> None:
+    pass
+
+
+def _sum_backward(ctx, g):
+    return g, None
+
+
+_sum_over_ranks_op.register_autograd(_sum_backward, setup_context=_sum_setup)
 
 
 def sum_over_ranks(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Differentiable sum of ``t`` over ``group`` (every rank gets the total)."""
-    return _SumOverRanks.apply(t, group)
+    """Differentiable sum of per-rank partials over ``group`` (every rank gets the total).
+
+    Its backward passes the output gradient through unchanged: exact when that gradient is the same
+    on every rank, i.e. when the total is used in replicated computations (DTensor ops all-reduce
+    partial gradients of ``Replicate`` results themselves). A custom op: opaque to
+    ``torch.compile``, so a compiled model with a global pooling or a loss has no graph break."""
+    return _sum_over_ranks_op(t, group_name(group))
 
 
 def all_gather_small(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -165,8 +199,9 @@ def all_to_all(
     out = torch.empty(sum(recv_numels), dtype=dtype, device=device)
     dist.all_to_all_single(out, inp, list(recv_numels), send_numels, group=group)
     size = out.element_size()
-    stats.record((sum(send_numels) - send_numels[me]) * size, (sum(recv_numels) - recv_numels[me]) * size,
-                 collectives=1)
+    stats.record(
+        (sum(send_numels) - send_numels[me]) * size, (sum(recv_numels) - recv_numels[me]) * size, collectives=1
+    )
     return list(out.split(list(recv_numels)))
 
 

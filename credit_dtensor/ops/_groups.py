@@ -1,8 +1,7 @@
 """Process groups by name, for custom ops (whose arguments must be ints, strings and tensors).
 
-A domain mesh's group is registered under its ``group_name`` the first time an op runs on it; the
-op's implementation looks it up again. Only the name travels through the op (and through a
-compiled graph), so the same compiled graph serves every rank.
+The registry lives in :mod:`credit_dtensor.comm` (all communication does); only the name travels
+through an op (and through a compiled graph), so the same compiled graph serves every rank.
 """
 
 from __future__ import annotations
@@ -10,23 +9,14 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["name_of", "resolve"]
+from ..comm import group_name, resolve_group
 
-_BY_NAME: dict[str, dist.ProcessGroup] = {}
+__all__ = ["name_of", "resolve"]
 
 
 def name_of(mesh: DeviceMesh) -> str:
-    group = mesh.get_group()
-    name = group.group_name
-    if name not in _BY_NAME:
-        _BY_NAME[name] = group
-    return name
+    return group_name(mesh.get_group())
 
 
 def resolve(name: str) -> dist.ProcessGroup:
-    group = _BY_NAME.get(name)
-    if group is None:  # e.g. a graph compiled in another process: ask c10d
-        from torch.distributed.distributed_c10d import _resolve_process_group
-
-        group = _BY_NAME[name] = _resolve_process_group(name)
-    return group
+    return resolve_group(name)

@@ -44,16 +44,28 @@ ELEMENTWISE_LOSSES: dict[Callable, tuple[str, ...]] = {
     F.soft_margin_loss: ("input", "target"),
 }
 
-_SIGNATURES: dict[Callable, inspect.Signature] = {}
+
+def _signature(func: Callable) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """Parameter names (positional order) and defaults, read once at import: binding a call is
+    then plain dict work (``inspect.Signature.bind`` is not traceable by ``torch.compile``)."""
+    params = inspect.signature(func).parameters
+    names = tuple(params)
+    defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+    return names, defaults
+
+
+_SIGNATURES: dict[Callable, tuple[tuple[str, ...], dict[str, Any]]] = {}
 
 
 def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
-    sig = _SIGNATURES.get(func)
-    if sig is None:
-        sig = _SIGNATURES[func] = inspect.signature(func)
-    b = sig.bind(*args, **kwargs)
-    b.apply_defaults()
-    return dict(b.arguments)
+    names, defaults = _SIGNATURES[func]
+    if len(args) > len(names) or any(k not in names for k in kwargs):
+        raise TypeError(f"{func.__name__}() got unexpected arguments")
+    bound = dict(defaults)
+    for name, value in zip(names, args):
+        bound[name] = value
+    bound.update(kwargs)
+    return bound
 
 
 def _reduction(a: dict[str, Any]) -> str:
@@ -69,8 +81,15 @@ def _total(t: torch.Tensor, ref: DTensor) -> torch.Tensor:
         return comm.sum_over_ranks(t, ref.device_mesh.get_group())
 
 
-def _finish(local: torch.Tensor, reduction: str, ref: DTensor, out_dim: int, out_shape: tuple[int, ...],
-            denominator: float | torch.Tensor, where: str) -> DTensor:
+def _finish(
+    local: torch.Tensor,
+    reduction: str,
+    ref: DTensor,
+    out_dim: int,
+    out_shape: tuple[int, ...],
+    denominator: float | torch.Tensor,
+    where: str,
+) -> DTensor:
     if reduction == "none":
         return wrap_shard(local, ref.device_mesh, out_dim, out_shape)
     total = _total(local.sum(), ref)
@@ -111,7 +130,10 @@ def _elementwise_rule(func, args, kwargs):
 
 
 for _f in ELEMENTWISE_LOSSES:
+    _SIGNATURES[_f] = _signature(_f)
     register(_f)(_elementwise_rule)
+for _f in (F.cross_entropy, F.nll_loss):
+    _SIGNATURES[_f] = _signature(_f)
 
 
 # --- cross entropy / nll (class dim = 1, spatial targets) -------------------------------------------------

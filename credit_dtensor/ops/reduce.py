@@ -46,7 +46,7 @@ class _Call:
         self.mesh = x.device_mesh
         self.group = self.mesh.get_group()
         self.local = x.to_local()
-        self.count = math.prod(x.shape[d] for d in dims)
+        self.count = math.prod([x.shape[d] for d in dims])
 
     def total(self, partial: torch.Tensor) -> torch.Tensor:
         """Differentiable sum over ranks of a per-rank partial (reduced with keepdim=True).
@@ -62,11 +62,22 @@ class _Call:
         if t.numel() == 0 or any(t.shape[d] == 0 for d in self.dims):
             shape = [1 if d in self.dims else s for d, s in enumerate(t.shape)]
             fill = -math.inf if op == "max" else math.inf
-            local = torch.full(shape, fill, dtype=t.dtype, device=t.device) if t.is_floating_point() else (
-                torch.full(shape, torch.iinfo(t.dtype).min if op == "max" else torch.iinfo(t.dtype).max,
-                           dtype=t.dtype, device=t.device))
+            local = (
+                torch.full(shape, fill, dtype=t.dtype, device=t.device)
+                if t.is_floating_point()
+                else (
+                    torch.full(
+                        shape,
+                        torch.iinfo(t.dtype).min if op == "max" else torch.iinfo(t.dtype).max,
+                        dtype=t.dtype,
+                        device=t.device,
+                    )
+                )
+            )
         else:
-            local = t.detach().amax(self.dims, keepdim=True) if op == "max" else t.detach().amin(self.dims, keepdim=True)
+            local = (
+                t.detach().amax(self.dims, keepdim=True) if op == "max" else t.detach().amin(self.dims, keepdim=True)
+            )
         with stats.op_label("reduce"):
             return comm.all_reduce(local, self.group, op)
 
@@ -177,7 +188,9 @@ def _variance(c: _Call) -> tuple[torch.Tensor, torch.Tensor, float]:
     x = c.local
     mean = c.total(x.sum(c.dims, keepdim=True)) / c.count
     dev = x - mean.detach()
-    m2 = c.total((dev * dev.conj()).real.sum(c.dims, keepdim=True) if x.is_complex() else (dev * dev).sum(c.dims, keepdim=True))
+    m2 = c.total(
+        (dev * dev.conj()).real.sum(c.dims, keepdim=True) if x.is_complex() else (dev * dev).sum(c.dims, keepdim=True)
+    )
     return mean, m2, c.count
 
 
@@ -250,7 +263,11 @@ def _first_index(c: _Call, op: str, sd: int, dim: int | None) -> tuple[torch.Ten
     m = c.extreme(x, op)
     big = torch.iinfo(torch.int64).max
     if dim is None:
-        hit = (x == m).flatten() | (torch.isnan(x).flatten() & torch.isnan(m).flatten()) if x.is_floating_point() else (x == m).flatten()
+        hit = (
+            (x == m).flatten() | (torch.isnan(x).flatten() & torch.isnan(m).flatten())
+            if x.is_floating_point()
+            else (x == m).flatten()
+        )
         pos = torch.arange(x.numel(), device=x.device)
         cand = torch.where(hit, _global_flat_index(c, pos, sd), torch.full_like(pos, big))
         local = cand.min().reshape([1] * x.ndim) if cand.numel() else torch.full([1] * x.ndim, big, device=x.device)
@@ -288,7 +305,9 @@ class _SelectAt(torch.autograd.Function):
         mine = (local >= 0) & (local < n)
         out = torch.zeros(ctx.shape, dtype=g.dtype, device=g.device)
         if n:
-            out.scatter_add_(ctx.dim, local.clamp(0, n - 1).expand_as(g).contiguous(), torch.where(mine, g, 0).contiguous())
+            out.scatter_add_(
+                ctx.dim, local.clamp(0, n - 1).expand_as(g).contiguous(), torch.where(mine, g, 0).contiguous()
+            )
         return out, None, None, None, None
 
 
