@@ -459,21 +459,17 @@ def test_einsum_attention_goes_through_the_gather_guard(world):
 
 
 class TokenBlock(nn.Module):
-    """Tokens (B, N, C) sharded on N: qkv Linear, SDPA over all tokens, projection, then an
-    nn.MultiheadAttention residual."""
+    """Tokens ``(B, heads, N, C)`` sharded on N: per-head q/k/v Linears, causal SDPA over all tokens,
+    a projection, the mean over heads, then an ``nn.MultiheadAttention`` residual over the tokens."""
 
     def __init__(self, c: int = 8, heads: int = 2) -> None:
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(c, 3 * c)
-        self.proj = nn.Linear(c, c)
+        self.q, self.k, self.v, self.proj = (nn.Linear(c, c) for _ in range(4))
         self.mha = nn.MultiheadAttention(c, heads, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[-1]
-        qkv = self.qkv(x).unflatten(-1, (3, self.heads, c // self.heads)).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
-        y = self.proj(y.transpose(1, 2).flatten(2))
+        y = F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x), is_causal=True)
+        y = self.proj(y).mean(dim=1)
         return y + self.mha(y, y, y, need_weights=False)[0]
 
 
@@ -489,7 +485,7 @@ def _compile_task(tokens: int, tmp: str) -> dict:
     ref = TokenBlock().double()
     dp = cd.convert_to_domain_parallel(TokenBlock().double(), m)
     dp.load_state_dict(ref.state_dict())
-    x = torch.randn(2, tokens, 8, dtype=torch.float64)
+    x = torch.randn(2, 3, tokens, 8, dtype=torch.float64)
     xr = x.clone().requires_grad_()
     yr = ref(xr)
     gy = torch.randn(yr.shape, dtype=torch.float64)
@@ -503,7 +499,7 @@ def _compile_task(tokens: int, tmp: str) -> dict:
         return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
 
     compiled = torch.compile(dp, backend=counting, fullgraph=True, dynamic=False)
-    xs = cd.shard_tensor(x, m, 1).requires_grad_()
+    xs = cd.shard_tensor(x, m, 2).requires_grad_()
     with cd.gather_policy("raise"):
         y = compiled(xs)
         y.backward(cd.shard_tensor(gy, m, 1))

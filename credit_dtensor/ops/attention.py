@@ -15,12 +15,14 @@ for every query. DTensor all-gathers them. Here the exchange is DeepSpeed-Ulysse
 4. one all-to-all moves the output back to token-sharding (``torch.chunk`` of the tokens, the
    placement DTensor expects).
 
-Backward is the adjoint: the output gradient goes to unit-sharding, the local attention is
-recomputed under autograd (PyTorch's own backward), and ``dq``, ``dk``, ``dv`` go back in one
-all-to-all. Each rank sends and receives about ``(1 - 1/N)`` of its own share of q, k, v and out
-per direction, and holds ``O(P/N * tokens * E)``: memory per rank ``O(activation / N)`` when there
-are at least ``N`` units. The exchange runs inside the generic opaque custom op (:mod:`.opaque`),
-so ``torch.compile(fullgraph=True)`` sees one node.
+The two exchanges are pure data movement, each an opaque custom op (:mod:`.opaque`) whose backward
+is the other one; the attention between them is PyTorch's own under ordinary autograd (its fused
+kernels, its backward, nothing recomputed). So backward moves the output gradient to units and
+``dq``, ``dk``, ``dv`` back in one all-to-all. Each rank sends about ``(1 - 1/N)`` of its own share
+of q, k, v and out per direction and holds ``O(P/N * tokens * E)``: memory per rank
+``O(activation / N)`` when there are at least ``N`` units (with fewer, ranks without a unit hold
+nothing and the others hold whole units: ring attention, not implemented, would split the tokens
+of one unit too). ``torch.compile(fullgraph=True)`` sees two opaque nodes around the attention.
 
 Key/value that are *not* sharded (a plain or ``Replicate`` context) need no communication: each
 rank attends from its own query rows (``is_causal`` uses the rows' global offset), and their
@@ -276,12 +278,21 @@ def _build_attention(kind, q_shape, k_shape, v_shape, world, rank, group):
     return _ToTokensRule(geo, group, kind)
 
 
+def _group_name(mesh: DeviceMesh) -> str:
+    """The domain group's name. While Dynamo traces, only read it: registering the group from traced
+    code would be replayed after the graph with a fake stand-in of the group (the op's eager
+    implementation then resolves the name through c10d)."""
+    if torch.compiler.is_compiling():
+        return mesh.get_group().group_name
+    return _groups.name_of(mesh)
+
+
 def _unit_attention(
     q, k, v, mask, mesh: DeviceMesh, q_shape, k_shape, v_shape, is_causal: bool, scale: float | None, weights: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-sharded local ``q``, ``k``, ``v`` (global shapes given), full ``mask``: the local
     output rows (and, with ``weights``, the local rows of the softmax weights)."""
-    world, rank, group = mesh.size(), mesh.get_local_rank(), _groups.name_of(mesh)
+    world, rank, group = mesh.size(), mesh.get_local_rank(), _group_name(mesh)
     geo_args = (tuple(q_shape), tuple(k_shape), tuple(v_shape), world, rank, group)
     qh, kh, vh = opaque.apply(opaque.make_key("attn", "units", *geo_args), [q, k, v])
     p = tuple(q_shape[:-2])
