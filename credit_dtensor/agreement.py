@@ -24,8 +24,18 @@ MAX_DIMS = 8
 ROWS = 16  # tensors described one by one; the rest are folded into the last row
 _SLOTS = 4 + MAX_DIMS + 2  # ndim, shard dim, dtype, verify flag, shape..., checksum (2)
 _DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
-    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex64,
+    torch.complex128,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
 ]
 _CHUNK = 1 << 24
 

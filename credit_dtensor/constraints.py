@@ -13,7 +13,8 @@ from typing import Any
 from torch import nn
 
 from .errors import DomainParallelError
-from .nn.local import window_height
+from .geometry.window import local_rows_fit
+from .nn.local import DomainParallelShardLocal, shard_local, window_height
 
 __all__ = ["validate_sharding_constraints"]
 
@@ -70,6 +71,18 @@ def _walk_scales(mod: nn.Module, path: str, f: Fraction, events: list) -> Fracti
     return g
 
 
+def needs_whole_windows(mod: nn.Module) -> bool:
+    """Whether ``mod`` runs shard-local (declared with :func:`credit_dtensor.shard_local`, or
+    already converted so): only then must every shard hold whole windows. Other windowed modules
+    split H through the reshape rules, which re-chunk to whole windows on any shard sizes."""
+    from .converters import converter_for
+
+    if isinstance(mod, DomainParallelShardLocal):
+        return True
+    conv = converter_for(mod)
+    return conv is not None and conv.factory in (shard_local, DomainParallelShardLocal) and conv.applies(mod)
+
+
 def validate_sharding_constraints(
     model: nn.Module, local_h: int, window_sizes: list[int] | tuple[int, ...] | None = None
 ) -> list[str]:
@@ -77,7 +90,8 @@ def validate_sharding_constraints(
 
     ``local_h`` is the input rows per rank. The H down-sampling before each layer is read from the
     model's strides (strided convs/pools, transposed convs, Upsample, pixel (un)shuffle) in
-    registration order; windowed layers are those with a ``window_size`` attribute. With
+    registration order; windowed layers are those with a ``window_size`` attribute that run
+    shard-local (:func:`needs_whole_windows`; the others re-chunk through the reshape rules). With
     ``window_sizes`` (the original API), entry ``i`` is the window height of level ``i`` -- the
     resolution after the ``i``-th distinct down-sampling stage (level 0 if the model starts
     windowed before any). This is a static estimate; :func:`credit_dtensor.audit.plan` traces the
@@ -101,7 +115,8 @@ def validate_sharding_constraints(
             )
         checks = [(f"level {i}", int(w), f) for i, (w, f) in enumerate(zip(window_sizes, levels, strict=False))]
     else:
-        checks = windows
+        shard_local_paths = {path for path, mod in model.named_modules() if needs_whole_windows(mod)}
+        checks = [(path, wh, f) for path, wh, f in windows if path in shard_local_paths]
     for where, wh, f in checks:
         h = Fraction(local_h) / f
         if h.denominator != 1:
@@ -111,14 +126,9 @@ def validate_sharding_constraints(
             )
             continue
         h = int(h)
-        if h < wh:
-            warnings.append(
-                f"{where}: local H {h} (= {local_h} / x{f}) is smaller than the window height {wh}: "
-                f"windows span several shards; use fewer domain ranks (local H >= {wh * f})"
-            )
-        elif h % wh:
-            warnings.append(
-                f"{where}: local H {h} (= {local_h} / x{f}) is not divisible by the window height {wh}: "
-                f"a window would straddle two shards; choose local H divisible by {wh * f}"
-            )
+        problem = local_rows_fit(h, wh)  # the arithmetic of shard_local's check and of plan
+        if problem is not None:
+            problem = problem.replace(f"local H {h}", f"local H {h} (= {local_h} / x{f})", 1)
+            fix = f"use fewer domain ranks (local H >= {wh * f})" if h < wh else f"choose local H divisible by {wh * f}"
+            warnings.append(f"{where}: {problem}; {fix}")
     return warnings

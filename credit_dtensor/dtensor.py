@@ -29,6 +29,7 @@ __all__ = [
     "wrap_shard",
     "wrap_replicate",
     "local_replicated",
+    "check_replicated",
     "align_operand",
     "has_dtensor",
 ]
@@ -126,6 +127,23 @@ def wrap_replicate(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
     return DTensor.from_local(
         local, mesh, [Replicate()] * mesh.ndim, run_check=False, shape=local.shape, stride=local.stride()
     )
+
+
+def check_replicated(t: object, mesh: DeviceMesh, where: str, name: str) -> None:
+    """A DTensor used next to an H-sharded input (a parameter, a buffer) must live on the input's
+    mesh and be ``Replicate`` there; anything else is a clear error. Plain tensors pass."""
+    if not isinstance(t, DTensor):
+        return
+    if t.device_mesh != mesh:
+        raise MeshMismatchError(
+            f"{where}: {name} lives on mesh {t.device_mesh} but the input on {mesh}: convert the module (or "
+            "distribute the parameter) with the manager that shards the input"
+        )
+    if not all(isinstance(p, Replicate) for p in t.placements):
+        raise UnsupportedShardingError(
+            f"{where}: {name} placements {t.placements} are not supported next to an H-sharded input: it must be "
+            "Replicate on the domain mesh: use the module wrappers or distribute_tensor(t, mesh, [Replicate()])"
+        )
 
 
 def local_replicated(t: DTensor) -> torch.Tensor:

@@ -84,7 +84,9 @@ def _env_policy() -> str:
     return value
 
 
-_state = {"policy": None}  # resolved lazily so a bad env value raises where it is used
+# policy: resolved lazily so a bad env value raises where it is used; dtensor_dispatch: whether any op
+# has reached DTensor's own dispatch (then backwards may hold DTensor's redistributions: watch them)
+_state: dict = {"policy": None, "dtensor_dispatch": False}
 _tls = threading.local()
 _warned: set[tuple[str, str | None]] = set()
 
@@ -190,8 +192,14 @@ def _user_frame() -> tuple[str, int] | None:
 # --- detection -----------------------------------------------------------------------------------
 
 
+_GATHER: dict[object, bool] = {}
+
+
 def _is_gather(func: object) -> bool:
-    return "all_gather_into_tensor" in str(func)
+    hit = _GATHER.get(func)
+    if hit is None:
+        hit = _GATHER[func] = "all_gather_into_tensor" in str(func)
+    return hit
 
 
 def _hint(op: str) -> str:
@@ -220,7 +228,9 @@ def _report(op: str, nbytes: int, local_shape: tuple[int, ...], phase: str) -> N
         key = (op, event.call_site)
         if key not in _warned:
             _warned.add(key)
-            message = f"{event.describe()}. Fix: {_hint(op)}. Set {ENV}=raise to make this an error, or allow to silence it."
+            message = (
+                f"{event.describe()}. Fix: {_hint(op)}. Set {ENV}=raise to make this an error, or allow to silence it."
+            )
             filename, lineno = frame if frame else ("credit_dtensor", 0)
             warnings.warn_explicit(message, ImplicitGatherWarning, filename, lineno)
 
@@ -241,16 +251,36 @@ def _refuse_builtin_conv(func: object, args: tuple) -> None:
         )
 
 
+def _records_grad(args: tuple, kwargs: dict | None) -> bool:
+    """Whether an op on these arguments is recorded by autograd (grad mode on, a DTensor input that
+    requires grad): only then can DTensor's own backward of it run later."""
+    if not torch.is_grad_enabled():
+        return False
+    for a in (*args, *(kwargs or {}).values()):
+        if isinstance(a, DTensor) and a.requires_grad:
+            return True
+        if isinstance(a, (list, tuple)) and any(isinstance(b, DTensor) and b.requires_grad for b in a):
+            return True
+    return False
+
+
 class _Detector(TorchDispatchMode):
-    def __init__(self, op: str, phase: str) -> None:
+    def __init__(self, func: object, phase: str) -> None:
         super().__init__()
-        self.op, self.phase = op, phase
+        self.func, self.phase = func, phase
+
+    @property
+    def op(self) -> str:  # named only when something is reported
+        return _op_name(self.func)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        if any(issubclass(t, DTensor) for t in types):
-            if func in _CORRUPT:
-                _refuse_builtin_conv(func, args)
-            return NotImplemented  # let DTensor desugar the op; its collectives come back here
+        for t in types:
+            if issubclass(t, DTensor):
+                if not _state["dtensor_dispatch"] and _records_grad(args, kwargs):
+                    _state["dtensor_dispatch"] = True  # DTensor's own backward is in a graph now
+                if func in _CORRUPT:
+                    _refuse_builtin_conv(func, args)
+                return NotImplemented  # let DTensor desugar the op; its collectives come back here
         if _is_gather(func) and args and isinstance(args[0], torch.Tensor):
             t = args[0]
             world = args[1] if len(args) > 1 and isinstance(args[1], int) else 1
@@ -276,16 +306,26 @@ def _op_name(func: object) -> str:
 
 @contextlib.contextmanager
 def watch(func: object, phase: str = "forward") -> Iterator[None]:
-    """Apply the gather policy to collectives dispatched inside the block (not nested)."""
-    if getattr(_tls, "watching", False) or (_policy() == "allow" and not _recorders()):
+    """Apply the gather policy to collectives dispatched inside the block (not nested).
+
+    A backward is watched only once some op of this process has gone through DTensor's own
+    dispatch with autograd recording (seen by a forward watch; under policy ``allow`` every
+    unwatched op with grad mode on counts): before that, every node of any autograd graph is one
+    of credit_dtensor's rules or DTensor's ``to_local``/``from_local``, whose backwards communicate
+    only halo rows and statistics, so a backward of a fully converted model pays nothing for the
+    guard (a dispatch mode costs every op of the backward a Python call).
+    """
+    if torch.compiler.is_compiling() or (phase == "backward" and not _state["dtensor_dispatch"]):
         yield
         return
-    if torch.compiler.is_compiling():
+    if getattr(_tls, "watching", False) or (_policy() == "allow" and not _recorders()):
+        if phase != "backward" and not getattr(_tls, "watching", False) and torch.is_grad_enabled():
+            _state["dtensor_dispatch"] = True  # unwatched: assume it reached DTensor's autograd
         yield
         return
     _tls.watching = True
     try:
-        with _Detector(_op_name(func), phase):
+        with _Detector(func, phase):
             yield
     finally:
         _tls.watching = False

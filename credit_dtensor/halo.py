@@ -118,14 +118,37 @@ def make_plan(n: int, world: int, rank: int, needs: Sequence[Refs]) -> HaloPlan:
                 continue
         segs.append(_Segment(src, pos, 1))
     return HaloPlan(
-        n=n, rank=rank, world=world, local_len=offs[rank + 1] - lo, ext_len=len(needs[rank]),
-        sends=sends, recvs=recvs, segments=tuple(segs),
+        n=n,
+        rank=rank,
+        world=world,
+        local_len=offs[rank + 1] - lo,
+        ext_len=len(needs[rank]),
+        sends=sends,
+        recvs=recvs,
+        segments=tuple(segs),
     )
 
 
 @functools.lru_cache(maxsize=4096)
 def cached_plan(n: int, world: int, rank: int, needs: tuple[Refs, ...]) -> HaloPlan:
     return make_plan(n, world, rank, needs)
+
+
+_INDEX: dict[tuple[int, torch.device], tuple[HaloPlan, list[torch.Tensor]]] = {}
+
+
+def _send_index(plan: HaloPlan, device: torch.device) -> list[torch.Tensor]:
+    """The local row indices of each of ``plan.sends`` as int64 tensors on ``device``, built once per
+    (plan, device): plans are cached, so a layer reuses its index tensors on every call. Keyed by the
+    plan's identity (hashing a plan hashes its row lists); the entry keeps the plan alive so the id
+    cannot be reused. Read-only: callers only index with them."""
+    key = (id(plan), device)
+    hit = _INDEX.get(key)
+    if hit is None or hit[0] is not plan:
+        if len(_INDEX) >= 4096:
+            _INDEX.clear()
+        hit = _INDEX[key] = (plan, [torch.tensor(rows, dtype=torch.int64, device=device) for _, rows in plan.sends])
+    return hit[1]
 
 
 def _row_shape(x: torch.Tensor, dim: int, rows: int) -> tuple[int, ...]:
@@ -138,7 +161,8 @@ def halo_gather(x: torch.Tensor, dim: int, plan: HaloPlan, group: dist.ProcessGr
     """Forward: assemble this rank's extended tensor (no autograd; see :func:`gather_rows`)."""
     if plan.is_local and plan.is_identity:
         return x
-    sends = [(dst, x.index_select(dim, torch.tensor(rows, device=x.device))) for dst, rows in plan.sends]
+    index = _send_index(plan, x.device)
+    sends = [(dst, x.index_select(dim, idx)) for (dst, _), idx in zip(plan.sends, index)]
     recv_shapes = [(src, _row_shape(x, dim, len(rows))) for src, rows in plan.recvs]
     received = comm.exchange(sends, recv_shapes, group, dtype=x.dtype, device=x.device) if not plan.is_local else []
     if plan.is_identity:
@@ -172,10 +196,12 @@ def halo_scatter_add(grad_ext: torch.Tensor, dim: int, plan: HaloPlan, group: di
         returned = comm.exchange(
             [(src, b) for (src, _), b in zip(plan.recvs, back)],
             [(dst, _row_shape(grad_ext, dim, len(rows))) for dst, rows in plan.sends],
-            group, dtype=grad_ext.dtype, device=grad_ext.device,
+            group,
+            dtype=grad_ext.dtype,
+            device=grad_ext.device,
         )
-        for (_, rows), g in zip(plan.sends, returned):
-            grad.index_add_(dim, torch.tensor(rows, device=grad.device), g)
+        for idx, g in zip(_send_index(plan, grad.device), returned):
+            grad.index_add_(dim, idx, g)
     return grad
 
 

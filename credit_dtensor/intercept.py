@@ -7,7 +7,8 @@ must see the call as the user wrote it. One :class:`~torch.overrides.TorchFuncti
 public mechanism for this -- is installed on the importing thread (and on any thread that shards
 a tensor or runs a converted model): for a call whose arguments include a DTensor it asks the
 rules registered for that function (:func:`register`) in order; a rule returns ``NotImplemented``
-when the call is not its business. Calls without DTensors cost one dict lookup.
+when the call is not its business. Calls without DTensors cost one dict lookup and a scan of the
+arguments; metadata calls (``x.shape``, ``x.grad = None``, ``x.size()``) go straight through.
 
 Every DTensor call that no rule takes runs under the gather guard (:mod:`.guard`), as does
 ``backward()`` on a DTensor, and a plain tensor next to an H-sharded DTensor (a latitude weight, a
@@ -18,6 +19,7 @@ torch.Tensor and DTensor".
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,13 +31,68 @@ from torch.overrides import TorchFunctionMode
 from . import guard
 from .dtensor import first_sharded, has_dtensor, wrap_replicate
 
-__all__ = ["register", "registered_functions", "ensure_enabled", "enabled", "disable", "DomainRulesMode"]
+__all__ = ["register", "registered_functions", "ensure_enabled", "enabled", "disable", "suspended", "DomainRulesMode"]
 
 Rule = Callable[[Callable, tuple, dict], Any]
 
 _RULES: dict[Any, list[Rule]] = {}
 _BACKWARD = {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
 _tls = threading.local()
+
+
+def _metadata_functions() -> tuple[dict[Any, bool], dict[Any, bool]]:
+    """Tensor property getters and metadata methods (no data, no communication: nothing for a rule
+    or the gather guard to see), and the property setters that are as harmless unless they get a
+    plain tensor (``x.grad = None``, ``x.requires_grad = True``)."""
+    getters: dict[Any, bool] = {}
+    setters: dict[Any, bool] = {}
+    for name in (
+        "shape",
+        "ndim",
+        "dtype",
+        "device",
+        "layout",
+        "requires_grad",
+        "grad",
+        "grad_fn",
+        "is_leaf",
+        "is_cuda",
+        "is_cpu",
+        "is_meta",
+        "is_sparse",
+        "is_quantized",
+        "is_nested",
+        "output_nr",
+        "names",
+    ):
+        attr = getattr(torch.Tensor, name, None)
+        if getattr(attr, "__get__", None) is not None:
+            getters[attr.__get__] = True
+        if name in ("requires_grad", "grad") and getattr(attr, "__set__", None) is not None:
+            setters[attr.__set__] = True
+    for name in (
+        "dim",
+        "size",
+        "numel",
+        "stride",
+        "element_size",
+        "is_contiguous",
+        "is_floating_point",
+        "is_complex",
+        "storage_offset",
+        "get_device",
+    ):
+        fn = getattr(torch.Tensor, name, None)
+        if fn is not None:
+            getters[fn] = True
+    return getters, setters
+
+
+_METADATA, _METADATA_SET = _metadata_functions()
+
+
+def _is_plain_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and not isinstance(v, DTensor)
 
 
 def register(*funcs: Any) -> Callable[[Rule], Rule]:
@@ -57,14 +114,22 @@ def register_many(funcs: Iterable[Any], rule: Rule) -> Rule:
 
 def registered_functions() -> dict[str, list[str]]:
     """``{function name: [rule names]}`` for ``credit-dtensor info`` and the docs."""
-    return {
-        guard._op_name(f): [getattr(r, "__qualname__", repr(r)) for r in rules] for f, rules in _RULES.items()
-    }
+    return {guard._op_name(f): [getattr(r, "__qualname__", repr(r)) for r in rules] for f, rules in _RULES.items()}
+
+
+def _first_domain_replicate(args: tuple, kwargs: dict) -> DTensor | None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, DTensor) and a.device_mesh.ndim == 1 and a.placements[0].is_replicate():
+            return a
+    return None
 
 
 def _replicate_plain(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Plain tensors (not scalars) next to an H-sharded DTensor become ``Replicate`` DTensors."""
+    """Plain tensors (not scalars) next to a DTensor on a 1-D (domain) mesh -- sharded or replicated,
+    e.g. a pooled prediction and a plain target -- become ``Replicate`` DTensors."""
     ref = first_sharded(*args, *kwargs.values())
+    if ref is None:
+        ref = _first_domain_replicate(args, kwargs)
     if ref is None:
         return args, kwargs
     mesh = ref.device_mesh
@@ -85,6 +150,10 @@ class DomainRulesMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         if kwargs is None:
             kwargs = {}
+        if _METADATA.get(func) is not None or (
+            _METADATA_SET.get(func) is not None and not (len(args) > 1 and _is_plain_tensor(args[1]))
+        ):
+            return func(*args, **kwargs)  # metadata: no rule, no guard, nothing to replicate
         rules = _RULES.get(func)
         if rules is None and func not in _BACKWARD:
             if not has_dtensor(args, kwargs):
@@ -104,6 +173,19 @@ class DomainRulesMode(TorchFunctionMode):
                     return out
             args, kwargs = _replicate_plain(args, kwargs)
             return func(*args, **kwargs)
+
+
+_DISABLE_TORCH_FUNCTION = getattr(torch._C, "DisableTorchFunction", None)
+
+
+def suspended() -> Any:
+    """A context in which no torch-function mode (ours included) sees torch calls: for a rule's own
+    plumbing (``to_local``/``from_local``, its custom op on local tensors), which needs neither the
+    rules nor the gather guard, to skip a Python handler per call. Eager only: inside a compiled
+    region it is a no-op (Dynamo traces the calls as written)."""
+    if _DISABLE_TORCH_FUNCTION is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _DISABLE_TORCH_FUNCTION()
 
 
 def _mode_stack() -> list:

@@ -21,8 +21,12 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 def make_module(case: dict) -> nn.Module:
     nd = case["nd"]
     kw = dict(
-        kernel_size=case["kernel"], stride=case.get("stride", 1), padding=case.get("padding", 0),
-        dilation=case.get("dilation", 1), groups=case.get("groups", 1), bias=case.get("bias", True),
+        kernel_size=case["kernel"],
+        stride=case.get("stride", 1),
+        padding=case.get("padding", 0),
+        dilation=case.get("dilation", 1),
+        groups=case.get("groups", 1),
+        bias=case.get("bias", True),
     )
     if case.get("transposed"):
         cls = getattr(nn, f"ConvTranspose{nd}d")
@@ -53,8 +57,16 @@ def run_conv_cases(cases: list[dict], dtype_name: str = "float64") -> list[dict]
         path = case.get("path", "module")
         if path == "module":
             dist_mod = CONV_WRAPPERS[type(ref)](copy.deepcopy(ref), m)
-            errs = parity(m, ref, dist_mod, [x], shard_dims=[dim], out_dim=dim,
-                          ref_params=dict(ref.named_parameters()), dist_params=dict(dist_mod.named_parameters()))
+            errs = parity(
+                m,
+                ref,
+                dist_mod,
+                [x],
+                shard_dims=[dim],
+                out_dim=dim,
+                ref_params=dict(ref.named_parameters()),
+                dist_params=dict(dist_mod.named_parameters()),
+            )
         else:
             errs = _functional(case, ref, x, dim, m)
         out.append({"case": case, "errors": errs, "tol": TOL[dtype]})
@@ -96,8 +108,16 @@ def _functional(case, ref, x, dim, m):
     b = nn.Parameter(distribute_tensor(ref.bias.detach(), mesh, [Replicate()])) if ref.bias is not None else None
     call = functional_call(case, ref)
     params = {"weight": w} if b is None else {"weight": w, "bias": b}
-    return parity(m, lambda t: call(t, ref.weight, ref.bias), lambda t: call(t, w, b), [x], shard_dims=[dim],
-                  out_dim=dim, ref_params=dict(ref.named_parameters()), dist_params=params)
+    return parity(
+        m,
+        lambda t: call(t, ref.weight, ref.bias),
+        lambda t: call(t, w, b),
+        [x],
+        shard_dims=[dim],
+        out_dim=dim,
+        ref_params=dict(ref.named_parameters()),
+        dist_params=params,
+    )
 
 
 # --- communication volume against an independent geometric minimum --------------------------
@@ -209,9 +229,15 @@ def run_bytes_case(case: dict) -> dict:
 
     def counts(s):
         return {
-            "recv": s.recv_bytes, "sent": s.sent_bytes, "collectives": s.collectives,
+            "recv": s.recv_bytes,
+            "sent": s.sent_bytes,
+            "collectives": s.collectives,
             "by_op": {k: {"recv": v.recv_bytes, "sent": v.sent_bytes} for k, v in s.by_op.items()},
         }
 
-    return {"fwd": counts(fwd), "bwd": counts(bwd), "placements": [str(p) for p in y.placements],
-            "grad_is_none": xd.grad is None}
+    return {
+        "fwd": counts(fwd),
+        "bwd": counts(bwd),
+        "placements": [str(p) for p in y.placements],
+        "grad_is_none": xd.grad is None,
+    }

@@ -57,6 +57,11 @@ def _worker(rank: int, size: int, port: int, tasks: mp.Queue, results: mp.Queue)
     dist.destroy_process_group()
 
 
+#: error texts of a collective that timed out or lost its peers: the ranks may no longer agree on
+#: which collective comes next
+_TORN_MARKS = ("Timed out", "timed out", "pair closure", "Connection closed", "Connection reset", "timeout")
+
+
 class World:
     """``size`` gloo ranks waiting for tasks."""
 
@@ -134,8 +139,11 @@ class World:
             (results if status == "ok" else errors)[rank] = value
         if len(results) < self.size:
             missing = [r for r in range(self.size) if r not in results and r not in errors]
-            if missing or any(not p.is_alive() for p in self._procs):
-                self.close()  # some ranks are stuck in a collective or dead: restart next time
+            torn = any(mark in text for text in errors.values() for mark in _TORN_MARKS)
+            if missing or torn or any(not p.is_alive() for p in self._procs):
+                # some ranks are stuck in a collective, dead, or timed out in one (the others may
+                # be at another collective now): restart next time so one failure stays one failure
+                self.close()
             msg = "\n".join(errors[r] for r in sorted(errors))
             if missing:
                 msg += f"\nranks {missing} did not finish within the timeout (world restarted)"

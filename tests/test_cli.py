@@ -352,6 +352,7 @@ def test_launcher_collects_results_and_reports_a_failing_rank():
 
 # --- layout: the core package does not import the tooling ---------------------------------------
 
+
 def test_core_package_does_not_import_tools_or_cli():
     pkg = os.path.join(ROOT, "credit_dtensor")
     offenders = []

@@ -12,6 +12,7 @@ from tests.harness import get_world
 
 WORLDS = [1, 2, 3, 4]
 
+
 def _check(results):
     bad = []
     for r in results:
@@ -44,19 +45,22 @@ NAMED = {
     "padding > half kernel": dict(nd=2, cin=2, cout=2, kernel=3, padding=4, spatial=(7, 5)),
     "no bias 1x1": dict(nd=2, cin=3, cout=2, kernel=1, bias=False, spatial=(7, 5)),
     "convT 4x4 s2 p1": dict(nd=2, cin=3, cout=2, kernel=4, stride=2, padding=1, transposed=True, spatial=(7, 5)),
-    "convT k3 s2 p1 op1": dict(nd=2, cin=3, cout=2, kernel=3, stride=2, padding=1, output_padding=1,
-                               transposed=True, spatial=(7, 5)),
+    "convT k3 s2 p1 op1": dict(
+        nd=2, cin=3, cout=2, kernel=3, stride=2, padding=1, output_padding=1, transposed=True, spatial=(7, 5)
+    ),
     "convT k1 s3 (gaps)": dict(nd=2, cin=2, cout=2, kernel=1, stride=3, transposed=True, spatial=(5, 4)),
     "convT 2x2 s2": dict(nd=2, cin=2, cout=3, kernel=2, stride=2, transposed=True, spatial=(5, 4)),
-    "convT dilated grouped": dict(nd=2, cin=4, cout=4, kernel=3, stride=2, dilation=2, padding=2, groups=2,
-                                  transposed=True, spatial=(6, 4)),
+    "convT dilated grouped": dict(
+        nd=2, cin=4, cout=4, kernel=3, stride=2, dilation=2, padding=2, groups=2, transposed=True, spatial=(6, 4)
+    ),
     "conv1d": dict(nd=1, cin=2, cout=3, kernel=5, stride=2, padding=2, spatial=(17,)),
     "conv1d circular": dict(nd=1, cin=2, cout=3, kernel=3, padding=1, padding_mode="circular", spatial=(10,)),
     "convT1d": dict(nd=1, cin=2, cout=3, kernel=4, stride=2, padding=1, transposed=True, spatial=(9,)),
     "conv3d patch embed (2,4,4)": dict(nd=3, cin=2, cout=4, kernel=(2, 4, 4), stride=(2, 4, 4), spatial=(4, 16, 8)),
     "conv3d 3x3x3 reflect": dict(nd=3, cin=2, cout=2, kernel=3, padding=1, padding_mode="reflect", spatial=(3, 9, 4)),
-    "convT3d patch recovery": dict(nd=3, cin=4, cout=2, kernel=(2, 4, 4), stride=(2, 4, 4), transposed=True,
-                                   spatial=(2, 4, 2)),
+    "convT3d patch recovery": dict(
+        nd=3, cin=4, cout=2, kernel=(2, 4, 4), stride=(2, 4, 4), transposed=True, spatial=(2, 4, 2)
+    ),
 }
 
 
@@ -71,8 +75,9 @@ def test_named_cases(size, path):
 @pytest.mark.parametrize("size", [1, 3])
 def test_named_functional_circular(size):
     cases = [dict(c, path="functional", name=name) for name, c in NAMED.items() if c.get("padding_mode") == "circular"]
-    cases.append(dict(nd=2, cin=2, cout=2, kernel=3, padding=1, padding_mode="circular", spatial=(2, 4),
-                      path="functional"))
+    cases.append(
+        dict(nd=2, cin=2, cout=2, kernel=3, padding=1, padding_mode="circular", spatial=(2, 4), path="functional")
+    )
     _run(size, cases)
 
 
@@ -114,8 +119,18 @@ def conv_case(draw):
     for i in range(nd):
         lo = dilation[i] * (kernel[i] - 1) + 1
         spatial.append(draw(st.integers(max(1, lo - 2), lo + 12)))
-    case = dict(nd=nd, cin=cin, cout=cout, kernel=kernel, stride=stride, dilation=dilation, groups=groups,
-                bias=draw(st.booleans()), batch=draw(st.integers(1, 2)), seed=draw(st.integers(0, 1000)))
+    case = dict(
+        nd=nd,
+        cin=cin,
+        cout=cout,
+        kernel=kernel,
+        stride=stride,
+        dilation=dilation,
+        groups=groups,
+        bias=draw(st.booleans()),
+        batch=draw(st.integers(1, 2)),
+        seed=draw(st.integers(0, 1000)),
+    )
     if transposed:
         padding = tuple(draw(st.integers(0, dilation[i] * (kernel[i] - 1))) for i in range(nd))
         out_pad = tuple(draw(st.integers(0, max(stride[i], dilation[i]) - 1)) for i in range(nd))
@@ -148,8 +163,13 @@ def conv_case(draw):
 
 
 # No shrinking: every example is a distributed run over 4 worlds, and a failing batch names its cases.
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
 @given(cases=st.lists(conv_case(), min_size=6, max_size=6))
 def test_property_all_worlds(cases):
     for size in WORLDS:
@@ -238,16 +258,28 @@ def conv1d_config(draw, gaps: bool):
     if draw(st.booleans()):
         p = draw(st.integers(0, d * (k - 1)))
         op = draw(st.integers(0, max(s, d) - 1))
-        cfg = dict(nd=1, cin=1, cout=1, kernel=k, stride=s, dilation=d, padding=p, output_padding=op,
-                   transposed=True, spatial=(n,), bias=False)
+        cfg = dict(
+            nd=1,
+            cin=1,
+            cout=1,
+            kernel=k,
+            stride=s,
+            dilation=d,
+            padding=p,
+            output_padding=op,
+            transposed=True,
+            spatial=(n,),
+            bias=False,
+        )
         assume((n - 1) * s - 2 * p + d * (k - 1) + op + 1 > 0)
     else:
         mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
         p = draw(st.integers(0, k + 1))
         assume(not (mode == "reflect" and p >= n) and not (mode == "circular" and p > n))
         assume(n + 2 * p - d * (k - 1) - 1 >= 0)
-        cfg = dict(nd=1, cin=1, cout=1, kernel=k, stride=s, dilation=d, padding=p, padding_mode=mode,
-                   spatial=(n,), bias=False)
+        cfg = dict(
+            nd=1, cin=1, cout=1, kernel=k, stride=s, dilation=d, padding=p, padding_mode=mode, spatial=(n,), bias=False
+        )
     return cfg, world
 
 
@@ -274,8 +306,13 @@ def test_plan_rows_equal_independent_minimum(cfg_world):
     assert plan == probe, cfg_world
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
-          phases=[Phase.explicit, Phase.generate])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.generate],
+)
 @given(conv1d_config(gaps=True))
 def test_plan_rows_equal_independent_minimum_with_gaps(cfg_world):
     probe, plan = _plan_vs_probe(*cfg_world)

@@ -32,8 +32,10 @@ def _placements_task() -> dict:
     out["batch"] = (tuple(y.placements) == (Shard(0),), (y.full_tensor() - ref(x)).abs().max().item())
     # plain tensor input is sharded on H and the output is an H-sharded DTensor
     y = mod(x)
-    out["plain"] = (isinstance(y, DTensor) and tuple(y.placements) == (Shard(2),),
-                    (y.full_tensor() - ref(x)).abs().max().item())
+    out["plain"] = (
+        isinstance(y, DTensor) and tuple(y.placements) == (Shard(2),),
+        (y.full_tensor() - ref(x)).abs().max().item(),
+    )
     # the module is still an nn.Conv2d with the same state_dict keys
     out["isinstance"] = isinstance(mod, nn.Conv2d)
     out["keys"] = list(mod.state_dict()) == list(ref.state_dict())
@@ -59,7 +61,10 @@ def _parametrized_task() -> None:
         (True, lambda: nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 4, 3, padding=1).double())),
         (True, lambda: nn.utils.weight_norm(nn.Conv2d(3, 4, 3, padding=1).double())),  # forward pre-hook style
         (True, lambda: nn.utils.spectral_norm(nn.Conv2d(3, 4, 3, padding=1).double())),  # forward pre-hook style
-        (True, lambda: nn.utils.parametrizations.weight_norm(nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1).double())),
+        (
+            True,
+            lambda: nn.utils.parametrizations.weight_norm(nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1).double()),
+        ),
     ):
         torch.manual_seed(2)
         ref = make()
@@ -69,8 +74,16 @@ def _parametrized_task() -> None:
         wrapper = DomainParallelConvTranspose2d if isinstance(ref, nn.ConvTranspose2d) else DomainParallelConv2d
         dist_mod = wrapper(dist_mod, m)
         assert list(dist_mod.state_dict()) == list(ref.state_dict())
-        errs = parity(m, ref, dist_mod, [x], shard_dims=[2], out_dim=2,
-                      ref_params=dict(ref.named_parameters()), dist_params=dict(dist_mod.named_parameters()))
+        errs = parity(
+            m,
+            ref,
+            dist_mod,
+            [x],
+            shard_dims=[2],
+            out_dim=2,
+            ref_params=dict(ref.named_parameters()),
+            dist_params=dict(dist_mod.named_parameters()),
+        )
         assert_parity(errs, torch.float64, type(ref).__name__)
 
 
@@ -92,7 +105,9 @@ def _bad_input_task() -> dict:
             msgs[name] = None
 
     # channel-sharded input
-    expect("channels", lambda: F.conv2d(distribute_tensor(x, mesh, [Shard(1)]), distribute_tensor(w, mesh, [Replicate()])))
+    expect(
+        "channels", lambda: F.conv2d(distribute_tensor(x, mesh, [Shard(1)]), distribute_tensor(w, mesh, [Replicate()]))
+    )
     # sharded weight
     expect("weight", lambda: F.conv2d(shard_tensor(x, m, 2), distribute_tensor(w, mesh, [Shard(0)])))
     # input and module on different meshes

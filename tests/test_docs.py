@@ -39,7 +39,7 @@ PANGU_CHECK = (
 )
 LDA_CHECK = (
     "credit-dtensor check credit_dtensor.models:crossformer --input-shape 1,3,32,16 --domain 3 "
-    """--kwargs '{"lda_over_h": true}'"""
+    """--kwargs '{"lda_over_h": true}' --fail-on-gather"""
 )
 LDA_CHECK_2 = (
     "credit-dtensor check credit_dtensor.models:crossformer --input-shape 1,3,32,16 --domain 2 "
@@ -107,9 +107,10 @@ EXAMPLES = [
         "convert.md",
         LDA_CHECK,
         [
-            "CrossFormer: input (1, 3, 32, 16) over 3 ranks, atol 1e-10: RAISED in stages.1.blocks.1.attn: "
-            "RuntimeError: Cannot unflatten unevenly sharded tensor",
-            "│ 41 │ stages.1.blocks.1.attn │ LongDistanceAttention │",
+            "CrossFormer: input (1, 3, 32, 16) over 3 ranks, atol 1e-10: exact -- 53 module outputs and 60 gradients",
+            "Tensor.matmul in stages.1.blocks.1.attn (LongDistanceAttention)",
+            "│ 43 │ stages.1.blocks.1.attn │ LongDistanceAttention │ R │ 1×4×2×16 │",
+            "gradients: input + 59 parameters exact",
         ],
     ),
     (

@@ -55,8 +55,12 @@ def test_known_uneven_layouts():
     assert chunk_sizes(13, 3) == [5, 5, 3]
 
 
-@given(n=st.integers(1, 12), lo=st.integers(0, 11), hi=st.integers(0, 11),
-       mode=st.sampled_from(["constant", "reflect", "replicate", "circular"]))
+@given(
+    n=st.integers(1, 12),
+    lo=st.integers(0, 11),
+    hi=st.integers(0, 11),
+    mode=st.sampled_from(["constant", "reflect", "replicate", "circular"]),
+)
 def test_source_row_matches_f_pad(n, lo, hi, mode):
     if mode == "reflect" and (lo >= n or hi >= n):
         return
@@ -73,14 +77,21 @@ def _reads(y_rows, fn, n):
     """Input rows whose gradient is non-zero for the sum of the given output rows."""
     x = torch.ones(1, 1, n, dtype=torch.float64, requires_grad=True)
     y = fn(x)
-    y[..., y_rows[0]:y_rows[1]].sum().backward()
+    y[..., y_rows[0] : y_rows[1]].sum().backward()
     nz = (x.grad.flatten() != 0).nonzero().flatten().tolist()
     return (nz[0], nz[-1] + 1) if nz else None
 
 
 @settings(max_examples=300, deadline=None)
-@given(n=st.integers(1, 20), k=st.integers(1, 6), s=st.integers(1, 4), d=st.integers(1, 3),
-       p=st.integers(0, 6), world=st.integers(1, 5), data=st.data())
+@given(
+    n=st.integers(1, 20),
+    k=st.integers(1, 6),
+    s=st.integers(1, 4),
+    d=st.integers(1, 3),
+    p=st.integers(0, 6),
+    world=st.integers(1, 5),
+    data=st.data(),
+)
 def test_conv_input_rows_match_autograd(n, k, s, d, p, world, data):
     out_len = conv_out_len(n, k, s, p, p, d)
     if out_len <= 0:
@@ -105,8 +116,16 @@ def test_conv_input_rows_match_autograd(n, k, s, d, p, world, data):
 
 
 @settings(max_examples=300, deadline=None)
-@given(n=st.integers(1, 12), k=st.integers(1, 6), s=st.integers(1, 4), d=st.integers(1, 3),
-       p=st.integers(0, 5), op=st.integers(0, 3), world=st.integers(1, 5), data=st.data())
+@given(
+    n=st.integers(1, 12),
+    k=st.integers(1, 6),
+    s=st.integers(1, 4),
+    d=st.integers(1, 3),
+    p=st.integers(0, 5),
+    op=st.integers(0, 3),
+    world=st.integers(1, 5),
+    data=st.data(),
+)
 def test_conv_transpose_input_rows_match_autograd(n, k, s, d, p, op, world, data):
     if op >= max(s, d):
         return
@@ -137,8 +156,12 @@ def test_same_padding_split():
     assert same_padding(4, 2) == (3, 3)
 
 
-@given(n=st.integers(0, 15), world=st.integers(1, 5), halo=st.integers(0, 4),
-       mode=st.sampled_from(["zeros", "circular", "replicate"]))
+@given(
+    n=st.integers(0, 15),
+    world=st.integers(1, 5),
+    halo=st.integers(0, 4),
+    mode=st.sampled_from(["zeros", "circular", "replicate"]),
+)
 def test_plans_agree_between_senders_and_receivers(n, world, halo, mode):
     if n == 0 and mode != "zeros":
         return

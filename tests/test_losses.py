@@ -78,15 +78,18 @@ def _cases():
         "ce_none": lambda p, t: (F.cross_entropy(p, t["labels_plain"], reduction="none") ** 2).sum(),
         "ce_prob": lambda p, t: F.cross_entropy(p, t["soft"], label_smoothing=0.05),
         "nll_weight": lambda p, t: F.nll_loss(F.log_softmax(p, 1), t["labels"], weight=t["chan"]),
-        "kl_batchmean": lambda p, t: F.kl_div(F.log_softmax(p, 1), torch.log(t["soft"]), reduction="batchmean",
-                                              log_target=True),
+        "kl_batchmean": lambda p, t: F.kl_div(
+            F.log_softmax(p, 1), torch.log(t["soft"]), reduction="batchmean", log_target=True
+        ),
         "gauss_nll": lambda p, t: F.gaussian_nll_loss(p, t["target"], t["var"], full=True),
         "poisson_nll": lambda p, t: F.poisson_nll_loss(p, t["prob"]),
         "lat_weighted_mse": lambda p, t: ((p - t["target"]) ** 2 * t["lat_plain"]).mean(),
-        "lat_weighted_rep": lambda p, t: (F.mse_loss(p, t["target"], reduction="none") * t["lat_rep"]).sum()
-        / t["lat_rep"].sum(),
-        "channel_weighted": lambda p, t: (F.l1_loss(p, t["target"], reduction="none").mean(dim=(0, 2, 3))
-                                          * t["chan"]).sum(),
+        "lat_weighted_rep": lambda p, t: (
+            (F.mse_loss(p, t["target"], reduction="none") * t["lat_rep"]).sum() / t["lat_rep"].sum()
+        ),
+        "channel_weighted": lambda p, t: (
+            F.l1_loss(p, t["target"], reduction="none").mean(dim=(0, 2, 3)) * t["chan"]
+        ).sum(),
     }
 
 
@@ -94,10 +97,17 @@ def _operands(inp, shard, replicate, sharded: bool):
     labels_ign = inp["labels"].clone()
     labels_ign[:, ::3] = 1
     t = {
-        "target": inp["target"], "prob": inp["prob"], "soft": inp["soft"], "var": inp["var"],
-        "labels": inp["labels"], "labels_ign": labels_ign,
-        "target_plain": inp["target"], "labels_plain": inp["labels"], "lat_plain": inp["lat"],
-        "lat_rep": inp["lat"], "chan": inp["chan"],
+        "target": inp["target"],
+        "prob": inp["prob"],
+        "soft": inp["soft"],
+        "var": inp["var"],
+        "labels": inp["labels"],
+        "labels_ign": labels_ign,
+        "target_plain": inp["target"],
+        "labels_plain": inp["labels"],
+        "lat_plain": inp["lat"],
+        "lat_rep": inp["lat"],
+        "chan": inp["chan"],
     }
     if sharded:
         for k in ("target", "prob", "soft", "var"):
@@ -127,8 +137,12 @@ def _loss_task(shape_name: str) -> dict[str, float]:
         # sharded: the same program on DTensors; the parameter is a Replicate DTensor
         scale = nn.Parameter(distribute_tensor(inp["scale"].clone(), mesh, [Replicate()]))
         p = cd.shard_tensor(inp["pred"].clone(), m, 2).requires_grad_()
-        ops = _operands(inp, lambda x, d: cd.shard_tensor(x, m, d), lambda x: distribute_tensor(x, mesh, [Replicate()]),
-                        sharded=True)
+        ops = _operands(
+            inp,
+            lambda x, d: cd.shard_tensor(x, m, d),
+            lambda x: distribute_tensor(x, mesh, [Replicate()]),
+            sharded=True,
+        )
         with cd.gather_policy("raise"), cd.comm_stats() as s:
             loss = fn(p * scale, ops)
             loss.backward()

@@ -53,8 +53,10 @@ def _cases(h: int):
         "cat_plain": (lambda x: torch.cat([x, torch.ones(2, 3, 2, 5, dtype=x.dtype)], dim=2), None),
         "cat_channels": (lambda x: torch.cat([x, x * 2], dim=1), None),
         "pad_circular_w": (lambda x: F.pad(x, (2, 2, 0, 0), mode="circular"), None),
-        "periodic_then_reflect": (lambda x: F.pad(F.pad(x, (1, 1, 0, 0), mode="circular"), (0, 0, 1, 1), mode="reflect"),
-                                  None),
+        "periodic_then_reflect": (
+            lambda x: F.pad(F.pad(x, (1, 1, 0, 0), mode="circular"), (0, 0, 1, 1), mode="reflect"),
+            None,
+        ),
         "pad_circular_h": (lambda x: F.pad(x, (0, 0, 2, 1), mode="circular"), None),
         "pad_replicate": (lambda x: F.pad(x, (1, 0, 2, 2), mode="replicate"), None),
         "pad_constant": (lambda x: F.pad(x, (0, 1, 1, 3), value=0.5), None),
@@ -128,7 +130,12 @@ def _roll_slice_task(h: int, shift: int, start: int, step: int) -> bool:
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-@given(world=st.integers(2, 4), h=st.integers(1, 17), shift=st.integers(-20, 20), start=st.integers(-3, 8),
-       step=st.integers(1, 3))
+@given(
+    world=st.integers(2, 4),
+    h=st.integers(1, 17),
+    shift=st.integers(-20, 20),
+    start=st.integers(-3, 8),
+    step=st.integers(1, 3),
+)
 def test_roll_and_slice_property(world, h, shift, start, step):
     assert all(get_world(world).run(_roll_slice_task, h, shift, start, step))

@@ -185,9 +185,15 @@ def _bytes_task(shape, pad, mode, dim) -> dict:
     with comm_stats() as bwd:
         y.backward(torch.ones_like(y))
     return dict(
-        fwd_recv=fwd.recv_bytes, fwd_sent=fwd.sent_bytes, bwd_sent=bwd.sent_bytes, bwd_recv=bwd.recv_bytes,
-        by_op=sorted(fwd.by_op), shape=tuple(y.shape), placements=tuple(y.placements),
-        local_rows=y.to_local().shape[dim], grad_placements=tuple(xd.grad.placements),
+        fwd_recv=fwd.recv_bytes,
+        fwd_sent=fwd.sent_bytes,
+        bwd_sent=bwd.sent_bytes,
+        bwd_recv=bwd.recv_bytes,
+        by_op=sorted(fwd.by_op),
+        shape=tuple(y.shape),
+        placements=tuple(y.placements),
+        local_rows=y.to_local().shape[dim],
+        grad_placements=tuple(xd.grad.placements),
     )
 
 

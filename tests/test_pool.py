@@ -242,8 +242,12 @@ def _invalid_task() -> list[dict]:
 
 def test_invalid_pools_raise_like_pytorch():
     """Every rank raises what PyTorch raises on one device: the same class, and the key words."""
-    words = ["pad should be at most half", "pad should be at most half", "pad should be at most half",
-             "Output size is too small"]
+    words = [
+        "pad should be at most half",
+        "pad should be at most half",
+        "pad should be at most half",
+        "Output size is too small",
+    ]
     for rank, res in enumerate(get_world(2).run(_invalid_task)):
         for w, got in zip(words, res, strict=True):
             assert got["single"][0] == "RuntimeError" and w in got["single"][1], got  # PyTorch's own

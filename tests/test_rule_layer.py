@@ -35,9 +35,26 @@ def test_rules_are_registered_for_the_functions_users_call():
 
     assert credit_dtensor.intercept.enabled()
     assert set(FAMILIES) >= {"conv", "norm", "pad", "resample", "reduce", "loss", "pointwise", "move", "refuse"}
-    for fn in (F.conv2d, F.conv_transpose3d, F.group_norm, F.layer_norm, F.pad, F.interpolate, F.max_pool2d,
-               F.adaptive_avg_pool2d, F.mse_loss, F.cross_entropy, torch.roll, torch.Tensor.__getitem__, torch.cat,
-               torch.Tensor.mean, torch.var, F.silu, torch.Tensor.__mul__, F.unfold):
+    for fn in (
+        F.conv2d,
+        F.conv_transpose3d,
+        F.group_norm,
+        F.layer_norm,
+        F.pad,
+        F.interpolate,
+        F.max_pool2d,
+        F.adaptive_avg_pool2d,
+        F.mse_loss,
+        F.cross_entropy,
+        torch.roll,
+        torch.Tensor.__getitem__,
+        torch.cat,
+        torch.Tensor.mean,
+        torch.var,
+        F.silu,
+        torch.Tensor.__mul__,
+        F.unfold,
+    ):
         assert fn in _RULES, fn
     names = registered_functions()
     assert "F.conv2d" in names or "torch.conv2d" in names

@@ -140,7 +140,7 @@ def plan(
     ):
         raise DomainParallelError("plan: the model is already converted; audit the plain model (before conversion)")
     custom = tuple(custom_converters or ())
-    traced, traced_on, trace_error, tracker, order = _trace(model, shape, hdim, dtype)
+    traced, traced_on, trace_error, tracker, order = _trace(model, shape, hdim, dtype, domain)
     rows: dict[str, PlanRow] = {}
 
     def row_for(path: str, mod: nn.Module) -> PlanRow:
@@ -279,8 +279,8 @@ def _attach_events(rows, row_for, tracker, opaque, domain, model) -> None:
             row.min_local_h = max(row.min_local_h, block or 0)
         elif kind == "merge":
             row.hazards.append(
-                f"{msg}: PyTorch refuses it for uneven shards; declare the module shard-local if each item "
-                "lies in one shard"
+                f"{msg}: raises DomainParallelError when run; declare the module shard-local if each window "
+                "lies in one shard (docs/patterns.md, 'Window reshapes')"
             )
         else:
             row.hazards.append(msg)
@@ -288,12 +288,12 @@ def _attach_events(rows, row_for, tracker, opaque, domain, model) -> None:
         rows[owner].notes.append("runs on each shard's rows: " + "; ".join(items))
 
 
-def _trace(model: nn.Module, shape: tuple[int, ...], hdim: int, dtype: torch.dtype):
+def _trace(model: nn.Module, shape: tuple[int, ...], hdim: int, dtype: torch.dtype, domain: int = 2):
     """Run the model once with hooks and the H tracker: on meta first, then on real CPU zeros."""
     last_error = ""
     for device in ("meta", "cpu"):
         try:
-            return _trace_on(model, shape, hdim, dtype, device)
+            return _trace_on(model, shape, hdim, dtype, device, domain)
         except Exception as exc:  # noqa: BLE001 - fall back, then report
             last_error = f"{type(exc).__name__}: {exc}"
             logger.info("plan: tracing on %s failed (%s)", device, last_error)
@@ -304,10 +304,10 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     return next((a for a in tree_flatten(x)[0] if isinstance(a, torch.Tensor)), None)
 
 
-def _trace_on(model: nn.Module, shape: tuple[int, ...], hdim: int, dtype: torch.dtype, device: str):
+def _trace_on(model: nn.Module, shape: tuple[int, ...], hdim: int, dtype: torch.dtype, device: str, domain: int = 2):
     m = copy.deepcopy(model).to(device=device, dtype=dtype)
     stack: list[str] = []
-    tracker = HTracker(stack)
+    tracker = HTracker(stack, domain)
     rows: dict[str, PlanRow] = {}
     order: dict[str, int] = {}
     handles = []
@@ -326,9 +326,15 @@ def _trace_on(model: nn.Module, shape: tuple[int, ...], hdim: int, dtype: torch.
 
     def post(module: nn.Module, args: tuple, out: Any, path: str) -> None:
         row = rows[path]
+        t = _first_tensor(out)
         if row.out_shape is None:
-            t = _first_tensor(out)
             row.out_shape = tuple(t.shape) if t is not None else None
+        t_in = _first_tensor(args)
+        h = tracker.get(t_in)
+        if h is not None and t is not None and tracker.get(t) is None and t.ndim > h and t.shape[h] == t_in.shape[h]:
+            conv = converter_for(module)
+            if conv is not None and _is_shard_local(conv) and conv.applies(module):
+                tracker.mark(t, h)  # a shard-local module keeps each rank's rows: follow H past it
         stack.pop()
 
     for path, mod in m.named_modules():

@@ -5,13 +5,13 @@ notes, window partitions, merges) for :func:`credit_dtensor.audit.plan`."""
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ..geometry.window import moved_units, view_plan, window_fit
 from .report import shape_text
 
 __all__ = ["HTracker", "resample_rules_loaded"]
@@ -96,9 +96,10 @@ def _norm_dims(d: Any, ndim: int) -> list[int] | None:
 class HTracker(TorchFunctionMode):
     """Follows the dim of H through torch functions; records events per executing module."""
 
-    def __init__(self, stack: list[str]) -> None:
+    def __init__(self, stack: list[str], domain: int = 2) -> None:
         super().__init__()
         self.stack = stack
+        self.domain = domain  # what the reshape rules do depends on the shard sizes
         self.h: dict[int, int] = {}
         self.keep: list[torch.Tensor] = []
         self.events: list[tuple[str, str, str, int | None]] = []  # (path, kind, message, block)
@@ -176,7 +177,11 @@ class HTracker(TorchFunctionMode):
         if name == "scaled_dot_product_attention":
             q = args[0]
             hq = self.get(q)
-            if any(self.get(a) in (a.ndim - 2, a.ndim - 1) for a in args[:3] if isinstance(a, torch.Tensor)):
+            qkv = [a for a in args[:3] if isinstance(a, torch.Tensor)]
+            if hq == q.ndim - 2 and all(self.get(a) in (None, a.ndim - 2) for a in qkv) and attention_rules_loaded():
+                self.event("note", "attention over H tokens (scaled_dot_product_attention): exact, Ulysses all-to-all")
+                return self.mark(outs[0], hq)
+            if any(self.get(a) in (a.ndim - 2, a.ndim - 1) for a in qkv):
                 self.event("hazard", "attention over H tokens (scaled_dot_product_attention): tokens span shards")
                 return
             return self.mark(outs[0], hq)
@@ -316,33 +321,34 @@ class HTracker(TorchFunctionMode):
         return self.mark(o, order.index(h))
 
     def _view(self, t: torch.Tensor, h: int, o: torch.Tensor, name: str) -> None:
-        ins, outs = list(t.shape), list(o.shape)
-        gi, go = _view_group(ins, outs, h)
-        if gi is None:
+        """What the reshape rules do (:func:`credit_dtensor.geometry.window.view_plan`): local,
+        re-chunked (a note), or refused (a merge under a larger dim: ``"merge"``)."""
+        ins, outs = tuple(t.shape), tuple(o.shape)
+        p = view_plan(ins, outs, h, self.domain)
+        if p is None:
             self.event("unknown", f"H not followed through {name}")
             return
-        gi_n = [d for d in gi if ins[d] != 1]
-        go_n = [d for d in go if outs[d] != 1]
-        if gi_n == [h] and len(go_n) == 1:
-            return self.mark(o, go_n[0])
-        if gi_n == [h] and len(go_n) > 1 and id(t) in self.merged:  # un-merging: back to H's own dim
-            return self.mark(o, go_n[0])
-        if gi_n == [h] and len(go_n) > 1:
-            block = math.prod(outs[d] for d in go_n[1:])
-            sizes = "×".join(str(outs[d]) for d in go_n)
+        if p.kind == "unsupported":
+            self.event("merge", f"{name} {shape_text(ins)} → {shape_text(outs)}: {p.reason}")
+            return
+        n, m = ins[h], outs[p.out_dim]
+        if n != m and n > 1:
+            if n % m == 0 or m % n == 0:
+                block = max(n, m) // min(n, m)
+                what = (
+                    f"{name} splits H={n} into {m} windows of {block} rows"
+                    if n > m
+                    else f"{name} merges {n} windows of {block} rows into H={m}"
+                )
+                self.event("note", f"{what}: exact; {window_fit(max(n, m), self.domain, block).describe()}")
+            else:
+                self.event("note", f"{name} reshapes H={n} into a dim of {m}: exact ({p.kind})")
+        elif p.kind == "rechunk":
+            moved = sum(moved_units(p.in_units, p.out_units, r) for r in range(self.domain))
             self.event(
-                "split",
-                f"window partition over H ({name} splits H={ins[h]} into {sizes}: windows of {block} rows)",
-                block,
+                "note", f"{name} {shape_text(ins)} → {shape_text(outs)}: exact, re-chunked ({moved} pieces move)"
             )
-            return self.mark(o, go_n[0])
-        others = "×".join(str(ins[d]) for d in gi_n if d != h)
-        self.event(
-            "merge",
-            f"{name} merges H={ins[h]} with dims {others} into one of {math.prod(outs[d] for d in go)}",
-        )
-        if len(go_n) == 1:  # keep following: attention/Linear over the merged dim is caught later
-            self.mark(o, go_n[0], merged=True)
+        self.mark(o, p.out_dim)
 
     def _matmul(self, args: tuple, o: torch.Tensor, name: str) -> None:
         a, b = args[0], args[1]
@@ -409,26 +415,10 @@ class HTracker(TorchFunctionMode):
             dout += isinstance(i, slice)
 
 
-def _view_group(ins: list[int], outs: list[int], h: int) -> tuple[list[int] | None, list[int]]:
-    """The groups of input and output dims that cover the same elements as input dim ``h``."""
-    i = j = 0
-    pi = po = 1
-    gi: list[int] = []
-    go: list[int] = []
-    while i < len(ins) or j < len(outs):
-        if pi == po and (gi or go):
-            if h in gi:
-                return gi, go
-            gi, go = [], []
-        if (pi <= po and i < len(ins)) or j >= len(outs):
-            pi *= ins[i]
-            gi.append(i)
-            i += 1
-        else:
-            po *= outs[j]
-            go.append(j)
-            j += 1
-    return (gi, go) if h in gi else (None, [])
+def attention_rules_loaded() -> bool:
+    from ..intercept import registered_functions
+
+    return any(k.endswith("scaled_dot_product_attention") for k in registered_functions())
 
 
 def resample_rules_loaded() -> bool:

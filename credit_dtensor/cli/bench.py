@@ -4,6 +4,7 @@
     credit-dtensor bench --worlds 2 --resolutions 64x128 --cases conv3x3,group_norm
     credit-dtensor bench --raw rows.jsonl --plots docs/benchmarks
     credit-dtensor bench --from-json rows.jsonl --plots docs/benchmarks   # re-render only
+    credit-dtensor bench --cases overhead --plots docs/benchmarks    # per-op overhead, tiny fields
     torchrun --nproc-per-node 4 -m credit_dtensor.cli bench  # the launched world only
 
 Prints a rich table; ``--json`` prints one JSON line per (case, resolution, domain size) instead.
@@ -34,11 +35,13 @@ from ._args import (
     resolutions,
 )
 
-__all__ = ["register", "main", "cmd_bench", "table", "plot"]
+__all__ = ["register", "main", "cmd_bench", "table", "plot", "overhead_table", "plot_overhead"]
 
 DESCRIPTION = (
     "Benchmark the domain-parallel path per rank, forward and backward: bytes sent against the geometric "
-    "minimum, activation memory and FLOPs against one device, and time against a hand-written lower bound."
+    "minimum, activation memory and FLOPs against one device, and time against a hand-written lower bound. "
+    "The overhead case times tiny fields side by side: the bound, plain-tensor module wrappers, and "
+    "credit_dtensor eager and compiled."
 )
 EPILOG = """\
 examples:
@@ -46,10 +49,16 @@ examples:
   %(prog)s --worlds 2 --resolutions 64x128 --cases conv3x3,group_norm
   %(prog)s --raw rows.jsonl --plots docs/benchmarks
   %(prog)s --from-json rows.jsonl --json > summary.jsonl
+  %(prog)s --cases overhead --plots docs/benchmarks    per-op overhead at tiny fields
+  %(prog)s --profile overhead                          cProfile of the eager path on 2 ranks
   torchrun --nproc-per-node 4 -m credit_dtensor.cli bench     the launched world only
 
 exit status: 0 ok, 1 a rank failed, 2 usage error.
 """
+
+
+OVERHEAD = "overhead"
+BACKENDS = ("aot_eager", "inductor")
 
 
 def _cases() -> tuple[str, ...]:
@@ -58,11 +67,55 @@ def _cases() -> tuple[str, ...]:
     return CASES
 
 
+def fields(text: str) -> tuple[tuple[int, int, int, int], ...]:
+    """``"1x8x16x32,2x32x64x128"`` -> ((1, 8, 16, 32), (2, 32, 64, 128)), every size positive."""
+    out = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        try:
+            parts = tuple(int(v) for v in item.lower().split("x"))
+        except ValueError:
+            parts = ()
+        if len(parts) != 4 or min(parts) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected BxCxHxW[,BxCxHxW...] with positive sizes (e.g. 1x8x16x32), got {text!r}"
+            )
+        out.append(parts)
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected BxCxHxW[,BxCxHxW...] (e.g. 1x8x16x32), got {text!r}")
+    return tuple(out)  # type: ignore[return-value]
+
+
+def backends(text: str) -> tuple[str, ...]:
+    """Comma-separated torch.compile backends out of aot_eager, inductor; ``none`` for eager only."""
+    if text.strip().lower() == "none":
+        return ()
+    return choices_list(BACKENDS)(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cases = _cases()
     p.add_argument("--worlds", type=int_list, default="1,2,4", help="domain sizes (spawned CPU ranks), comma separated")
     p.add_argument("--resolutions", type=resolutions, default="32x64,64x128,128x256", help="HxW list, comma separated")
-    p.add_argument("--cases", type=choices_list(cases), default=",".join(cases), help="comma-separated subset")
+    p.add_argument(
+        "--cases",
+        type=choices_list((*cases, OVERHEAD)),
+        default=",".join(cases),
+        help=f"comma-separated subset; '{OVERHEAD}' (not in the default) times tiny fields side by side: "
+        "hand-written bound, plain-tensor module wrappers, credit_dtensor eager and compiled",
+    )
+    p.add_argument("--fields", type=fields, default="1x8x16x32,2x32x64x128", help="BxCxHxW list of the overhead case")
+    p.add_argument(
+        "--backends",
+        type=backends,
+        default="aot_eager,inductor",
+        help="torch.compile backends of the overhead case (aot_eager, inductor), or none",
+    )
+    p.add_argument(
+        "--overhead-repeats",
+        type=positive_int,
+        default=50,
+        help="interleaved repetitions of the overhead case (the median of the slowest rank is reported)",
+    )
     p.add_argument("--batch", type=positive_int, default=2, help="samples per input")
     p.add_argument("--channels", type=positive_int, default=8, help="channels of the single-layer cases")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (the median is reported)")
@@ -74,13 +127,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--from-json", type=existing_file, default=None, metavar="FILE", help="render a --raw FILE instead of running"
     )
-    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots to DIR (needs matplotlib)")
+    p.add_argument(
+        "--plots", default=None, metavar="DIR", help="write PNG plots to DIR (needs matplotlib; skipped without it)"
+    )
     p.add_argument(
         "--profile",
         default=None,
-        choices=cases,
+        choices=(*cases, OVERHEAD),
         metavar="CASE",
-        help="print torch.profiler tables of CASE (first resolution) on one rank and exit",
+        help="print torch.profiler tables of CASE (first resolution) on one rank and exit; 'overhead': "
+        "cProfile of the plain wrappers and credit_dtensor eager (first field, 3x3 conv, 2 ranks)",
     )
 
 
@@ -89,8 +145,11 @@ def _validate(args: argparse.Namespace) -> None:
     if args.plots:
         try:
             import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("argument --plots: needs matplotlib: pip install 'credit-dtensor[bench]'") from None
+        except ImportError:  # the numbers are still worth having: say so up front, skip the plots
+            Console(stderr=True).print(
+                "bench: --plots skipped: matplotlib is not installed (pip install 'credit-dtensor[bench]')"
+            )
+            args.plots = None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -118,6 +177,19 @@ def _config(args: argparse.Namespace):
         warmup=args.warmup,
         threads=args.threads,
         dtype=args.dtype,
+    )
+
+
+def _overhead_config(args: argparse.Namespace):
+    from ..tools.bench_overhead import OverheadConfig
+
+    return OverheadConfig(
+        worlds=args.worlds,
+        fields=args.fields,
+        backends=args.backends,
+        repeats=args.overhead_repeats,
+        warmup=max(args.warmup, 3),
+        threads=args.threads,
     )
 
 
@@ -163,8 +235,90 @@ def table(summary: list[dict]) -> Table:
     return t
 
 
+def _field(f) -> str:
+    return "x".join(str(v) for v in f)
+
+
+def overhead_table(summary: list[dict], key: str = "time_s") -> Table:
+    """One row per (case, field, N): every variant's median step time (``key``: ``time_s`` wall-clock,
+    ``cpu_s`` process CPU), eager vs plain, compile times."""
+    from ..tools.bench_overhead import VARIANTS
+
+    what = "wall-clock" if key == "time_s" else "process CPU time (all threads)"
+    t = Table(title=f"per-op overhead, fwd+bwd, {what}: median over interleaved repetitions of the slowest rank (ms)")
+    present = [v for v in VARIANTS if any(s["variant"] == v for s in summary)]
+    ratio_key = "vs_plain" if key == "time_s" else "cpu_vs_plain"
+    for c in ("case", "BxCxHxW", "N", *present, "eager/plain", "compile s"):
+        t.add_column(c, justify="left" if c == "case" else "right")
+    groups: dict[tuple, dict[str, dict]] = {}
+    for s in summary:
+        groups.setdefault((s["case"], tuple(s["field"]), s["world"]), {})[s["variant"]] = s
+    for (case, field, n), by in groups.items():
+        cells = [f"{1e3 * by[v][key]:.2f}" if v in by and by[v].get(key) is not None else "-" for v in present]
+        ratio = by.get("eager", {}).get(ratio_key)
+        comp = "/".join(f"{by[v]['compile_s']:.1f}" for v in present if v in by and by[v].get("compile_s") is not None)
+        t.add_row(case, _field(field), str(n), *cells, f"{ratio:.2f}" if ratio else "-", comp or "-")
+    return t
+
+
+def plot_overhead(summary: list[dict], out: Path) -> list[Path]:
+    """``overhead.png`` (wall-clock) and ``overhead_cpu.png`` (process CPU): median step time vs ranks,
+    one line per variant, one panel per (case, field)."""
+    paths = [_plot_overhead(summary, out, "time_s", "overhead.png")]
+    if all(s.get("cpu_s") is not None for s in summary):
+        paths.append(_plot_overhead(summary, out, "cpu_s", "overhead_cpu.png"))
+    return paths
+
+
+def _plot_overhead(summary: list[dict], out: Path, key: str, fname: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..tools.bench_overhead import VARIANTS
+
+    out.mkdir(parents=True, exist_ok=True)
+    panels = sorted({(s["case"], tuple(s["field"])) for s in summary}, key=lambda p: (p[1], p[0]))
+    cols = min(len(panels), 2)
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, (case, field) in zip(axes.flat, panels):
+        for v in VARIANTS:
+            pts = sorted(
+                (s["world"], s)
+                for s in summary
+                if s["case"] == case and tuple(s["field"]) == field and s["variant"] == v
+            )
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [1e3 * p[1][key] for p in pts]
+            if key == "time_s":
+                err = [
+                    [y - 1e3 * p[1]["q1_s"] for y, p in zip(ys, pts)],
+                    [1e3 * p[1]["q3_s"] - y for y, p in zip(ys, pts)],
+                ]
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=v)
+            else:
+                ax.plot(xs, ys, marker="o", label=v)
+            ax.set_xticks(xs)
+        ax.set_title(f"{case}, field {_field(field)}")
+        ax.set_xlabel("ranks (gloo, CPU)")
+        ax.set_ylabel("fwd+bwd ms, wall (median, IQR)" if key == "time_s" else "fwd+bwd ms, process CPU (median)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path = out / fname
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(summary: list[dict], out: Path) -> list[Path]:
-    """Four PNGs: bytes ratio, activation ratio, FLOPs ratio, time overhead, each vs resolution."""
+    """Four PNGs: bytes ratio, activation ratio, FLOPs ratio, time vs the bound, each vs resolution."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +331,7 @@ def plot(summary: list[dict], out: Path) -> list[Path]:
         ("bytes_ratio", "bytes sent / minimum (fwd+bwd)", "bytes.png", 1.0),
         ("act_ratio", "activation bytes x N / one device", "memory.png", 1.10),
         ("flops_ratio", "FLOPs x N / one device", "flops.png", 1.05),
-        ("overhead", "DTensor time / hand-written bound", "overhead.png", 1.10),
+        ("overhead", "DTensor time / hand-written bound", "time_ratio.png", 1.10),
     ]
     written = []
     for key, title, fname, target in panels:
@@ -224,16 +378,19 @@ def plot(summary: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def _run_under_torchrun(cfg) -> list[dict]:
+def _run_under_torchrun(cfg, ocfg=None) -> list[dict]:
     import torch.distributed as dist
 
     from ..mesh import DomainParallelManager
     from ..tools.bench import bench_case
+    from ..tools.bench_overhead import overhead_rows
 
     world = int(os.environ["WORLD_SIZE"])
     manager = DomainParallelManager(world)
     try:
         rows = [bench_case(c, hw, cfg, manager, dist.get_rank(), world) for c in cfg.cases for hw in cfg.resolutions]
+        if ocfg is not None:
+            rows += overhead_rows(ocfg, manager, dist.get_rank(), world)
         gathered: list = [None] * world
         dist.all_gather_object(gathered, rows)
         return [r for rs in gathered for r in rs] if dist.get_rank() == 0 else []
@@ -241,10 +398,22 @@ def _run_under_torchrun(cfg) -> list[dict]:
         manager.close()
 
 
+def _split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    main = [r for r in rows if r.get("bench") != OVERHEAD]
+    return main, [r for r in rows if r.get("bench") == OVERHEAD]
+
+
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from ..tools.bench import run, summarize
+    from ..tools.bench_overhead import run_overhead, summarize_overhead
     from ..tools.launch import LaunchError
 
+    if args.profile == OVERHEAD:
+        from ..tools.bench_overhead import profile_overhead
+
+        world = next((n for n in args.worlds if n > 1), 2)
+        console.out(profile_overhead("conv3x3", args.fields[0], world), highlight=False)
+        return 0
     if args.profile:
         from ..tools.bench import profile_case
 
@@ -255,13 +424,17 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         rows = [json.loads(line) for line in Path(args.from_json).read_text().splitlines() if line.strip()]
     else:
         cfg = _config(args)
+        cfg.cases = tuple(c for c in args.cases if c != OVERHEAD)
+        ocfg = _overhead_config(args) if OVERHEAD in args.cases else None
         try:
             if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-                rows = _run_under_torchrun(cfg)
+                rows = _run_under_torchrun(cfg, ocfg)
                 if not rows:
                     return 0
             else:
-                rows = run(cfg)
+                rows = run(cfg) if cfg.cases else []
+                if ocfg is not None:
+                    rows += run_overhead(ocfg)
         except LaunchError as exc:
             console.print(f"[red]credit-dtensor bench[/red]: {exc}")
             return 1
@@ -269,14 +442,23 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
             with open(args.raw, "w") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
-    summary = summarize(rows)
+    main_rows, overhead_rows = _split(rows)
+    summary = summarize(main_rows) if main_rows else []
+    osummary = summarize_overhead(overhead_rows) if overhead_rows else []
     if args.json:
-        for s in summary:
+        for s in (*summary, *osummary):
             console.out(json.dumps(s), highlight=False)
     else:
-        console.print(table(summary))
+        if summary:
+            console.print(table(summary))
+        if osummary:
+            console.print(overhead_table(osummary))
+            if all(s.get("cpu_s") is not None for s in osummary):
+                console.print(overhead_table(osummary, "cpu_s"))
     if args.plots:
-        paths = plot(summary, Path(args.plots))
+        paths = plot(summary, Path(args.plots)) if summary else []
+        if osummary:
+            paths += plot_overhead(osummary, Path(args.plots))
         (Console(stderr=True) if args.json else console).print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -10,10 +10,30 @@ from __future__ import annotations
 from typing import Any
 
 from .crossformer import CrossFormer
+from .crossformer_credit import CrossFormerStage
+from .fuxi import FuXiLite
 from .pangu import PanguLite
+from .swin import SwinNet
 from .unet import WeatherUNet
+from .unet_scse import UNetSCSE
 
-__all__ = ["WeatherUNet", "CrossFormer", "PanguLite", "unet", "crossformer", "pangu", "MODELS"]
+__all__ = [
+    "WeatherUNet",
+    "CrossFormer",
+    "PanguLite",
+    "SwinNet",
+    "CrossFormerStage",
+    "FuXiLite",
+    "UNetSCSE",
+    "unet",
+    "crossformer",
+    "pangu",
+    "swin",
+    "crossformer_credit",
+    "fuxi",
+    "unet_scse",
+    "MODELS",
+]
 
 
 def unet(**kw: Any) -> WeatherUNet:
@@ -31,4 +51,34 @@ def pangu(**kw: Any) -> PanguLite:
     return PanguLite(**kw)
 
 
-MODELS = {"unet": unet, "crossformer": crossformer, "pangu": pangu}
+def swin(**kw: Any) -> SwinNet:
+    """Swin network with shifted windows, input ``(B, 3, H, W)`` with H/2, W/2 multiples of 4."""
+    return SwinNet(**kw)
+
+
+def crossformer_credit(**kw: Any) -> CrossFormerStage:
+    """CREDIT-style CrossFormer stage, input ``(B, 3, H, W)`` with (H + 2) / 2, (W + 2) / 2 even."""
+    return CrossFormerStage(**kw)
+
+
+def fuxi(**kw: Any) -> FuXiLite:
+    """FuXi-style cube embedding + Swin-V2 U-Transformer, input ``(B, 2, 2, H, W)`` with H/8, W/8
+    multiples of 4 (``patch=(2, 2, 2)``: H/4, W/4)."""
+    return FuXiLite(**kw)
+
+
+def unet_scse(**kw: Any) -> UNetSCSE:
+    """U-Net with scSE gates and a pooled classifier head, input ``(B, 3, H, W)``, H, W multiples
+    of 4; returns ``(field, logits)``."""
+    return UNetSCSE(**kw)
+
+
+MODELS = {
+    "unet": unet,
+    "crossformer": crossformer,
+    "pangu": pangu,
+    "swin": swin,
+    "crossformer_credit": crossformer_credit,
+    "fuxi": fuxi,
+    "unet_scse": unet_scse,
+}

@@ -26,7 +26,15 @@ from ..errors import DomainParallelError, MeshMismatchError
 from ..mesh import DomainParallelManager
 from ..sharding import shard_tensor
 
-__all__ = ["DomainParallelModule", "replicate_parameters", "domain_mesh_of", "module_label"]
+__all__ = [
+    "DomainParallelModule",
+    "replicate_parameters",
+    "domain_mesh_of",
+    "module_label",
+    "wrapper_class",
+    "wrapper_for",
+    "wrapper_names",
+]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -143,3 +151,25 @@ class DomainParallelModule:
     def extra_repr(self) -> str:  # type: ignore[override]
         base = super().extra_repr()  # type: ignore[misc]
         return f"{base}, domain={self._dp_mesh.size()}" if base else f"domain={self._dp_mesh.size()}"
+
+
+def wrapper_class(mixin: type, torch_cls: type, module: str, *, name: str = "", doc: str = "", **attrs: Any) -> type:
+    """The wrapper class of ``torch_cls``: ``mixin`` (the family's forward) over it, named ``name``
+    (default ``DomainParallel<torch class>``) in ``module`` (bind it there under that name, so it
+    pickles by reference); ``attrs`` are class attributes (options of the family's mixin)."""
+    name = name or f"DomainParallel{torch_cls.__name__}"
+    body = {"wraps": torch_cls, "__module__": module, "__qualname__": name, "__doc__": doc or mixin.__doc__}
+    return type(name, (mixin, torch_cls), {**body, **attrs})
+
+
+def wrapper_for(module: nn.Module, table: dict[type, type]) -> type | None:
+    """The wrapper class for ``module`` from a family's ``{torch class: wrapper}`` table (first
+    match, so more specific classes come first); ``None`` if none or already converted."""
+    if isinstance(module, DomainParallelModule):
+        return None
+    return next((w for t, w in table.items() if isinstance(module, t)), None)
+
+
+def wrapper_names(table: dict[type, type]) -> list[str]:
+    """The names of a family's wrapper classes (for its ``__all__``)."""
+    return [w.__name__ for w in table.values()]

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
-from ..ops.conv import ConvSpec, conv, conv_spec_from_module, needs_halo
+from ..ops.conv import ConvSpec, conv, conv_spec_from_module, module_spec, needs_halo
 from ._base import DomainParallelModule
 
 __all__ = [
@@ -52,7 +52,7 @@ class _DomainParallelConvNd(DomainParallelModule):
         x = self._dp_input(input, self._shard_dim)
         if not isinstance(x, DTensor):
             return super()._conv_forward(x, weight, bias)  # type: ignore[misc]
-        return conv(x, weight, bias, conv_spec_from_module(self))
+        return conv(x, weight, bias, module_spec(self))
 
 
 class _DomainParallelConvTransposeNd(DomainParallelModule):
@@ -66,7 +66,7 @@ class _DomainParallelConvTransposeNd(DomainParallelModule):
             x, output_size, self.stride, self.padding, self.kernel_size, nd, self.dilation
         )
         weight, bias = _params(self)
-        return conv(x, weight, bias, conv_spec_from_module(self, output_padding=output_padding))
+        return conv(x, weight, bias, module_spec(self, output_padding=output_padding))
 
 
 class DomainParallelConv1d(_DomainParallelConvNd, nn.Conv1d):

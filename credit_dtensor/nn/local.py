@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..dtensor import domain_shard_dim, full_operand, is_sharded, local_replicated, wrap_replicate, wrap_shard
 from ..errors import DomainParallelError, MeshMismatchError
@@ -89,21 +89,59 @@ def _localize(t: Any) -> Any:
 
 
 @contextmanager
-def _local_state(module: nn.Module) -> Iterator[None]:
+def _local_state(module: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Temporarily replace every DTensor parameter, buffer and tensor attribute (e.g. a weight
-    recomputed by a weight-norm hook) of ``module``'s subtree by its local tensor."""
+    recomputed by a weight-norm hook) of ``module``'s subtree by its local tensor; yields the local
+    tensors whose gradient flows back to a DTensor."""
     saved: list[tuple[dict, str, Any]] = []
+    with_grad: list[torch.Tensor] = []
     try:
         for mod in module.modules():
             for store in (mod._parameters, mod._buffers, mod.__dict__):
                 for name, v in list(store.items()):
                     if isinstance(v, DTensor):
                         saved.append((store, name, v))
-                        store[name] = _localize(v) if store is not mod._buffers else v.to_local()
-        yield
+                        local = _localize(v) if store is not mod._buffers else v.to_local()
+                        store[name] = local
+                        if local.requires_grad:
+                            with_grad.append(local)
+        yield with_grad
     finally:
         for store, name, v in reversed(saved):
             store[name] = v
+
+
+class _ZeroGradAnchor(torch.autograd.Function):
+    """Outputs unchanged (cloned: they are empty where this is used); in backward, a zero gradient
+    for each of ``params``. A rank whose shard is empty may compute nothing that reaches a
+    parameter (e.g. a position-bias MLP whose only consumer is attention over zero windows), so
+    PyTorch leaves that rank's gradient ``None`` while the others hold ``Partial`` ones: the
+    optimizer step or the gradient reduction would then wait on that rank forever. Adding exact
+    zeros keeps every rank's gradient defined and the sum unchanged."""
+
+    @staticmethod
+    def forward(ctx, n_out: int, *tensors: torch.Tensor):  # type: ignore[override]
+        ctx.n_out = n_out
+        ctx.params = [(p.shape, p.dtype, p.device) for p in tensors[n_out:]]
+        ctx.outs = [(o.shape, o.dtype, o.device) for o in tensors[:n_out]]
+        return tuple(o.clone() for o in tensors[:n_out])
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        outs = [g if g is not None else torch.zeros(s, dtype=dt, device=dv) for g, (s, dt, dv) in zip(grads, ctx.outs)]
+        return (None, *outs, *(torch.zeros(s, dtype=dt, device=dv) for s, dt, dv in ctx.params))
+
+
+def _anchor_params(out: Any, params: list[torch.Tensor]) -> Any:
+    """``out`` with every tensor routed through :class:`_ZeroGradAnchor` (see there)."""
+    leaves, spec = tree_flatten(out)
+    idx = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not idx or not params:
+        return out
+    anchored = _ZeroGradAnchor.apply(len(idx), *(leaves[i] for i in idx), *params)
+    for i, t in zip(idx, anchored):
+        leaves[i] = t
+    return tree_unflatten(leaves, spec)
 
 
 class DomainParallelShardLocal(DomainParallelModule, nn.Module):
@@ -163,8 +201,10 @@ class DomainParallelShardLocal(DomainParallelModule, nn.Module):
         largs, lkwargs = tree_map(lambda t: _localize(t) if isinstance(t, DTensor) else t, (args, kwargs))
         self._dp_active = True
         try:
-            with _local_state(self):
+            with _local_state(self) as params:
                 out = super().forward(*largs, **lkwargs)
+                if local_rows == 0 and torch.is_grad_enabled():
+                    out = _anchor_params(out, params)
         finally:
             self._dp_active = False
 

@@ -18,21 +18,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from ..dtensor import wrap_replicate
 from ..ops import norm as ops
 from ..sharding import h_dim_of
-from ._base import DomainParallelModule, module_label
-
-__all__ = [
-    "DomainParallelGroupNorm",
-    "DomainParallelInstanceNorm1d",
-    "DomainParallelInstanceNorm2d",
-    "DomainParallelInstanceNorm3d",
-    "DomainParallelBatchNorm1d",
-    "DomainParallelBatchNorm2d",
-    "DomainParallelBatchNorm3d",
-    "DomainParallelLayerNorm",
-    "NORM_WRAPPERS",
-    "needs_distributed_norm",
-    "norm_wrapper_for",
-]
+from ._base import DomainParallelModule, module_label, wrapper_class, wrapper_for, wrapper_names
 
 
 def _default_dim(ndim: int) -> int | None:
@@ -83,16 +69,10 @@ class _DomainParallelInstanceNorm(_NormMixin):
         )
 
 
-class DomainParallelInstanceNorm1d(_DomainParallelInstanceNorm, nn.InstanceNorm1d):
-    wraps = nn.InstanceNorm1d
-
-
-class DomainParallelInstanceNorm2d(_DomainParallelInstanceNorm, nn.InstanceNorm2d):
-    wraps = nn.InstanceNorm2d
-
-
-class DomainParallelInstanceNorm3d(_DomainParallelInstanceNorm, nn.InstanceNorm3d):
-    wraps = nn.InstanceNorm3d
+DomainParallelInstanceNorm1d, DomainParallelInstanceNorm2d, DomainParallelInstanceNorm3d = (
+    wrapper_class(_DomainParallelInstanceNorm, t, __name__)
+    for t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+)
 
 
 class _DomainParallelBatchNorm(_NormMixin):
@@ -126,16 +106,9 @@ class _DomainParallelBatchNorm(_NormMixin):
         )
 
 
-class DomainParallelBatchNorm1d(_DomainParallelBatchNorm, nn.BatchNorm1d):
-    wraps = nn.BatchNorm1d
-
-
-class DomainParallelBatchNorm2d(_DomainParallelBatchNorm, nn.BatchNorm2d):
-    wraps = nn.BatchNorm2d
-
-
-class DomainParallelBatchNorm3d(_DomainParallelBatchNorm, nn.BatchNorm3d):
-    wraps = nn.BatchNorm3d
+DomainParallelBatchNorm1d, DomainParallelBatchNorm2d, DomainParallelBatchNorm3d = (
+    wrapper_class(_DomainParallelBatchNorm, t, __name__) for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+)
 
 
 class DomainParallelLayerNorm(_NormMixin, nn.LayerNorm):
@@ -149,24 +122,21 @@ class DomainParallelLayerNorm(_NormMixin, nn.LayerNorm):
 
 
 #: torch class -> wrapper, most specific first (subclasses of these are wrapped too).
-NORM_WRAPPERS: tuple[tuple[type[nn.Module], type[DomainParallelModule]], ...] = (
-    (nn.GroupNorm, DomainParallelGroupNorm),
-    (nn.InstanceNorm1d, DomainParallelInstanceNorm1d),
-    (nn.InstanceNorm2d, DomainParallelInstanceNorm2d),
-    (nn.InstanceNorm3d, DomainParallelInstanceNorm3d),
-    (nn.BatchNorm1d, DomainParallelBatchNorm1d),
-    (nn.BatchNorm2d, DomainParallelBatchNorm2d),
-    (nn.BatchNorm3d, DomainParallelBatchNorm3d),
-    (nn.LayerNorm, DomainParallelLayerNorm),
-)
+NORM_WRAPPERS: dict[type[nn.Module], type[DomainParallelModule]] = {
+    nn.GroupNorm: DomainParallelGroupNorm,
+    nn.InstanceNorm1d: DomainParallelInstanceNorm1d,
+    nn.InstanceNorm2d: DomainParallelInstanceNorm2d,
+    nn.InstanceNorm3d: DomainParallelInstanceNorm3d,
+    nn.BatchNorm1d: DomainParallelBatchNorm1d,
+    nn.BatchNorm2d: DomainParallelBatchNorm2d,
+    nn.BatchNorm3d: DomainParallelBatchNorm3d,
+    nn.LayerNorm: DomainParallelLayerNorm,
+}
 
 
 def norm_wrapper_for(module: nn.Module) -> type[DomainParallelModule] | None:
     """The wrapper class for ``module`` (``None`` if we have none, e.g. ``nn.SyncBatchNorm``)."""
-    for torch_cls, wrapper in NORM_WRAPPERS:
-        if isinstance(module, torch_cls):
-            return wrapper
-    return None
+    return wrapper_for(module, NORM_WRAPPERS)
 
 
 def needs_distributed_norm(module: nn.Module, *, input_ndim: int | None = None, shard_dim: int | None = None) -> bool:
@@ -190,3 +160,6 @@ def needs_distributed_norm(module: nn.Module, *, input_ndim: int | None = None, 
             return shard_dim % input_ndim >= input_ndim - k
         return k >= 2
     return False
+
+
+__all__ = [*wrapper_names(NORM_WRAPPERS), "NORM_WRAPPERS", "needs_distributed_norm", "norm_wrapper_for"]

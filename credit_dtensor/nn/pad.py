@@ -16,18 +16,7 @@ from torch import nn
 from torch.nn.modules.padding import _CircularPadNd, _ConstantPadNd, _ReflectionPadNd, _ReplicationPadNd
 
 from ..ops.pad import pad
-from ._base import DomainParallelModule
-
-__all__ = [
-    "DomainParallelConstantPad",
-    "DomainParallelReflectionPad",
-    "DomainParallelReplicationPad",
-    "DomainParallelCircularPad",
-    "PAD_WRAPPERS",
-    "needs_domain_parallel",
-    "pad_wrapper_for",
-    "default_shard_dim",
-]
+from ._base import DomainParallelModule, wrapper_class, wrapper_for, wrapper_names
 
 
 def default_shard_dim(x: torch.Tensor) -> int:
@@ -36,6 +25,8 @@ def default_shard_dim(x: torch.Tensor) -> int:
 
 
 class _DomainParallelPadNd(DomainParallelModule):
+    """Padding (``_mode``) of a plain input sharded on H, or of a sharded DTensor, re-chunked."""
+
     _mode = "constant"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -44,48 +35,36 @@ class _DomainParallelPadNd(DomainParallelModule):
         return pad(x, list(self.padding), self._mode, value)
 
 
-class DomainParallelConstantPad(_DomainParallelPadNd, _ConstantPadNd):
-    """``ZeroPad1d/2d/3d`` and ``ConstantPad1d/2d/3d`` (any value)."""
-
-    wraps = _ConstantPadNd
-    _mode = "constant"
-
-
-class DomainParallelReflectionPad(_DomainParallelPadNd, _ReflectionPadNd):
-    wraps = _ReflectionPadNd
-    _mode = "reflect"
-
-
-class DomainParallelReplicationPad(_DomainParallelPadNd, _ReplicationPadNd):
-    wraps = _ReplicationPadNd
-    _mode = "replicate"
-
-
-class DomainParallelCircularPad(_DomainParallelPadNd, _CircularPadNd):
-    wraps = _CircularPadNd
-    _mode = "circular"
-
-
-#: torch base class -> wrapper class (match with ``isinstance``).
+#: torch base class -> wrapper class (match with ``isinstance``): one wrapper per padding mode.
 PAD_WRAPPERS: dict[type[nn.Module], type[DomainParallelModule]] = {
-    _ConstantPadNd: DomainParallelConstantPad,
-    _ReflectionPadNd: DomainParallelReflectionPad,
-    _ReplicationPadNd: DomainParallelReplicationPad,
-    _CircularPadNd: DomainParallelCircularPad,
+    base: wrapper_class(_DomainParallelPadNd, base, __name__, name=f"DomainParallel{base.__name__[1:-2]}", _mode=mode)
+    for base, mode in (
+        (_ConstantPadNd, "constant"),  # ZeroPad1d/2d/3d and ConstantPad1d/2d/3d (any value)
+        (_ReflectionPadNd, "reflect"),
+        (_ReplicationPadNd, "replicate"),
+        (_CircularPadNd, "circular"),
+    )
 }
+DomainParallelConstantPad, DomainParallelReflectionPad, DomainParallelReplicationPad, DomainParallelCircularPad = (
+    PAD_WRAPPERS.values()
+)
 
 
 def pad_wrapper_for(module: nn.Module) -> type[DomainParallelModule] | None:
     """The wrapper class for a padding module (None if it is not one)."""
-    if isinstance(module, DomainParallelModule):
-        return None
-    for base, wrapper in PAD_WRAPPERS.items():
-        if isinstance(module, base):
-            return wrapper
-    return None
+    return wrapper_for(module, PAD_WRAPPERS)
 
 
 def needs_domain_parallel(module: nn.Module) -> bool:
     """True for every padding module: on a sharded input it must re-chunk the output (and fetch
     remote rows when it pads the sharded dim), which PyTorch's DTensor rules do not do exactly."""
     return pad_wrapper_for(module) is not None
+
+
+__all__ = [
+    *wrapper_names(PAD_WRAPPERS),
+    "PAD_WRAPPERS",
+    "needs_domain_parallel",
+    "pad_wrapper_for",
+    "default_shard_dim",
+]

@@ -15,21 +15,8 @@ from torch import nn
 from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd
 
 from ..ops import resample as R
-from ._base import DomainParallelModule
+from ._base import DomainParallelModule, wrapper_for, wrapper_names
 from .pad import default_shard_dim
-
-__all__ = [
-    "DomainParallelUpsample",
-    "DomainParallelMaxPool",
-    "DomainParallelAvgPool",
-    "DomainParallelAdaptiveAvgPool",
-    "DomainParallelAdaptiveMaxPool",
-    "DomainParallelPixelShuffle",
-    "DomainParallelPixelUnshuffle",
-    "RESAMPLE_WRAPPERS",
-    "resample_wrapper_for",
-    "needs_domain_parallel",
-]
 
 
 def _pool_nd(module: nn.Module) -> int:
@@ -135,15 +122,13 @@ RESAMPLE_WRAPPERS: dict[type[nn.Module], type[DomainParallelModule]] = {
 
 def resample_wrapper_for(module: nn.Module) -> type[DomainParallelModule] | None:
     """The wrapper class for a resampling module (None if it is not one, or already wrapped)."""
-    if isinstance(module, DomainParallelModule):
-        return None
-    for base, wrapper in RESAMPLE_WRAPPERS.items():
-        if isinstance(module, base):
-            return wrapper
-    return None
+    return wrapper_for(module, RESAMPLE_WRAPPERS)
 
 
 def needs_domain_parallel(module: nn.Module) -> bool:
     """True for every resampling module: each mixes rows along the sharded spatial dim (and must
     re-chunk its output), which PyTorch's DTensor rules do by all-gathering or not at all."""
     return resample_wrapper_for(module) is not None
+
+
+__all__ = [*wrapper_names(RESAMPLE_WRAPPERS), "RESAMPLE_WRAPPERS", "resample_wrapper_for", "needs_domain_parallel"]

@@ -9,7 +9,18 @@ import logging
 logger = logging.getLogger(__name__)
 
 FAMILIES = (
-    "conv", "params", "norm", "pad", "resample", "reduce", "loss", "pointwise", "move", "reshape", "attention", "refuse",
+    "conv",
+    "params",
+    "norm",
+    "pad",
+    "resample",
+    "reduce",
+    "loss",
+    "pointwise",
+    "move",
+    "reshape",
+    "attention",
+    "refuse",
 )
 
 

@@ -22,10 +22,10 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from .. import stats
-from ..dtensor import full_operand, local_replicated, wrap_shard
+from .. import intercept, stats
+from ..dtensor import contiguous_stride, full_operand, local_replicated, wrap_shard
 from ..errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
 from ..halo import halo_gather, halo_scatter_add
 from ..intercept import register
@@ -42,7 +42,7 @@ from .conv_spec import (
     validate,
 )
 
-__all__ = ["ConvSpec", "conv", "conv_spec_from_module", "needs_halo", "halo_rows", "conv_out_shape"]
+__all__ = ["ConvSpec", "conv", "conv_spec_from_module", "module_spec", "needs_halo", "halo_rows", "conv_out_shape"]
 
 # ---------------------------------------------------------------------------------------------
 # The custom ops (plain local tensors; the spec travels as a list of ints)
@@ -50,8 +50,18 @@ __all__ = ["ConvSpec", "conv", "conv_spec_from_module", "needs_halo", "halo_rows
 
 
 def _encode(spec: ConvSpec) -> list[int]:
-    return [spec.nd, int(spec.transposed), spec.groups, MODES.index(spec.mode), *spec.kernel, *spec.stride,
-            *spec.pad_lo, *spec.pad_hi, *spec.dilation, *spec.output_padding]
+    return [
+        spec.nd,
+        int(spec.transposed),
+        spec.groups,
+        MODES.index(spec.mode),
+        *spec.kernel,
+        *spec.stride,
+        *spec.pad_lo,
+        *spec.pad_hi,
+        *spec.dilation,
+        *spec.output_padding,
+    ]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -64,18 +74,28 @@ def _decode(enc: tuple[int, ...]) -> ConvSpec:
 def _setup(x: torch.Tensor, enc: list[int], n: int, dim: int, world: int, rank: int):
     spec = _decode(tuple(enc))
     sd = dim - (x.ndim - spec.nd)
-    spatial = list(x.shape[-spec.nd:])
+    spatial = list(x.shape[-spec.nd :])
     spatial[sd] = n
     return spec, plan(spec, sd, n, world, rank), local_setup(spec, sd, tuple(spatial), world, rank)
 
 
-@torch.library.custom_op("credit_dtensor::halo_conv", mutates_args=())
-def halo_conv(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, enc: list[int], n: int, dim: int, world: int,
-    rank: int, group: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's output rows, and its extended input (empty when it is the shard itself)."""
-    spec, hplan, loc = _setup(x, enc, n, dim, world, rank)
+_SETUPS: dict[tuple, tuple] = {}
+
+
+def _setup_cached(x: torch.Tensor, enc: list[int], n: int, dim: int, world: int, rank: int):
+    """:func:`_setup` for real tensors, memoised on the small key (the plan caches underneath hash
+    every rank's row lists on each lookup)."""
+    key = (*enc, n, dim, world, rank, *x.shape)
+    hit = _SETUPS.get(key)
+    if hit is None:
+        if len(_SETUPS) >= 4096:
+            _SETUPS.clear()
+        hit = _SETUPS[key] = _setup(x, enc, n, dim, world, rank)
+    return hit
+
+
+def _forward_impl(x, w, b, enc, n, dim, world, rank, group):
+    spec, hplan, loc = _setup_cached(x, enc, n, dim, world, rank)
     with stats.op_label(spec.name):
         ext = halo_gather(x, dim, hplan, _groups.resolve(group))
     y = local_forward(ext, w, b, loc)
@@ -84,6 +104,22 @@ def halo_conv(
     if ext.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and x.numel():
         ext = ext.clone()  # a view of the shard (a sub-range of own rows): custom ops may not alias
     return y, ext
+
+
+@torch.library.custom_op("credit_dtensor::halo_conv", mutates_args=())
+def halo_conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    enc: list[int],
+    n: int,
+    dim: int,
+    world: int,
+    rank: int,
+    group: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's output rows, and its extended input (empty when it is the shard itself)."""
+    return _forward_impl(x, w, b, enc, n, dim, world, rank, group)
 
 
 @halo_conv.register_fake
@@ -97,14 +133,8 @@ def _halo_conv_fake(x, w, b, enc, n, dim, world, rank, group):
     return x.new_empty(shape), x.new_empty(0 if hplan.is_identity else ext_shape)
 
 
-@torch.library.custom_op("credit_dtensor::halo_conv_backward", mutates_args=())
-def halo_conv_backward(
-    gy: torch.Tensor, x: torch.Tensor, ext: torch.Tensor, w: torch.Tensor, has_bias: bool, mask: list[bool],
-    enc: list[int], n: int, dim: int, world: int, rank: int, group: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_w, grad_b) of this rank; grad_x already summed at the rows' owners. Gradients
-    that are not needed come back empty."""
-    spec, hplan, loc = _setup(x, enc, n, dim, world, rank)
+def _backward_impl(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group):
+    spec, hplan, loc = _setup_cached(x, enc, n, dim, world, rank)
     source = x if hplan.is_identity else ext
     gx_ext, gw, gb = local_backward(gy.contiguous(), source, w, has_bias, loc, (mask[0], mask[1], mask[2]))
     gx = x.new_empty(0)
@@ -115,12 +145,35 @@ def halo_conv_backward(
     return gx, (gw if gw is not None else w.new_empty(0)), (gb if gb is not None else w.new_empty(0))
 
 
+@torch.library.custom_op("credit_dtensor::halo_conv_backward", mutates_args=())
+def halo_conv_backward(
+    gy: torch.Tensor,
+    x: torch.Tensor,
+    ext: torch.Tensor,
+    w: torch.Tensor,
+    has_bias: bool,
+    mask: list[bool],
+    enc: list[int],
+    n: int,
+    dim: int,
+    world: int,
+    rank: int,
+    group: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_w, grad_b) of this rank; grad_x already summed at the rows' owners. Gradients
+    that are not needed come back empty."""
+    return _backward_impl(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group)
+
+
 @halo_conv_backward.register_fake
 def _halo_conv_backward_fake(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group):
     spec = _decode(tuple(enc))
     out_channels = w.shape[1] * spec.groups if spec.transposed else w.shape[0]
-    return (x.new_empty(x.shape if mask[0] else (0,)), w.new_empty(w.shape if mask[1] else (0,)),
-            w.new_empty((out_channels,) if (mask[2] and has_bias) else (0,)))
+    return (
+        x.new_empty(x.shape if mask[0] else (0,)),
+        w.new_empty(w.shape if mask[1] else (0,)),
+        w.new_empty((out_channels,) if (mask[2] and has_bias) else (0,)),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -134,11 +187,92 @@ def _backward(ctx, gy, _gext):
     has_bias, enc, n, dim, world, rank, group = ctx.args
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
     gx, gw, gb = halo_conv_backward(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group)
-    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-            None, None, None, None, None, None)
+    return (
+        gx if mask[0] else None,
+        gw if mask[1] else None,
+        gb if mask[2] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 halo_conv.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _eager_backward(ctx, gy: torch.Tensor):
+    x, ext, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], ctx.has_bias and need[2]]
+    gx, gw, gb = _backward_impl(gy, x, ext, w, ctx.has_bias, mask, *ctx.args)
+    return mask, gx, gw, gb
+
+
+class _HaloConvEager(torch.autograd.Function):
+    """Eager mode, plain local tensors: the same implementations and saved tensors as the custom op
+    and its registered autograd, without the custom-op dispatch layers (several times the host time
+    of a small conv). Compiled regions call the custom op (opaque to Dynamo)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, args):  # type: ignore[override]
+        y, ext = _forward_impl(x, w, b, *args)
+        ctx.save_for_backward(x, ext, w)
+        ctx.has_bias, ctx.args = b is not None, args
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        mask, gx, gw, gb = _eager_backward(ctx, gy)
+        return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None
+
+
+class _HaloConvDTensor(torch.autograd.Function):
+    """Eager mode, an H-sharded DTensor input and Replicate DTensor parameters: one autograd node for
+    what ``x.to_local()``, ``to_local(grad_placements=[Partial()])`` of each parameter, the op and
+    ``from_local`` of the result do, with the same values, placements and global shapes: the input
+    gradient comes back with the input's placement, parameter gradients ``Partial``, and an output
+    gradient of another placement is redistributed first (as ``from_local``'s backward does)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, args, out_shape):  # type: ignore[override]
+        xl, wl = x.to_local(), w.to_local()  # grad mode is off here: the local tensors themselves
+        y, ext = _forward_impl(xl, wl, None if b is None else b.to_local(), *args)
+        ctx.save_for_backward(xl, ext, wl)
+        ctx.has_bias, ctx.args = b is not None, args
+        out_placements = (Shard(args[2]),)
+        ctx.x_meta = (x.device_mesh, x.placements, x.shape, x.stride(), out_placements)
+        ctx.w_meta = (w.device_mesh, w.shape, None if b is None else b.shape)
+        shape = torch.Size(out_shape)
+        return DTensor.from_local(
+            y, x.device_mesh, out_placements, run_check=False, shape=shape, stride=contiguous_stride(shape)
+        )
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        mesh, placements, x_shape, x_stride, out_placements = ctx.x_meta
+        if isinstance(gy, DTensor):
+            if gy.placements != out_placements:
+                gy = gy.redistribute(mesh, out_placements)
+            gy = gy.to_local()
+        mask, gx, gw, gb = _eager_backward(ctx, gy)
+        w_mesh, w_shape, b_shape = ctx.w_meta
+        partial = [Partial()] * w_mesh.ndim
+        return (
+            DTensor.from_local(gx, mesh, placements, run_check=False, shape=x_shape, stride=x_stride)
+            if mask[0]
+            else None,
+            DTensor.from_local(gw, w_mesh, partial, run_check=False, shape=w_shape, stride=gw.stride())
+            if mask[1]
+            else None,
+            DTensor.from_local(gb, w_mesh, partial, run_check=False, shape=b_shape, stride=gb.stride())
+            if mask[2]
+            else None,
+            None,
+            None,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +303,11 @@ def _spatial_shard_dim(x: DTensor, nd: int) -> int | None:
 def _check_operands(x: DTensor, w, b, where: str) -> None:
     for name, t in (("weight", w), ("bias", b)):
         if isinstance(t, DTensor):
-            if t.device_mesh != x.device_mesh and t.device_mesh.mesh_dim_names != x.device_mesh.mesh_dim_names:
+            if (
+                t.device_mesh is not x.device_mesh
+                and t.device_mesh != x.device_mesh
+                and t.device_mesh.mesh_dim_names != x.device_mesh.mesh_dim_names
+            ):
                 raise MeshMismatchError(
                     f"{where}: input is on mesh {x.device_mesh} but {name} on {t.device_mesh}: "
                     "convert the module with the same manager that shards its input"
@@ -202,21 +340,103 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec:
         raise DomainParallelError(f"{spec.name}: expected a DTensor input, got {type(x).__name__}")
     batched = x.ndim == spec.nd + 2
     if x.ndim not in (spec.nd + 1, spec.nd + 2):
-        raise DomainParallelError(f"{spec.name}: expected a {spec.nd + 2}-D (or unbatched {spec.nd + 1}-D) input, got {x.ndim}-D")
+        raise DomainParallelError(
+            f"{spec.name}: expected a {spec.nd + 2}-D (or unbatched {spec.nd + 1}-D) input, got {x.ndim}-D"
+        )
     dim = _spatial_shard_dim(x, spec.nd)
     if dim is None:
         return _builtin(x, weight, bias, spec)
+    with intercept.suspended():  # DTensor plumbing and the op on local tensors: no rule applies
+        return _halo(x, weight, bias, spec, dim, batched)
+
+
+def _halo(x: DTensor, weight, bias, spec: ConvSpec, dim: int, batched: bool) -> DTensor:
     _check_operands(x, weight, bias, spec.name)
     if not batched:
-        y = conv(_unsqueeze0(x, dim), weight, bias, spec)
+        y = _halo(_unsqueeze0(x, dim), weight, bias, spec, dim + 1, True)
         return _squeeze0(y, dim + 1)
-    validate(spec, tuple(x.shape), spec.name)
+    shape = tuple(x.shape)
+    compiling = torch.compiler.is_compiling()
+    _validate(spec, shape, compiling)
     mesh = x.device_mesh
+    world, rank, group = _mesh_info(mesh, compiling)
+    args = (_encode(spec), shape[dim], dim, world, rank, group)
+    out_channels = weight.shape[1] * spec.groups if spec.transposed else weight.shape[0]
+    out_shape = conv_out_shape(spec, shape, out_channels)
+    if not compiling and isinstance(weight, DTensor) and (bias is None or isinstance(bias, DTensor)):
+        return _HaloConvDTensor.apply(x, weight, bias, args, out_shape)
     w, b = _param(weight, mesh), _param(bias, mesh)
-    y, _ = halo_conv(x.to_local(), w, b, _encode(spec), x.shape[dim], dim, mesh.size(), mesh.get_local_rank(),
-                     _groups.name_of(mesh))
-    out_channels = w.shape[1] * spec.groups if spec.transposed else w.shape[0]
-    return wrap_shard(y, mesh, dim, conv_out_shape(spec, tuple(x.shape), out_channels))
+    if compiling:
+        y, _ = halo_conv(x.to_local(), w, b, *args)
+    else:
+        y = _HaloConvEager.apply(x.to_local(), w, b, args)
+    return wrap_shard(y, mesh, dim, out_shape)
+
+
+_VALID: set[tuple[ConvSpec, tuple[int, ...]]] = set()
+
+
+def _validate(spec: ConvSpec, shape: tuple[int, ...], compiling: bool) -> None:
+    """:func:`validate`, remembered per (spec, global shape) in eager mode (it raises or passes)."""
+    if compiling:
+        validate(spec, shape, spec.name)
+        return
+    key = (spec, shape)
+    if key not in _VALID:
+        validate(spec, shape, spec.name)
+        if len(_VALID) >= 4096:
+            _VALID.clear()
+        _VALID.add(key)
+
+
+_MESHES: dict[int, tuple] = {}
+
+
+def _mesh_info(mesh, compiling: bool) -> tuple[int, int, str]:
+    """(size, local rank, group name) of the domain mesh, memoised per mesh in eager mode."""
+    if compiling:
+        return mesh.size(), mesh.get_local_rank(), _groups.name_of(mesh)
+    hit = _MESHES.get(id(mesh))
+    if hit is None or hit[0] is not mesh:
+        hit = _MESHES[id(mesh)] = (mesh, mesh.size(), mesh.get_local_rank(), _groups.name_of(mesh))
+    return hit[1:]
+
+
+@functools.lru_cache(maxsize=1024)
+def _module_spec(nd, kernel, stride, padding, dilation, groups, transposed, output_padding, padding_mode) -> ConvSpec:
+    return ConvSpec.make(
+        nd,
+        kernel,
+        stride,
+        padding,
+        dilation,
+        groups,
+        transposed=transposed,
+        output_padding=output_padding,
+        padding_mode=padding_mode,
+    )
+
+
+def module_spec(m: torch.nn.Module, output_padding=None) -> ConvSpec:
+    """:func:`conv_spec_from_module`, memoised on the module's hyper-parameters in eager mode (a
+    module's forward asks for it on every call)."""
+    if torch.compiler.is_compiling():
+        return conv_spec_from_module(m, output_padding)
+    op = m.output_padding if output_padding is None else output_padding
+    try:
+        return _module_spec(
+            len(m.kernel_size),
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.groups,
+            m.transposed,
+            tuple(op) if isinstance(op, list) else op,
+            m.padding_mode,
+        )
+    except TypeError:  # an unhashable hyper-parameter (a list): build it afresh
+        return conv_spec_from_module(m, output_padding)
 
 
 def _unsqueeze0(x: DTensor, dim: int) -> DTensor:
@@ -294,8 +514,14 @@ def _functional_rule(nd: int, transposed: bool):
             return NotImplemented
         w = a["weight"]
         spec = ConvSpec.make(
-            nd, tuple(w.shape[2:]), a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1),
-            transposed=transposed, output_padding=a.get("output_padding", 0),
+            nd,
+            tuple(w.shape[2:]),
+            a.get("stride", 1),
+            a.get("padding", 0),
+            a.get("dilation", 1),
+            a.get("groups", 1),
+            transposed=transposed,
+            output_padding=a.get("output_padding", 0),
         )
         return conv(x, w, a.get("bias"), spec)
 
@@ -307,7 +533,10 @@ def _is_batch_sharded(x: DTensor) -> bool:
     return len(x.placements) == 1 and isinstance(x.placements[0], Shard) and x.placements[0].dim == 0
 
 
-for _nd, (_f, _tf) in {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d),
-                       3: (F.conv3d, F.conv_transpose3d)}.items():
+for _nd, (_f, _tf) in {
+    1: (F.conv1d, F.conv_transpose1d),
+    2: (F.conv2d, F.conv_transpose2d),
+    3: (F.conv3d, F.conv_transpose3d),
+}.items():
     register(_f)(_functional_rule(_nd, False))
     register(_tf)(_functional_rule(_nd, True))

@@ -23,8 +23,6 @@ __all__ = ["LocalConv", "local_setup", "local_forward", "local_backward"]
 aten = torch.ops.aten
 
 
-
-
 @dataclass(frozen=True)
 class LocalConv:
     """How to run the local op for one rank: padding of the *other* spatial dims, crops."""
@@ -66,8 +64,9 @@ def local_setup(spec: ConvSpec, sd: int, spatial: tuple[int, ...], world: int, r
     t_offset = 0
     if spec.transposed and b > a:
         t_offset = o0 + spec.pad_lo[sd] - a * spec.stride[sd]
-    return LocalConv(spec, sd, tuple(conv_padding), tuple(explicit), tuple(const) if need_const else None,
-                  o1 - o0, b - a, t_offset)
+    return LocalConv(
+        spec, sd, tuple(conv_padding), tuple(explicit), tuple(const) if need_const else None, o1 - o0, b - a, t_offset
+    )
 
 
 def _pad_other(x: torch.Tensor, loc: LocalConv) -> torch.Tensor:
@@ -154,8 +153,9 @@ def local_forward(ext: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lo
         return y
     if not spec.transposed:
         xp = _pad_other(ext, loc)
-        return aten.convolution(xp, w, b, list(spec.stride), list(loc.conv_padding), list(spec.dilation),
-                                False, [0] * spec.nd, spec.groups)
+        return aten.convolution(
+            xp, w, b, list(spec.stride), list(loc.conv_padding), list(spec.dilation), False, [0] * spec.nd, spec.groups
+        )
     pad, opad = _tconv_args(loc)
     full = aten.convolution(ext, w, None, list(spec.stride), pad, list(spec.dilation), True, opad, spec.groups)
     y = _crop_rows(full, dim, loc.t_offset, loc.out_rows)
@@ -178,8 +178,17 @@ def local_backward(
     if not spec.transposed:
         xp = _pad_other(ext, loc)
         gxp, gw, _ = aten.convolution_backward(
-            gy, xp, w, None, list(spec.stride), list(loc.conv_padding), list(spec.dilation), False,
-            [0] * spec.nd, spec.groups, [mask[0], mask[1], False],
+            gy,
+            xp,
+            w,
+            None,
+            list(spec.stride),
+            list(loc.conv_padding),
+            list(spec.dilation),
+            False,
+            [0] * spec.nd,
+            spec.groups,
+            [mask[0], mask[1], False],
         )
         gx = _unpad_other(gxp, loc, ext.shape) if mask[0] else None
         return gx, gw, gb
@@ -187,9 +196,16 @@ def local_backward(
     full_rows = (loc.ext_rows - 1) * spec.stride[loc.sd] + spec.dilation[loc.sd] * (spec.kernel[loc.sd] - 1) + 1
     gfull = _uncrop_rows(gy, dim, loc.t_offset, full_rows)
     gx, gw, _ = aten.convolution_backward(
-        gfull, ext, w, None, list(spec.stride), pad, list(spec.dilation), True, opad, spec.groups,
+        gfull,
+        ext,
+        w,
+        None,
+        list(spec.stride),
+        pad,
+        list(spec.dilation),
+        True,
+        opad,
+        spec.groups,
         [mask[0], mask[1], False],
     )
     return gx, gw, gb
-
-

@@ -24,8 +24,17 @@ from ..geometry import (
 from ..halo import HaloPlan, cached_plan
 
 __all__ = [
-    "ConvSpec", "MODES", "conv_spec_from_module", "out_len", "input_range", "needs", "plan", "halo_rows",
-    "needs_halo", "conv_out_shape", "validate",
+    "ConvSpec",
+    "MODES",
+    "conv_spec_from_module",
+    "out_len",
+    "input_range",
+    "needs",
+    "plan",
+    "halo_rows",
+    "needs_halo",
+    "conv_out_shape",
+    "validate",
 ]
 
 MODES = ("zeros", "reflect", "replicate", "circular")
@@ -77,8 +86,16 @@ class ConvSpec:
         if transposed and padding_mode != "zeros":
             raise DomainParallelError("transposed convolutions only support padding_mode='zeros' (as in PyTorch)")
         return ConvSpec(
-            nd, transposed, kernel, stride, lo, hi, dilation, tuple_n(output_padding, nd, "output_padding"),
-            int(groups), padding_mode,
+            nd,
+            transposed,
+            kernel,
+            stride,
+            lo,
+            hi,
+            dilation,
+            tuple_n(output_padding, nd, "output_padding"),
+            int(groups),
+            padding_mode,
         )
 
     @property
@@ -90,7 +107,13 @@ def conv_spec_from_module(m: torch.nn.Module, output_padding=None) -> ConvSpec:
     """The :class:`ConvSpec` of an ``nn.ConvNd`` / ``nn.ConvTransposeNd`` module."""
     nd = len(m.kernel_size)
     return ConvSpec.make(
-        nd, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, transposed=m.transposed,
+        nd,
+        m.kernel_size,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        transposed=m.transposed,
         output_padding=m.output_padding if output_padding is None else output_padding,
         padding_mode=m.padding_mode,
     )
@@ -165,12 +188,12 @@ def needs_halo(spec: ConvSpec, i: int = 0) -> bool:
 
 def conv_out_shape(spec: ConvSpec, x_shape: tuple[int, ...], out_channels: int) -> tuple[int, ...]:
     """Global output shape for a batched input shape."""
-    spatial = x_shape[-spec.nd:]
+    spatial = x_shape[-spec.nd :]
     return (x_shape[0], out_channels, *(out_len(spec, i, n) for i, n in enumerate(spatial)))
 
 
 def validate(spec: ConvSpec, x_shape: tuple[int, ...], where: str) -> None:
-    spatial = x_shape[-spec.nd:]
+    spatial = x_shape[-spec.nd :]
     for i, n in enumerate(spatial):
         if out_len(spec, i, n) <= 0:
             raise DomainParallelError(
@@ -191,5 +214,3 @@ def validate(spec: ConvSpec, x_shape: tuple[int, ...], where: str) -> None:
                 f"{where}: output_padding {spec.output_padding[i]} must be smaller than stride or dilation "
                 f"({spec.stride[i]}, {spec.dilation[i]}) on spatial dim {i}"
             )
-
-

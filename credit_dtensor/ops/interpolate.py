@@ -26,8 +26,6 @@ from ._route import register_routes
 from ._rows import RowOpRef, SeparableOp, Taps, apply_row_op, domain_info, meta_like, register_row_ops, row_op_ref
 from .pool import AdaptiveAvgPoolOp
 
-__all__ = ["interpolate", "upsample", "InterpOp"]
-
 aten = torch.ops.aten
 
 _LINEAR = ("linear", "bilinear", "trilinear")

@@ -21,8 +21,6 @@ from ..geometry.resample import adaptive_range, pool_first_real, pool_out_len
 from ..halo import cached_plan, halo_gather, halo_scatter_add
 from ._rows import RowOp, chunk_needs, local_shape, register_row_ops
 
-__all__ = ["MaxPoolOp", "AdaptiveMaxPoolOp"]
-
 
 def _neg_inf(dtype: torch.dtype) -> float:
     if not dtype.is_floating_point:

@@ -192,7 +192,7 @@ def _getitem_rule(func, args, kwargs):
 @register(torch.narrow, torch.Tensor.narrow)
 def _narrow_rule(func, args, kwargs):
     x = args[0] if args else kwargs["input"]
-    dim, start, length = (list(args[1:]) + [kwargs.get(k) for k in ("dim", "start", "length")][len(args) - 1:])[:3]
+    dim, start, length = (list(args[1:]) + [kwargs.get(k) for k in ("dim", "start", "length")][len(args) - 1 :])[:3]
     sd = domain_shard_dim(x)
     if sd is None or not all(isinstance(v, int) for v in (dim, start, length)):
         return NotImplemented
@@ -306,8 +306,14 @@ def _cat_rule(func, args, kwargs):
             shape[sd] = o1 - o0
             piece = full.new_zeros(shape)
             if b > a:
-                piece = torch.cat([full.new_zeros(_with(shape, sd, a - o0)), full.narrow(sd, a - offset, b - a),
-                                   full.new_zeros(_with(shape, sd, o1 - b))], sd)
+                piece = torch.cat(
+                    [
+                        full.new_zeros(_with(shape, sd, a - o0)),
+                        full.narrow(sd, a - offset, b - a),
+                        full.new_zeros(_with(shape, sd, o1 - b)),
+                    ],
+                    sd,
+                )
             parts.append(piece)
         offset += n
     out = parts[0]

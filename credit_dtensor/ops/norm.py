@@ -23,8 +23,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .. import comm, stats
-from ..dtensor import full_operand, wrap_replicate, wrap_shard
-from ..errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
+from ..dtensor import check_replicated, full_operand, wrap_replicate, wrap_shard
+from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_range
 from ..geometry.norm import NormLayout
 from ._route import register_routes
@@ -89,27 +89,13 @@ def plan_norm(x: DTensor, layout: NormLayout, label: str, op: str | None = None)
     return NormPlan(mesh, layout, dim, None if counts is None else tuple(counts), label, op)
 
 
-def _check_param(p: torch.Tensor | None, plan: NormPlan, name: str) -> None:
-    if isinstance(p, DTensor):
-        if p.device_mesh != plan.mesh:
-            raise MeshMismatchError(
-                f"{plan.label}: {name} lives on mesh {p.device_mesh} but the input on {plan.mesh}: "
-                "convert the module (or distribute the parameter) with the manager that shards the input"
-            )
-        if not all(isinstance(q, Replicate) for q in p.placements):
-            raise UnsupportedShardingError(
-                f"{plan.label}: {name} has placements {p.placements}; normalization parameters must be "
-                "Replicate on the domain mesh: use the module wrappers or distribute_tensor(p, mesh, [Replicate()])"
-            )
-
-
 def _param_local(p: torch.Tensor | None, plan: NormPlan, name: str) -> torch.Tensor | None:
     """Local value of a parameter whose gradient is exact: a sharded input leaves each rank part
     of it (``Partial`` for DTensors, summed over the domain group for plain tensors); with a
     replicated input every rank computes all of it."""
     if p is None:
         return None
-    _check_param(p, plan, name)
+    check_replicated(p, plan.mesh, plan.label, name)
     if plan.dim is None:
         return _local(p)
     return full_operand(p, plan.mesh)
@@ -122,8 +108,8 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _locals(input: DTensor, plan: NormPlan, weight, bias, running_mean=None, running_var=None) -> tuple:
     """``(x, w, b, running_mean, running_var)`` of this rank, the parameters and buffers checked."""
-    _check_param(running_mean, plan, "running_mean")
-    _check_param(running_var, plan, "running_var")
+    check_replicated(running_mean, plan.mesh, plan.label, "running_mean")
+    check_replicated(running_var, plan.mesh, plan.label, "running_var")
     w, b = _param_local(weight, plan, "weight"), _param_local(bias, plan, "bias")
     return input.to_local(), w, b, _local(running_mean), _local(running_var)
 

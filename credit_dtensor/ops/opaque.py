@@ -84,8 +84,7 @@ def _no_alias(outs: list[torch.Tensor], inputs: list[torch.Tensor | None]) -> li
     """Custom ops may not return their inputs (or views of them): copy those."""
     ptrs = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.numel()}
     ids = {id(t) for t in inputs if isinstance(t, torch.Tensor)}
-    return [o.clone() if (not o.numel() or id(o) in ids or o.untyped_storage().data_ptr() in ptrs) else o
-            for o in outs]
+    return [o.clone() if (not o.numel() or id(o) in ids or o.untyped_storage().data_ptr() in ptrs) else o for o in outs]
 
 
 def _split(key: str) -> tuple[str, str]:

@@ -22,8 +22,6 @@ from ..halo import cached_plan, halo_gather, halo_scatter_add
 from ._route import register_routes
 from ._rows import RowOp, apply_row_op, chunk_needs, domain_info, meta_like, register_row_ops, row_op_ref
 
-__all__ = ["pixel_shuffle", "pixel_unshuffle", "PixelShuffleOp"]
-
 
 class PixelShuffleOp(RowOp):
     """``pixel_shuffle`` (``shuffle=True``) or ``pixel_unshuffle`` of one rank's shard (H or W)."""

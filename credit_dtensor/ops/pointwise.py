@@ -104,6 +104,33 @@ def _enumerate_pointwise() -> list[Callable]:
 POINTWISE: tuple[Callable, ...] = tuple(_enumerate_pointwise())
 
 
+def _inplace_positions() -> dict[Callable, int]:
+    """``F.relu(x, inplace=True)`` & co.: the position of the ``inplace`` parameter, per function."""
+    import inspect
+
+    found = {}
+    for fn in POINTWISE:
+        if getattr(fn, "__module__", "") != "torch.nn.functional":
+            continue
+        try:
+            names = list(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            continue
+        if "inplace" in names:
+            found[fn] = names.index("inplace")
+    return found
+
+
+_INPLACE = _inplace_positions()
+
+
+def _is_inplace(func: Callable, args: tuple, kwargs: dict) -> bool:
+    pos = _INPLACE.get(func)
+    if pos is None:
+        return False
+    return bool(kwargs.get("inplace", args[pos] if len(args) > pos else False))
+
+
 def wrap_outputs(out: Any, ref: DTensor, out_dim_of: Callable[[torch.Tensor], int | None]) -> Any:
     """Wrap local tensor outputs as ``Shard`` DTensors (global size of the sharded dim = ``ref``'s);
     raises ``ValueError`` if an output does not keep the local rows (not a row-local op)."""
@@ -139,8 +166,8 @@ def _tensors(args: Iterable[Any]) -> list[torch.Tensor]:
 
 
 def _pointwise_rule(func, args, kwargs):
-    if kwargs.get("out") is not None:
-        return NotImplemented
+    if kwargs.get("out") is not None or _is_inplace(func, args, kwargs):
+        return NotImplemented  # in place: DTensor updates the local shard itself (no layout change)
     tensors = _tensors((*args, *kwargs.values()))
     ref = first_sharded(*tensors)
     if ref is None:

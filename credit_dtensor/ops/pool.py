@@ -24,23 +24,6 @@ from ._route import register_routes
 from ._rows import SeparableOp, apply_row_op, domain_info, local_shape, meta_like, register_row_ops, row_op_ref
 from .max_pool import AdaptiveMaxPoolOp, MaxPoolOp
 
-__all__ = [
-    "max_pool1d",
-    "max_pool2d",
-    "max_pool3d",
-    "avg_pool1d",
-    "avg_pool2d",
-    "avg_pool3d",
-    "adaptive_avg_pool1d",
-    "adaptive_avg_pool2d",
-    "adaptive_avg_pool3d",
-    "adaptive_max_pool1d",
-    "adaptive_max_pool2d",
-    "adaptive_max_pool3d",
-    "AvgPoolOp",
-    "AdaptiveAvgPoolOp",
-]
-
 aten = torch.ops.aten
 
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["lower_bound_fn"]
+__all__ = ["lower_bound_fn", "block_bound_fn"]
 
 
 def _p2p(
@@ -88,35 +88,56 @@ class _AllReduce(torch.autograd.Function):
         return g
 
 
+def _group_norm_bound(x: torch.Tensor, groups: int, eps: float, h_global: int, w, b) -> torch.Tensor:
+    """GroupNorm of an H-shard: one all-reduce of (sum, sum of squares) per (sample, group)."""
+    bsz, c = x.shape[:2]
+    xg = x.reshape(bsz, groups, -1)
+    s = _AllReduce.apply(torch.stack([xg.sum(-1), (xg * xg).sum(-1)]))
+    count = c // groups * h_global * x.shape[3]
+    mean = s[0] / count
+    inv = torch.rsqrt(s[1] / count - mean * mean + eps)
+    y = ((xg - mean[..., None]) * inv[..., None]).reshape(x.shape)
+    return y * w[None, :, None, None] + b[None, :, None, None]
+
+
+def _copy(p: torch.Tensor) -> torch.Tensor:
+    return p.detach().clone().requires_grad_()
+
+
 def lower_bound_fn(name: str, mod: nn.Module, h_global: int, rank: int, world: int) -> Callable | None:
-    """``fn(x_local) -> y_local`` for the hand-written lower bound of a single-layer case."""
+    """``fn(x_local) -> y_local`` for the hand-written lower bound of a single-layer case.
+
+    ``fn.params`` lists the bound's own parameter copies (to reset their gradients between steps).
+    """
     if name not in ("conv3x3", "conv_stride2", "conv_transpose", "group_norm"):
         return None
-    w = mod.weight.detach().clone().requires_grad_()
-    b = mod.bias.detach().clone().requires_grad_()
+    w, b = _copy(mod.weight), _copy(mod.bias)
     if name == "conv3x3":
-        return lambda x: F.conv2d(_Halo.apply(x, 1, 1, rank, world), w, b, padding=(0, 1))
-    if name == "conv_stride2":
-        return lambda x: F.conv2d(_Halo.apply(x, 1, 0, rank, world), w, b, stride=2, padding=(0, 1))
-    if name == "conv_transpose":
+        fn = lambda x: F.conv2d(_Halo.apply(x, 1, 1, rank, world), w, b, padding=(0, 1))  # noqa: E731
+    elif name == "conv_stride2":
+        fn = lambda x: F.conv2d(_Halo.apply(x, 1, 0, rank, world), w, b, stride=2, padding=(0, 1))  # noqa: E731
+    elif name == "conv_transpose":
 
-        def ct(x):
+        def fn(x):
             y = F.conv_transpose2d(_Halo.apply(x, 1, 1, rank, world), w, b, stride=2, padding=(0, 1))
             return y[:, :, 3 : 3 + 2 * x.shape[2]]
 
-        return ct
-    if name == "group_norm":
+    else:
         groups, eps = mod.num_groups, mod.eps
+        fn = lambda x: _group_norm_bound(x, groups, eps, h_global, w, b)  # noqa: E731
+    fn.params = [w, b]
+    return fn
 
-        def gn(x):
-            bsz, c = x.shape[:2]
-            xg = x.reshape(bsz, groups, -1)
-            s = _AllReduce.apply(torch.stack([xg.sum(-1), (xg * xg).sum(-1)]))
-            count = c // groups * h_global * x.shape[3]
-            mean = s[0] / count
-            inv = torch.rsqrt(s[1] / count - mean * mean + eps)
-            y = ((xg - mean[..., None]) * inv[..., None]).reshape(x.shape)
-            return y * w[None, :, None, None] + b[None, :, None, None]
 
-        return gn
-    return None
+def block_bound_fn(conv: nn.Conv2d, gn: nn.GroupNorm, h_global: int, rank: int, world: int) -> Callable:
+    """The bound of a 3x3 conv (padding 1) + GroupNorm + SiLU block on an H-shard: one batched halo
+    round, the local conv, one all-reduce of the statistics; the adjoints in backward."""
+    w, b, gw, gb = _copy(conv.weight), _copy(conv.bias), _copy(gn.weight), _copy(gn.bias)
+    groups, eps = gn.num_groups, gn.eps
+
+    def fn(x):
+        y = F.conv2d(_Halo.apply(x, 1, 1, rank, world), w, b, padding=(0, 1))
+        return F.silu(_group_norm_bound(y, groups, eps, h_global, gw, gb))
+
+    fn.params = [w, b, gw, gb]
+    return fn
