@@ -2,7 +2,8 @@
 strategy for (``hardswish_backward``), pointwise ops on shards smaller than the mesh (DTensor would
 replicate them), ``F.linear`` / ``matmul`` over channels of token tensors sharded on their token
 dim (uneven: DTensor refuses "Cannot flatten unevenly sharded tensor"), softmax over channels, a
-MobileNetV3-style block with a squeeze-excitation gate. fp64 1e-10, worlds 1-4, gather guard raise.
+MobileNetV3-style block with a squeeze-excitation gate, in-place activations (``inplace=True``).
+fp64 1e-10, worlds 1-4, gather guard raise.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def _cases():
         "channels_last_linear": lambda x, p: F.linear(x.permute(0, 2, 3, 1), p["lin5"], p["b"]),
         "matmul": lambda x, p: x.permute(0, 2, 3, 1) @ p["mat"],
         "mobile_block": lambda x, p: p["block"](x),
+        # in place on a non-leaf (torchvision's nn.Hardswish(inplace=True) & co.): the backward of
+        # hardswish/silu/elu reads the input, which the in-place op overwrites
+        "inplace_hardswish": lambda x, p: F.hardswish(x * p["w"], inplace=True),
+        "inplace_silu_elu": lambda x, p: F.elu(nn.SiLU(inplace=True)(x * p["w"]), inplace=True) * p["w"],
+        "inplace_relu_hardsigmoid": lambda x, p: F.hardsigmoid(F.relu(x * p["w"], inplace=True) * 1.5, inplace=True),
     }
 
 

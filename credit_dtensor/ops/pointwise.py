@@ -29,6 +29,7 @@ from ..dtensor import (
     wrap_shard,
 )
 from ..errors import DomainParallelError
+from .. import intercept
 from ..intercept import register, register_many
 
 __all__ = ["POINTWISE", "DIMWISE", "local_apply", "wrap_outputs"]
@@ -165,9 +166,37 @@ def _tensors(args: Iterable[Any]) -> list[torch.Tensor]:
     return out
 
 
+def _inplace_rule(func, args, kwargs):
+    """``F.hardswish(x, inplace=True)`` & co. on a sharded DTensor: the out-of-place rule, then one
+    in-place ``copy_`` of the result into ``x`` by DTensor (same placement: local). Computing in
+    place on the local shard would modify a view that autograd forbids, and DTensor's own in-place
+    path has no backward strategy for some of these (``hardswish_backward``). The rule runs on a clone
+    of ``x`` (as PyTorch's autograd keeps the original input of an in-place op whose backward
+    needs it), so the ``copy_`` cannot change what backward reads."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, DTensor):
+        return NotImplemented
+    pos = _INPLACE[func]
+    if "inplace" in kwargs or len(args) <= pos:
+        args, kwargs = args, {**kwargs, "inplace": False}
+    else:
+        args = (*args[:pos], False, *args[pos + 1 :])
+    with intercept.suspended():  # the backward of silu/hardswish/elu reads the input: keep it intact
+        xc = x.clone()
+    args, kwargs = ((xc, *args[1:]), kwargs) if args else (args, {**kwargs, "input": xc})
+    y = _pointwise_rule(func, args, kwargs)
+    if y is NotImplemented or not isinstance(y, DTensor) or y.placements != x.placements or y.shape != x.shape:
+        return NotImplemented
+    with intercept.suspended():  # DTensor's copy_ (Shard -> same Shard: local), recorded by autograd
+        x.copy_(y)
+    return x
+
+
 def _pointwise_rule(func, args, kwargs):
-    if kwargs.get("out") is not None or _is_inplace(func, args, kwargs):
-        return NotImplemented  # in place: DTensor updates the local shard itself (no layout change)
+    if kwargs.get("out") is not None:
+        return NotImplemented
+    if _is_inplace(func, args, kwargs):
+        return _inplace_rule(func, args, kwargs)
     tensors = _tensors((*args, *kwargs.values()))
     ref = first_sharded(*tensors)
     if ref is None:
