@@ -27,6 +27,7 @@ __all__ = [
     "spatial_shard_dim",
     "first_sharded",
     "wrap_shard",
+    "global_stride",
     "wrap_replicate",
     "local_replicated",
     "check_replicated",
@@ -116,10 +117,28 @@ def first_sharded(*tensors: object) -> DTensor | None:
     return None
 
 
+def global_stride(local: torch.Tensor, shape: Sequence[int]) -> tuple[int, ...]:
+    """The global stride of a DTensor whose local tensor is ``local``: the layout of ``local`` (its
+    dims ordered by stride, outermost first) over the global ``shape``. A local tensor that is not
+    contiguous (a channels-last view, a window view of a permuted tensor) must not be described as
+    contiguous: DTensor turns a later ``reshape`` into a ``view`` of the local tensor when the
+    global stride says it is one, which fails ("view size is not compatible ...")."""
+    if local.is_contiguous():
+        return contiguous_stride(shape)
+    strides = local.stride()
+    order = sorted(range(local.ndim), key=lambda d: (-strides[d], d))  # outermost first
+    out, acc = [0] * local.ndim, 1
+    for d in reversed(order):
+        out[d] = acc
+        acc *= max(int(shape[d]), 1)
+    return tuple(out)
+
+
 def wrap_shard(local: torch.Tensor, mesh: DeviceMesh, dim: int, shape: Sequence[int]) -> DTensor:
-    """Differentiable ``DTensor.from_local`` as ``Shard(dim)`` with an explicit global shape."""
+    """Differentiable ``DTensor.from_local`` as ``Shard(dim)`` with an explicit global shape (and
+    the stride of the local layout, :func:`global_stride`)."""
     shape = torch.Size(shape)
-    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=shape, stride=contiguous_stride(shape))
+    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=shape, stride=global_stride(local, shape))
 
 
 def wrap_replicate(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:

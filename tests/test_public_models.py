@@ -36,9 +36,17 @@ MODELS = {
     "convnext_tiny": {"num_classes": 7},
     "lraspp_mobilenet_v3_large": {"num_classes": 3, "weights_backbone": None},
     "fcn_resnet50": {"num_classes": 3, "weights_backbone": None, "aux_loss": False},
+    "swin_t": {"num_classes": 7},
+    "swin_v2_t": {"num_classes": 7},
+    "densenet121": {"num_classes": 7},
+    "shufflenet_v2_x1_0": {"num_classes": 7},
 }
 #: models whose all-gathers are known and reported (the op each gathers in)
-GATHERS: dict[str, str] = {}
+GATHERS: dict[str, str] = {
+    # 7x7 windows over 96x64 inputs: the deep stages (H=6 padded to 7, H=12 over 3 ranks) have windows
+    # that span shards, and torchvision's attention is an explicit matmul over each window's tokens
+    "swin_t": "ShiftedWindowAttention): Tensor.matmul",
+}
 
 
 def _build(name: str) -> torch.nn.Module:

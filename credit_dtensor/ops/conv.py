@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from .. import intercept, stats
-from ..dtensor import contiguous_stride, full_operand, local_replicated, wrap_shard
+from ..dtensor import full_operand, global_stride, local_replicated, wrap_shard
 from ..errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
 from ..halo import halo_gather, halo_scatter_add
 from ..intercept import register
@@ -247,7 +247,7 @@ class _HaloConvDTensor(torch.autograd.Function):
         ctx.w_meta = (w.device_mesh, w.shape, None if b is None else b.shape)
         shape = torch.Size(out_shape)
         return DTensor.from_local(
-            y, x.device_mesh, out_placements, run_check=False, shape=shape, stride=contiguous_stride(shape)
+            y, x.device_mesh, out_placements, run_check=False, shape=shape, stride=global_stride(y, shape)
         )
 
     @staticmethod
@@ -261,7 +261,7 @@ class _HaloConvDTensor(torch.autograd.Function):
         w_mesh, w_shape, b_shape = ctx.w_meta
         partial = [Partial()] * w_mesh.ndim
         return (
-            DTensor.from_local(gx, mesh, placements, run_check=False, shape=x_shape, stride=x_stride)
+            DTensor.from_local(gx, mesh, placements, run_check=False, shape=x_shape, stride=global_stride(gx, x_shape))
             if mask[0]
             else None,
             DTensor.from_local(gw, w_mesh, partial, run_check=False, shape=w_shape, stride=gw.stride())

@@ -189,6 +189,36 @@ def _getitem_rule(func, args, kwargs):
     return local_apply(torch.Tensor.__getitem__, (y, tuple(rest)), {}, y, sd_pos)
 
 
+def _all_replicate(t: DTensor) -> bool:
+    return t.device_mesh.ndim == 1 and all(p.is_replicate() for p in t.placements)
+
+
+@register(torch.Tensor.__setitem__)
+def _setitem_rule(func, args, kwargs):
+    """``mask[a:b, c:d] = value`` on a ``Replicate`` DTensor (Swin's shifted-window attention mask,
+    built with ``x.new_zeros`` from a sharded ``x``): every rank holds the whole tensor and applies
+    the same assignment to it, so it runs on the local tensor. DTensor has no strategy for the
+    ``fill_.Tensor`` a scalar assignment becomes. Only without autograd (a mask, a buffer):
+    anything else is DTensor's."""
+    x, idx, value = args
+    if not isinstance(x, DTensor) or not _all_replicate(x) or x.requires_grad:
+        return NotImplemented
+    if isinstance(value, DTensor):
+        if not _all_replicate(value) or value.device_mesh != x.device_mesh or value.requires_grad:
+            return NotImplemented
+        value = value.to_local()
+    elif isinstance(value, torch.Tensor) and value.requires_grad:
+        return NotImplemented
+    leaves = idx if isinstance(idx, tuple) else (idx,)
+    if any(isinstance(i, DTensor) and not _all_replicate(i) for i in leaves):
+        return NotImplemented
+    idx = tuple(i.to_local() if isinstance(i, DTensor) else i for i in leaves) if isinstance(idx, tuple) else (
+        idx.to_local() if isinstance(idx, DTensor) else idx
+    )
+    x.to_local()[idx] = value  # the DTensor's own local tensor (no autograd): updated in place
+    return None
+
+
 @register(torch.narrow, torch.Tensor.narrow)
 def _narrow_rule(func, args, kwargs):
     x = args[0] if args else kwargs["input"]
