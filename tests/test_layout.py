@@ -6,7 +6,8 @@
 * an attention mask built with ``x.new_zeros((H, W))`` from a sharded ``x`` (a ``Replicate``
   DTensor) and filled by slice assignment (``mask[a:b, c:d] = k``), which DTensor has no strategy
   for (``fill_.Tensor``);
-* window attention by explicit ``matmul`` inside windows that lie in one shard.
+* window attention by explicit ``matmul`` of ``(windows, heads, tokens, d)`` tensors inside
+  windows that lie in one shard (DTensor flattens the batch dims and refuses uneven shards).
 
 Worlds 1-4, H = 16 (windows of 2 rows: 8 windows, uneven over 3 ranks), gather guard ``raise``.
 """
@@ -32,10 +33,11 @@ def _swin_like(x: torch.Tensor, p: dict) -> torch.Tensor:
     mask[h // 2 :, w // 2 :] = -1.0
     t = y.view(b, h // WS, WS, w // WS, WS, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, WS * WS, c)
     m = mask.view(h // WS, WS, w // WS, WS).permute(0, 2, 1, 3).reshape(-1, WS * WS)  # (windows, tokens)
-    qkv = F.linear(t, p["qkv"]).reshape(t.shape[0], WS * WS, 3, c).permute(2, 0, 1, 3)
+    heads = 2  # (windows, heads, tokens, d): a 4-D batched matmul, sharded on the windows
+    qkv = F.linear(t, p["qkv"]).reshape(t.shape[0], WS * WS, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
-    attn = q.matmul(k.transpose(-2, -1)) * c**-0.5 + m.unsqueeze(-1) * 0.1
-    out = attn.softmax(dim=-1).matmul(v)
+    attn = q.matmul(k.transpose(-2, -1)) * c**-0.5 + m[:, None, :, None] * 0.1
+    out = attn.softmax(dim=-1).matmul(v).transpose(1, 2).reshape(t.shape[0], WS * WS, c)
     out = out.view(b, h // WS, w // WS, WS, WS, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
     return out.permute(0, 3, 1, 2)
 

@@ -340,12 +340,22 @@ def _linear_rule(func, args, kwargs):
 
 @register(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 def _matmul_rule(func, args, kwargs):
-    """``a @ b`` with ``a`` sharded on a batch or row dim and ``b`` replicated: local rows of ``a``."""
+    """``a @ b`` with ``a`` sharded on a batch or row dim and ``b`` replicated: local rows of ``a``;
+    or both sharded on the same batch dim (window attention ``q @ k.transpose(-2, -1)`` with the
+    windows sharded): local batches. DTensor's own rule flattens the batch dims and refuses uneven
+    shards ("Cannot flatten unevenly sharded tensor")."""
     a = args[0] if args else kwargs.get("input")
     b = args[1] if len(args) > 1 else kwargs.get("other")
     sd = domain_shard_dim(a)
     if sd is None or not isinstance(b, torch.Tensor) or a.ndim < 2 or b.ndim < 2 or sd >= a.ndim - 1:
         return NotImplemented  # 1-D operands, or the sharded dim is contracted
+    sb = domain_shard_dim(b)
+    if sb is not None:
+        same_batch_dim = sd < a.ndim - 2 and sb < b.ndim - 2 and a.ndim - sd == b.ndim - sb
+        if not same_batch_dim or a.shape[sd] != b.shape[sb] or a.device_mesh != b.device_mesh:
+            return NotImplemented  # keys from other shards: DTensor (under the gather guard)
+        out = torch.matmul(a.to_local(), b.to_local())
+        return wrap_outputs(out, a, lambda t: t.ndim - a.ndim + sd)
     try:
         bl = _replicated_local(b, a.device_mesh)
     except ValueError:
