@@ -79,3 +79,41 @@ def test_swin_style_program_matches_one_device(world):
     for rank, errors in enumerate(get_world(world).run(_task, 16)):
         bad = {k: v for k, v in errors.items() if not v <= 1e-10}
         assert not bad, f"rank {rank}, world {world}: {bad}"
+
+
+def _inplace_after_save_task() -> dict[str, str]:
+    """Modify in place a tensor that backward needs: one device raises; so must we (a rule saves
+    the *local* tensor, whose version DTensor's in-place ops did not bump: silently wrong before)."""
+    import credit_dtensor as cd
+
+    m = manager()
+    x = torch.randn(2, 3, 12, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = {}
+    cases = {"silu": F.silu, "gelu": F.gelu, "square": lambda t: t * t, "sigmoid": torch.sigmoid}
+    for name, f in cases.items():
+        results = []
+        for side in ("one device", "sharded"):
+            base = x.clone().requires_grad_() if side == "one device" else cd.shard_tensor(x, m, 2).requires_grad_()
+            h = base * 1.0
+            y = f(h)
+            h.mul_(2)  # after f saved what it needs
+            try:
+                y.sum().backward()
+                g = base.grad.full_tensor() if side == "sharded" else base.grad
+                results.append(("ok", g))
+            except RuntimeError as exc:
+                results.append(("raised", "modified" in str(exc) and "inplace" in str(exc)))
+        (a, ga), (b, gb) = results
+        if a == "ok" and b == "ok":
+            out[name] = f"ok {(ga - gb).abs().max().item():.1e}"
+        else:
+            out[name] = f"{a}/{b} named={gb if b == 'raised' else None}"
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_inplace_on_saved_tensor_raises_like_one_device(world):
+    for rank, res in enumerate(get_world(world).run(_inplace_after_save_task)):
+        for name in ("silu", "gelu", "square"):
+            assert res[name] == "raised/raised named=True", (rank, name, res[name])
+        assert res["sigmoid"] == "ok 0.0e+00", (rank, res["sigmoid"])  # saves its output: legal

@@ -262,11 +262,11 @@ def overhead_table(summary: list[dict], key: str = "time_s") -> Table:
 
 
 def plot_overhead(summary: list[dict], out: Path) -> list[Path]:
-    """``overhead.png`` (wall-clock) and ``overhead_cpu.png`` (process CPU): median step time vs ranks,
+    """``overhead_ops.png`` (wall-clock) and ``overhead_ops_cpu.png`` (process CPU): median step time vs ranks,
     one line per variant, one panel per (case, field)."""
-    paths = [_plot_overhead(summary, out, "time_s", "overhead.png")]
+    paths = [_plot_overhead(summary, out, "time_s", "overhead_ops.png")]
     if all(s.get("cpu_s") is not None for s in summary):
-        paths.append(_plot_overhead(summary, out, "cpu_s", "overhead_cpu.png"))
+        paths.append(_plot_overhead(summary, out, "cpu_s", "overhead_ops_cpu.png"))
     return paths
 
 
