@@ -144,55 +144,6 @@ def _replicate_plain(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
 
 
-_INPLACE_DUNDER = frozenset(
-    f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift")
-) | {"__setitem__"}
-_NOT_DATA = frozenset({"requires_grad_", "share_memory_", "detach_", "retain_grad", "pin_memory_", "record_stream"})
-_MUTATES: dict[Any, bool] = {}
-
-
-def _mutates_first(func: Any) -> bool:
-    """Whether ``func`` writes into its first argument (``x.mul_(2)``, ``x += y``, ``x[i] = v``)."""
-    hit = _MUTATES.get(func)
-    if hit is None:
-        name = getattr(func, "__name__", "")
-        hit = name in _INPLACE_DUNDER or (name.endswith("_") and not name.endswith("__") and name not in _NOT_DATA)
-        _MUTATES[func] = hit
-    return hit
-
-
-def _bump_versions(func: Any, args: tuple, kwargs: dict) -> None:
-    """After DTensor ran an in-place op, bump the version of the local tensors it wrote.
-
-    DTensor writes the local tensor below autograd, so only the wrapper's version counter moves,
-    while credit_dtensor's rules save *local* tensors for backward. Without this, modifying in place
-    a tensor a rule saved (which PyTorch refuses on one device: "one of the variables needed for
-    gradient computation has been modified by an inplace operation") would silently give a wrong
-    gradient. With it, autograd raises the same error as on one device."""
-    written = []
-    if args and _mutates_first(func):
-        written.append(args[0])
-    out = kwargs.get("out")
-    written.extend(out if isinstance(out, (tuple, list)) else [out])
-    locals_ = []
-    with torch.no_grad():
-        for t in written:
-            if isinstance(t, DTensor):
-                locals_.append(t.to_local())
-    if locals_:
-        torch.autograd.graph.increment_version(locals_)
-
-
-def _call(func: Any, args: tuple, kwargs: dict) -> Any:
-    """``func`` as PyTorch/DTensor run it, plus the version bump of :func:`_bump_versions`."""
-    out = func(*args, **kwargs)
-    if torch.compiler.is_compiling():  # traced: functionalized, no saved-tensor aliasing to guard
-        return out
-    if (args and _mutates_first(func)) or kwargs.get("out") is not None:
-        _bump_versions(func, args, kwargs)
-    return out
-
-
 class DomainRulesMode(TorchFunctionMode):
     """The interception mode (one instance per thread; see the module docstring)."""
 
@@ -209,7 +160,7 @@ class DomainRulesMode(TorchFunctionMode):
                 return func(*args, **kwargs)
             args, kwargs = _replicate_plain(args, kwargs)
             with guard.watch(func):
-                return _call(func, args, kwargs)
+                return func(*args, **kwargs)
         if not has_dtensor(args, kwargs):
             return func(*args, **kwargs)
         if func in _BACKWARD:
@@ -221,7 +172,7 @@ class DomainRulesMode(TorchFunctionMode):
                 if out is not NotImplemented:
                     return out
             args, kwargs = _replicate_plain(args, kwargs)
-            return _call(func, args, kwargs)
+            return func(*args, **kwargs)
 
 
 _DISABLE_TORCH_FUNCTION = getattr(torch._C, "DisableTorchFunction", None)
