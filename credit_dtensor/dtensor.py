@@ -138,7 +138,9 @@ def wrap_shard(local: torch.Tensor, mesh: DeviceMesh, dim: int, shape: Sequence[
     """Differentiable ``DTensor.from_local`` as ``Shard(dim)`` with an explicit global shape (and
     the stride of the local layout, :func:`global_stride`)."""
     shape = torch.Size(shape)
-    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=shape, stride=global_stride(local, shape))
+    return DTensor.from_local(
+        local, mesh, [Shard(dim)], run_check=False, shape=shape, stride=global_stride(local, shape)
+    )
 
 
 def wrap_replicate(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
@@ -153,10 +155,10 @@ def check_replicated(t: object, mesh: DeviceMesh, where: str, name: str) -> None
     mesh and be ``Replicate`` there; anything else is a clear error. Plain tensors pass."""
     if not isinstance(t, DTensor):
         return
-    if t.device_mesh != mesh:
+    if t.device_mesh is not mesh and t.device_mesh != mesh:
         raise MeshMismatchError(
             f"{where}: {name} lives on mesh {t.device_mesh} but the input on {mesh}: convert the module (or "
-            "distribute the parameter) with the manager that shards the input"
+            "distribute the parameter) with the same manager that shards the input"
         )
     if not all(isinstance(p, Replicate) for p in t.placements):
         raise UnsupportedShardingError(

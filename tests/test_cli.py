@@ -326,6 +326,21 @@ def test_bench_prints_a_table_and_json_only_when_asked(tmp_path, monkeypatch, ca
     assert all("bytes_ratio" in s and "overhead" in s for s in lines)
 
 
+def test_bench_overhead_case_runs_every_variant(tmp_path, monkeypatch, capsys):
+    """The side-by-side overhead case: bound, plain wrappers, eager (compile variants skipped here:
+    ``--backends none``); a row per variant, and the rendered table names them."""
+    _no_torchrun(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "250")
+    raw = tmp_path / "overhead.jsonl"
+    argv = ["bench", "--cases", "overhead", "--worlds", "2", "--fields", "1x4x8x8", "--backends", "none"]
+    assert main([*argv, "--overhead-repeats", "2", "--warmup", "0", "--raw", str(raw)]) == 0
+    out = capsys.readouterr().out
+    for word in ("bound", "plain", "eager", "conv3x3", "conv_gn_silu"):
+        assert word in out, (word, out)
+    variants = {json.loads(line).get("variant") for line in raw.read_text().splitlines() if line.strip()}
+    assert {"bound", "plain", "eager"} <= variants, variants
+
+
 # --- the local process launcher ------------------------------------------------------------------
 
 

@@ -100,8 +100,13 @@ def _public_task(names: list[str]) -> dict:
         errs = {"out": _rel(y, yr), "grad_x": _rel(xs.grad, xr.grad)}
         for (n, p), q in zip(dp.named_parameters(), ref.parameters()):
             errs[f"grad_{n}"] = _rel(p.grad, q.grad)
-        gathers = sorted({str(w.message).split(" in forward")[0].split(" in backward")[0] for w in seen
-                          if issubclass(w.category, cd.ImplicitGatherWarning)})
+        gathers = sorted(
+            {
+                str(w.message).split(" in forward")[0].split(" in backward")[0]
+                for w in seen
+                if issubclass(w.category, cd.ImplicitGatherWarning)
+            }
+        )
         out[name] = {"errs": errs, "gathers": gathers}
     return out
 

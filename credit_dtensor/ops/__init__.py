@@ -20,6 +20,7 @@ FAMILIES = (
     "move",
     "reshape",
     "attention",
+    "attention_mha",
     "refuse",
 )
 

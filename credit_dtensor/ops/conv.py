@@ -8,7 +8,7 @@ gather -> PyTorch's own convolution on the extended shard with no padding on the
 stride-misaligned or empty shards need no special case.
 
 The halo convolution is one ``torch.library`` custom op, ``credit_dtensor::halo_conv`` (and its
-backward op), on plain local tensors: it gathers the halo inside (opaque to ``torch.compile``, so
+backward op, :mod:`.conv_ops`), on plain local tensors: it gathers the halo inside (opaque to ``torch.compile``, so
 a compiled model has no graph break at the communication), returns the output rows and the
 extended input, and its registered autograd keeps that extended input so backward sends only
 gradient rows (the communication minimum). :func:`conv` is the only entry point: the module
@@ -22,258 +22,24 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 
-from .. import intercept, stats
-from ..dtensor import full_operand, global_stride, local_replicated, wrap_shard
-from ..errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
-from ..halo import halo_gather, halo_scatter_add
+from .. import intercept
+from ..dtensor import check_replicated, full_operand, local_replicated, wrap_shard
+from ..errors import DomainParallelError, UnsupportedShardingError
 from ..intercept import register
 from . import _groups
-from .conv_local import local_backward, local_forward, local_setup
+from .conv_ops import HaloConvDTensor, HaloConvEager, encode, halo_conv
 from .conv_spec import (
-    MODES,
     ConvSpec,
     conv_out_shape,
     conv_spec_from_module,
     halo_rows,
     needs_halo,
-    plan,
     validate,
 )
 
 __all__ = ["ConvSpec", "conv", "conv_spec_from_module", "module_spec", "needs_halo", "halo_rows", "conv_out_shape"]
-
-# ---------------------------------------------------------------------------------------------
-# The custom ops (plain local tensors; the spec travels as a list of ints)
-# ---------------------------------------------------------------------------------------------
-
-
-def _encode(spec: ConvSpec) -> list[int]:
-    return [
-        spec.nd,
-        int(spec.transposed),
-        spec.groups,
-        MODES.index(spec.mode),
-        *spec.kernel,
-        *spec.stride,
-        *spec.pad_lo,
-        *spec.pad_hi,
-        *spec.dilation,
-        *spec.output_padding,
-    ]
-
-
-@functools.lru_cache(maxsize=1024)
-def _decode(enc: tuple[int, ...]) -> ConvSpec:
-    nd = enc[0]
-    f = [tuple(enc[4 + i * nd : 4 + (i + 1) * nd]) for i in range(6)]
-    return ConvSpec(nd, bool(enc[1]), f[0], f[1], f[2], f[3], f[4], f[5], enc[2], MODES[enc[3]])
-
-
-def _setup(x: torch.Tensor, enc: list[int], n: int, dim: int, world: int, rank: int):
-    spec = _decode(tuple(enc))
-    sd = dim - (x.ndim - spec.nd)
-    spatial = list(x.shape[-spec.nd :])
-    spatial[sd] = n
-    return spec, plan(spec, sd, n, world, rank), local_setup(spec, sd, tuple(spatial), world, rank)
-
-
-_SETUPS: dict[tuple, tuple] = {}
-
-
-def _setup_cached(x: torch.Tensor, enc: list[int], n: int, dim: int, world: int, rank: int):
-    """:func:`_setup` for real tensors, memoised on the small key (the plan caches underneath hash
-    every rank's row lists on each lookup)."""
-    key = (*enc, n, dim, world, rank, *x.shape)
-    hit = _SETUPS.get(key)
-    if hit is None:
-        if len(_SETUPS) >= 4096:
-            _SETUPS.clear()
-        hit = _SETUPS[key] = _setup(x, enc, n, dim, world, rank)
-    return hit
-
-
-def _forward_impl(x, w, b, enc, n, dim, world, rank, group):
-    spec, hplan, loc = _setup_cached(x, enc, n, dim, world, rank)
-    with stats.op_label(spec.name):
-        ext = halo_gather(x, dim, hplan, _groups.resolve(group))
-    y = local_forward(ext, w, b, loc)
-    if ext is x:  # the shard itself: backward reads the saved input instead
-        return y, x.new_empty(0)
-    if ext.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and x.numel():
-        ext = ext.clone()  # a view of the shard (a sub-range of own rows): custom ops may not alias
-    return y, ext
-
-
-@torch.library.custom_op("credit_dtensor::halo_conv", mutates_args=())
-def halo_conv(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    enc: list[int],
-    n: int,
-    dim: int,
-    world: int,
-    rank: int,
-    group: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's output rows, and its extended input (empty when it is the shard itself)."""
-    return _forward_impl(x, w, b, enc, n, dim, world, rank, group)
-
-
-@halo_conv.register_fake
-def _halo_conv_fake(x, w, b, enc, n, dim, world, rank, group):
-    spec, hplan, loc = _setup(x, enc, n, dim, world, rank)
-    out_channels = w.shape[1] * spec.groups if spec.transposed else w.shape[0]
-    shape = list(conv_out_shape(spec, (x.shape[0], x.shape[1], *x.shape[2:]), out_channels))
-    shape[dim] = loc.out_rows
-    ext_shape = list(x.shape)
-    ext_shape[dim] = loc.ext_rows
-    return x.new_empty(shape), x.new_empty(0 if hplan.is_identity else ext_shape)
-
-
-def _backward_impl(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group):
-    spec, hplan, loc = _setup_cached(x, enc, n, dim, world, rank)
-    source = x if hplan.is_identity else ext
-    gx_ext, gw, gb = local_backward(gy.contiguous(), source, w, has_bias, loc, (mask[0], mask[1], mask[2]))
-    gx = x.new_empty(0)
-    if mask[0]:  # the same on every rank (SPMD), so skipping the adjoint exchange is symmetric
-        with stats.op_label(spec.name):
-            gx = halo_scatter_add(gx_ext.contiguous(), dim, hplan, _groups.resolve(group))
-        gx = gx.clone() if gx is gx_ext else gx
-    return gx, (gw if gw is not None else w.new_empty(0)), (gb if gb is not None else w.new_empty(0))
-
-
-@torch.library.custom_op("credit_dtensor::halo_conv_backward", mutates_args=())
-def halo_conv_backward(
-    gy: torch.Tensor,
-    x: torch.Tensor,
-    ext: torch.Tensor,
-    w: torch.Tensor,
-    has_bias: bool,
-    mask: list[bool],
-    enc: list[int],
-    n: int,
-    dim: int,
-    world: int,
-    rank: int,
-    group: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_w, grad_b) of this rank; grad_x already summed at the rows' owners. Gradients
-    that are not needed come back empty."""
-    return _backward_impl(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group)
-
-
-@halo_conv_backward.register_fake
-def _halo_conv_backward_fake(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group):
-    spec = _decode(tuple(enc))
-    out_channels = w.shape[1] * spec.groups if spec.transposed else w.shape[0]
-    return (
-        x.new_empty(x.shape if mask[0] else (0,)),
-        w.new_empty(w.shape if mask[1] else (0,)),
-        w.new_empty((out_channels,) if (mask[2] and has_bias) else (0,)),
-    )
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, w, b, enc, n, dim, world, rank, group = inputs
-    ctx.save_for_backward(x, output[1], w)
-    ctx.args = (b is not None, enc, n, dim, world, rank, group)
-
-
-def _backward(ctx, gy, _gext):
-    x, ext, w = ctx.saved_tensors
-    has_bias, enc, n, dim, world, rank, group = ctx.args
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
-    gx, gw, gb = halo_conv_backward(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group)
-    return (
-        gx if mask[0] else None,
-        gw if mask[1] else None,
-        gb if mask[2] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-halo_conv.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _eager_backward(ctx, gy: torch.Tensor):
-    x, ext, w = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], ctx.has_bias and need[2]]
-    gx, gw, gb = _backward_impl(gy, x, ext, w, ctx.has_bias, mask, *ctx.args)
-    return mask, gx, gw, gb
-
-
-class _HaloConvEager(torch.autograd.Function):
-    """Eager mode, plain local tensors: the same implementations and saved tensors as the custom op
-    and its registered autograd, without the custom-op dispatch layers (several times the host time
-    of a small conv). Compiled regions call the custom op (opaque to Dynamo)."""
-
-    @staticmethod
-    def forward(ctx, x, w, b, args):  # type: ignore[override]
-        y, ext = _forward_impl(x, w, b, *args)
-        ctx.save_for_backward(x, ext, w)
-        ctx.has_bias, ctx.args = b is not None, args
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):  # type: ignore[override]
-        mask, gx, gw, gb = _eager_backward(ctx, gy)
-        return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None
-
-
-class _HaloConvDTensor(torch.autograd.Function):
-    """Eager mode, an H-sharded DTensor input and Replicate DTensor parameters: one autograd node for
-    what ``x.to_local()``, ``to_local(grad_placements=[Partial()])`` of each parameter, the op and
-    ``from_local`` of the result do, with the same values, placements and global shapes: the input
-    gradient comes back with the input's placement, parameter gradients ``Partial``, and an output
-    gradient of another placement is redistributed first (as ``from_local``'s backward does)."""
-
-    @staticmethod
-    def forward(ctx, x, w, b, args, out_shape):  # type: ignore[override]
-        xl, wl = x.to_local(), w.to_local()  # grad mode is off here: the local tensors themselves
-        y, ext = _forward_impl(xl, wl, None if b is None else b.to_local(), *args)
-        ctx.save_for_backward(xl, ext, wl)
-        ctx.has_bias, ctx.args = b is not None, args
-        out_placements = (Shard(args[2]),)
-        ctx.x_meta = (x.device_mesh, x.placements, x.shape, x.stride(), out_placements)
-        ctx.w_meta = (w.device_mesh, w.shape, None if b is None else b.shape)
-        shape = torch.Size(out_shape)
-        return DTensor.from_local(
-            y, x.device_mesh, out_placements, run_check=False, shape=shape, stride=global_stride(y, shape)
-        )
-
-    @staticmethod
-    def backward(ctx, gy):  # type: ignore[override]
-        mesh, placements, x_shape, x_stride, out_placements = ctx.x_meta
-        if isinstance(gy, DTensor):
-            if gy.placements != out_placements:
-                gy = gy.redistribute(mesh, out_placements)
-            gy = gy.to_local()
-        mask, gx, gw, gb = _eager_backward(ctx, gy)
-        w_mesh, w_shape, b_shape = ctx.w_meta
-        partial = [Partial()] * w_mesh.ndim
-        return (
-            DTensor.from_local(gx, mesh, placements, run_check=False, shape=x_shape, stride=global_stride(gx, x_shape))
-            if mask[0]
-            else None,
-            DTensor.from_local(gw, w_mesh, partial, run_check=False, shape=w_shape, stride=gw.stride())
-            if mask[1]
-            else None,
-            DTensor.from_local(gb, w_mesh, partial, run_check=False, shape=b_shape, stride=gb.stride())
-            if mask[2]
-            else None,
-            None,
-            None,
-        )
-
 
 # ---------------------------------------------------------------------------------------------
 # DTensor plumbing
@@ -302,23 +68,9 @@ def _spatial_shard_dim(x: DTensor, nd: int) -> int | None:
 
 def _check_operands(x: DTensor, w, b, where: str) -> None:
     for name, t in (("weight", w), ("bias", b)):
-        if isinstance(t, DTensor):
-            if (
-                t.device_mesh is not x.device_mesh
-                and t.device_mesh != x.device_mesh
-                and t.device_mesh.mesh_dim_names != x.device_mesh.mesh_dim_names
-            ):
-                raise MeshMismatchError(
-                    f"{where}: input is on mesh {x.device_mesh} but {name} on {t.device_mesh}: "
-                    "convert the module with the same manager that shards its input"
-                )
-            if not all(isinstance(p, Replicate) for p in t.placements):
-                raise UnsupportedShardingError(
-                    f"{where}: {name} placements {t.placements} are not supported with an H-sharded input: "
-                    "parameters must be Replicate on the domain mesh (FSDP2 all-gathers them for forward)"
-                )
-        elif t is not None and not isinstance(t, torch.Tensor):
+        if t is not None and not isinstance(t, torch.Tensor):
             raise DomainParallelError(f"{where}: {name} must be a tensor")
+        check_replicated(t, x.device_mesh, where, name)
 
 
 def _param(t: torch.Tensor | None, mesh) -> torch.Tensor | None:
@@ -360,16 +112,16 @@ def _halo(x: DTensor, weight, bias, spec: ConvSpec, dim: int, batched: bool) -> 
     _validate(spec, shape, compiling)
     mesh = x.device_mesh
     world, rank, group = _mesh_info(mesh, compiling)
-    args = (_encode(spec), shape[dim], dim, world, rank, group)
+    args = (encode(spec), shape[dim], dim, world, rank, group)
     out_channels = weight.shape[1] * spec.groups if spec.transposed else weight.shape[0]
     out_shape = conv_out_shape(spec, shape, out_channels)
     if not compiling and isinstance(weight, DTensor) and (bias is None or isinstance(bias, DTensor)):
-        return _HaloConvDTensor.apply(x, weight, bias, args, out_shape)
+        return HaloConvDTensor.apply(x, weight, bias, args, out_shape)
     w, b = _param(weight, mesh), _param(bias, mesh)
     if compiling:
         y, _ = halo_conv(x.to_local(), w, b, *args)
     else:
-        y = _HaloConvEager.apply(x.to_local(), w, b, args)
+        y = HaloConvEager.apply(x.to_local(), w, b, args)
     return wrap_shard(y, mesh, dim, out_shape)
 
 

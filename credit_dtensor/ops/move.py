@@ -212,8 +212,10 @@ def _setitem_rule(func, args, kwargs):
     leaves = idx if isinstance(idx, tuple) else (idx,)
     if any(isinstance(i, DTensor) and not _all_replicate(i) for i in leaves):
         return NotImplemented
-    idx = tuple(i.to_local() if isinstance(i, DTensor) else i for i in leaves) if isinstance(idx, tuple) else (
-        idx.to_local() if isinstance(idx, DTensor) else idx
+    idx = (
+        tuple(i.to_local() if isinstance(i, DTensor) else i for i in leaves)
+        if isinstance(idx, tuple)
+        else (idx.to_local() if isinstance(idx, DTensor) else idx)
     )
     x.to_local()[idx] = value  # the DTensor's own local tensor (no autograd): updated in place
     return None

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from .. import intercept
 from ..dtensor import (
     align_operand,
     domain_shard_dim,
@@ -29,7 +30,6 @@ from ..dtensor import (
     wrap_shard,
 )
 from ..errors import DomainParallelError
-from .. import intercept
 from ..intercept import register, register_many
 
 __all__ = ["POINTWISE", "DIMWISE", "local_apply", "wrap_outputs"]
