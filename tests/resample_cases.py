@@ -63,11 +63,11 @@ def run_case(m, c: dict) -> dict:
 
     fn = entry(c, m)
     out_dim = c["dim"]
-    if op.startswith("adaptive_avg"):  # pooled to fewer rows than ranks: a Replicate pooled tensor
-        rows = getattr(F, op)(torch.empty(c["shape"], device="meta"), **kw).shape[c["dim"]]
+    if op.startswith("adaptive_"):  # pooled to fewer rows than ranks: a Replicate pooled tensor
+        rows = _first(getattr(F, op)(torch.empty(c["shape"], device="meta"), **kw)).shape[c["dim"]]
         if rows < m.domain_world_size:
             out_dim = None
-            y = fn(shard_tensor(x, m, c["dim"]))
+            y = _first(fn(shard_tensor(x, m, c["dim"])))
             if tuple(y.placements) != (Replicate(),):
                 raise AssertionError(f"{c}: pooled output placement {y.placements} is not Replicate")
     errs = parity(m, ref, lambda t: _first(fn(t)), [x], shard_dims=[c["dim"]], out_dim=out_dim)

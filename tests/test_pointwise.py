@@ -46,6 +46,8 @@ def _cases():
         "channels_last_linear": lambda x, p: F.linear(x.permute(0, 2, 3, 1), p["lin5"], p["b"]),
         "matmul": lambda x, p: x.permute(0, 2, 3, 1) @ p["mat"],
         "mobile_block": lambda x, p: p["block"](x),
+        # global max pooling to fewer rows than ranks (CBAM-style gate): a Replicate pooled tensor
+        "max_gate": lambda x, p: x * torch.sigmoid(F.adaptive_max_pool2d(x, 1).flatten(1)[:, :, None, None] * p["w"]),
         # in place on a non-leaf (torchvision's nn.Hardswish(inplace=True) & co.): the backward of
         # hardswish/silu/elu reads the input, which the in-place op overwrites
         "inplace_hardswish": lambda x, p: F.hardswish(x * p["w"], inplace=True),

@@ -146,6 +146,8 @@ def test_named_pool_cases(world, h):
 def test_pool_bytes_are_minimal(world, i):
     """Each rank receives exactly the input rows its output chunk's windows read, once."""
     c = NAMED[i]
+    if c["op"].startswith("adaptive_") and world > c["kw"]["output_size"][0]:
+        pytest.skip("pooled to fewer rows than ranks: a Replicate result (one all-reduce of the pooled tensor)")
     shape, dim = (2, 3, 10, 6), 2
     kw_h = {k: (v[0] if isinstance(v, tuple) else v) for k, v in c["kw"].items() if k != "return_indices"}
     for key in ("kernel_size", "stride", "padding"):

@@ -281,7 +281,32 @@ def _adaptive_max(nd, input, output_size, return_indices=False):
         with_indices=True,
     )
     y, idx = apply_row_op(input, op)  # type: ignore[arg-type]
+    if size[dim - (input.ndim - nd)] < world:
+        y, idx = _max_pooled_replicate(y, idx, dim, return_indices)
     return (y, idx) if return_indices else y
+
+
+def _max_pooled_replicate(y: DTensor, idx: DTensor, dim: int, with_indices: bool) -> tuple[DTensor, DTensor | None]:
+    """Adaptive max pooling to fewer rows than ranks (global max pooling, CBAM/scSE-style gates,
+    classifier heads): the exact row op leaves the few pooled rows on some ranks and none on the
+    others; each rank places its rows into a zero tensor of the pooled size and one all-reduce of
+    the *pooled* tensor makes it ``Replicate`` on every rank (values and global indices), as for
+    adaptive average pooling -- no activation is gathered, and ``flatten`` + ``Linear`` heads and
+    broadcasting against the activation need no further communication."""
+    mesh, group, world, rank = domain_info(y)
+    n_out = y.shape[dim]
+    o0, o1 = chunk_range(n_out, world, rank)
+    shape = list(y.shape)
+
+    def padded(local: torch.Tensor) -> torch.Tensor:
+        before, after = list(shape), list(shape)
+        before[dim], after[dim] = o0, n_out - o1
+        return torch.cat([local.new_zeros(before), local, local.new_zeros(after)], dim)
+
+    with stats.op_label("adaptive_max_pool"):
+        total = comm.sum_over_ranks(padded(y.to_local()), group)
+        itotal = comm.all_reduce(padded(idx.to_local()), group, "sum") if with_indices else None
+    return wrap_replicate(total, mesh), None if itotal is None else wrap_replicate(itotal, mesh)
 
 
 def adaptive_max_pool1d(input, output_size, return_indices=False):
