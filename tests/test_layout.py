@@ -34,8 +34,9 @@ def _swin_like(x: torch.Tensor, p: dict) -> torch.Tensor:
     t = y.view(b, h // WS, WS, w // WS, WS, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, WS * WS, c)
     m = mask.view(h // WS, WS, w // WS, WS).permute(0, 2, 1, 3).reshape(-1, WS * WS)  # (windows, tokens)
     heads = 2  # (windows, heads, tokens, d): a 4-D batched matmul, sharded on the windows
-    qkv = F.linear(t, p["qkv"]).reshape(t.shape[0], WS * WS, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    nw = t.shape[0]
+    qkv = F.linear(t, p["qkv"])  # chunk along channels of a tensor sharded on windows: local
+    q, k, v = (z.reshape(nw, WS * WS, heads, c // heads).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
     attn = q.matmul(k.transpose(-2, -1)) * c**-0.5 + m[:, None, :, None] * 0.1
     out = attn.softmax(dim=-1).matmul(v).transpose(1, 2).reshape(t.shape[0], WS * WS, c)
     out = out.view(b, h // WS, w // WS, WS, WS, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)

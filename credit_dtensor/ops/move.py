@@ -270,8 +270,10 @@ def _split_rule(func, args, kwargs):
     split = kwargs.get("split_size_or_sections", kwargs.get("split_size", args[1] if len(args) > 1 else None))
     dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
     sd = domain_shard_dim(x)
-    if sd is None or split is None or not isinstance(dim, int) or dim % x.ndim != sd:
+    if sd is None or split is None or not isinstance(dim, int):
         return NotImplemented
+    if dim % x.ndim != sd:
+        return _along_other_dim(func, args, kwargs, x, sd)
     sizes = _split_sizes(x.shape[sd], split)
     if sum(sizes) != x.shape[sd]:
         return NotImplemented
@@ -282,14 +284,26 @@ def _split_rule(func, args, kwargs):
     return tuple(out)
 
 
+def _along_other_dim(func, args, kwargs, x: DTensor, sd: int):
+    """``split``/``chunk`` along a dim that is not sharded (``qkv.chunk(3, dim=1)`` of a tensor
+    sharded on windows): every piece keeps each rank's rows, so it runs on the local tensor. DTensor
+    may gather uneven shards for it (torch 2.14)."""
+    try:
+        return local_apply(func, args, kwargs, x, sd)
+    except ValueError:
+        return NotImplemented
+
+
 @register(torch.chunk, torch.Tensor.chunk)
 def _chunk_rule(func, args, kwargs):
     x = args[0] if args else kwargs["input"]
     chunks = kwargs.get("chunks", args[1] if len(args) > 1 else None)
     dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
     sd = domain_shard_dim(x)
-    if sd is None or not isinstance(chunks, int) or chunks < 1 or dim % x.ndim != sd:
+    if sd is None or not isinstance(chunks, int) or chunks < 1 or not isinstance(dim, int):
         return NotImplemented
+    if dim % x.ndim != sd:
+        return _along_other_dim(func, args, kwargs, x, sd)
     n = x.shape[sd]
     size = -(-n // chunks) if n else 0
     return _split_rule(torch.split, (x, size, sd), {}) if size else (x,)
