@@ -94,7 +94,15 @@ def test_readme_quick_start_runs(tmp_path):
     script = tmp_path / "quickstart.py"
     script.write_text(block)
     cmd = [*_torchrun(), "--standalone", "--nproc-per-node", "2", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), timeout=300, cwd=tmp_path)
+    for attempt in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), timeout=300, cwd=tmp_path)
+        printed = {line.strip() for line in proc.stdout.splitlines()}
+        assert {"0 (1, 3, 7, 8)", "1 (1, 3, 6, 8)"} <= printed, proc.stdout + proc.stderr  # the comments' rows
+        # gloo can abort a rank at process exit after the job has finished (a teardown race inside
+        # gloo, seen once in CI under load, not reproduced in 35 runs): retry that one case once
+        if proc.returncode != 0 and attempt == 0 and "terminate called without an active exception" in proc.stderr:
+            continue
+        break
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
