@@ -13,6 +13,8 @@ import torch.distributed as dist
 from . import stats
 
 __all__ = [
+    "forget_groups",
+    "register_group_cache",
     "exchange",
     "all_reduce_sum",
     "all_reduce",
@@ -93,6 +95,22 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup, op: str = "sum") -> to
 # Group names for custom ops (their arguments are ints, strings and tensors): a group is registered
 # under its ``group_name`` when an op is built on it and resolved again inside the op.
 _GROUPS: dict[str, dist.ProcessGroup] = {}
+_CACHES: list = []  # clear() callables of caches that hold meshes or groups (see forget_groups)
+
+
+def register_group_cache(clear) -> None:
+    """Register the ``clear`` of a module-level cache that holds meshes or process groups."""
+    _CACHES.append(clear)
+
+
+def forget_groups() -> None:
+    """Drop every reference this package holds to process groups and meshes (called when a manager
+    destroys its process group): a group object still referenced at interpreter exit is destroyed
+    during finalization, when gloo's worker threads can no longer run Python and may abort the
+    process after the job has finished."""
+    _GROUPS.clear()
+    for clear in _CACHES:
+        clear()
 
 
 def group_name(group: dist.ProcessGroup) -> str:

@@ -8,6 +8,7 @@ row-major layout of a ``(dp, domain)`` mesh, so halo traffic stays between neigh
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import warnings
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from . import comm
 from .errors import DomainParallelError
 
 __all__ = [
@@ -212,6 +214,8 @@ class DomainParallelManager:
             # gloo aborts a peer whose pair closes while it is still draining
             dist.barrier()
             dist.destroy_process_group()
+            comm.forget_groups()  # no group object may outlive the interpreter's own teardown
+            gc.collect()
         self.owns_process_group = False
         self.closed = True
 

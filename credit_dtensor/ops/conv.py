@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
-from .. import intercept
+from .. import comm, intercept
 from ..dtensor import check_replicated, full_operand, local_replicated, wrap_shard
 from ..errors import DomainParallelError, UnsupportedShardingError
 from ..intercept import register
@@ -142,6 +142,7 @@ def _validate(spec: ConvSpec, shape: tuple[int, ...], compiling: bool) -> None:
 
 
 _MESHES: dict[int, tuple] = {}
+comm.register_group_cache(_MESHES.clear)
 
 
 def _mesh_info(mesh, compiling: bool) -> tuple[int, int, str]:
