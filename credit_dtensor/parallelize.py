@@ -204,14 +204,18 @@ def parallelize(
 
 
 def apply_compile(units: Iterable[nn.Module], backend: str = "inductor") -> None:
-    """``torch.compile`` each unit in place (``nn.Module.compile``: names and hooks unchanged).
+    """``torch.compile`` each unit's ``forward`` in place (names, parameters and hooks unchanged).
 
-    ``fullgraph=True``: every rule of a converted model is traceable or an opaque custom op, so a
-    graph break is a bug to report, not a slowdown to accept. ``dynamic=False``: shard sizes are
-    static per input size (a new field size compiles a new graph instead of symbolic shapes).
+    The unit's hooks -- FSDP2's all-gather and reshard hooks among them -- run eagerly around the
+    compiled forward: ``nn.Module.compile`` would compile ``__call__`` with its hooks, and torch
+    2.14's FSDP2 hooks refuse to be traced ("torch._dynamo.disable() was called inside a compiled
+    region"). ``fullgraph=True``: every rule of a converted model is traceable or an opaque custom
+    op, so a graph break is a bug to report, not a slowdown to accept. ``dynamic=False``: shard
+    sizes are static per input size (a new field size compiles a new graph instead of symbolic
+    shapes).
     """
     for unit in units:
-        unit.compile(backend=backend, fullgraph=True, dynamic=False)
+        unit.forward = torch.compile(unit.forward, backend=backend, fullgraph=True, dynamic=False)
 
 
 # ---------------------------------------------------------------------------------------------
