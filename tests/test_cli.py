@@ -96,8 +96,9 @@ def test_readme_quick_start_runs(tmp_path):
     cmd = [*_torchrun(), "--standalone", "--nproc-per-node", "2", str(script)]
     for attempt in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), timeout=300, cwd=tmp_path)
-        printed = {line.strip() for line in proc.stdout.splitlines()}
-        assert {"0 (1, 3, 7, 8)", "1 (1, 3, 6, 8)"} <= printed, proc.stdout + proc.stderr  # the comments' rows
+        # the rows the comments promise (7 on rank 0, 6 on rank 1); the two ranks' prints may
+        # interleave on the shared pipe (print writes its items separately), so look for the shapes
+        assert "(1, 3, 7, 8)" in proc.stdout and "(1, 3, 6, 8)" in proc.stdout, proc.stdout + proc.stderr
         # gloo can abort a rank at process exit after the job has finished (a teardown race inside
         # gloo, seen once in CI under load, not reproduced in 35 runs): retry that one case once
         if proc.returncode != 0 and attempt == 0 and "terminate called without an active exception" in proc.stderr:
