@@ -183,3 +183,26 @@ def manager(domain: int | None = None):
     if domain not in _MANAGERS:
         _MANAGERS[domain] = DomainParallelManager(domain, device_type="cpu")
     return _MANAGERS[domain]
+
+
+def raises(fn: Callable[[], Any], exc_type: type[BaseException], *words: str) -> str:
+    """Call ``fn`` (inside a task); it must raise ``exc_type`` with every one of ``words`` in its
+    message, which is returned."""
+    try:
+        fn()
+    except exc_type as e:  # noqa: PERF203
+        msg = str(e)
+        missing = [w for w in words if w not in msg]
+        assert not missing, f"message lacks {missing}: {msg}"
+        return msg
+    raise AssertionError(f"{fn} did not raise {exc_type.__name__}")
+
+
+def still_in_step() -> None:
+    """A collective after an error: every rank must reach it (no rank left behind)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == dist.get_world_size()

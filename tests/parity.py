@@ -17,7 +17,9 @@ from credit_dtensor.sharding import shard_tensor
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def _err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+def rel_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """Max-abs difference over ``max(1, |b|max)`` (DTensors gathered; ``None`` only matches ``None``,
+    a shape mismatch is ``inf``)."""
     if a is None and b is None:
         return 0.0
     if a is None or b is None:
@@ -73,13 +75,13 @@ def parity(
 
         gd = distribute_tensor(g, y.device_mesh, [Replicate()])
     y.backward(gd)
-    errors["out"] = _err(y, y_ref)
+    errors["out"] = rel_err(y, y_ref)
     for i, (a, b) in enumerate(zip(dist_in, ref_in)):
         if b.requires_grad:
-            errors[f"grad_in{i}"] = _err(a.grad, b.grad)
+            errors[f"grad_in{i}"] = rel_err(a.grad, b.grad)
     for name, p in (ref_params or {}).items():
         q = (dist_params or {})[name]
-        errors[f"grad_{name}"] = _err(q.grad, p.grad)
+        errors[f"grad_{name}"] = rel_err(q.grad, p.grad)
     return errors
 
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.harness import get_world, manager
+from tests.harness import get_world, manager, raises, still_in_step
+from tests.parity import rel_err
 
 TOL = 1e-10
 
@@ -25,17 +26,6 @@ def _full(t):
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _err(a, b) -> float:
-    a, b = _full(a), _full(b)
-    if a is None or b is None:
-        return 0.0 if a is None and b is None else math.inf
-    if a.shape != b.shape:
-        return math.inf
-    if a.numel() == 0:
-        return 0.0
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
 
 
 def _sizes(n: int, world: int) -> list[int]:
@@ -146,13 +136,13 @@ def _sdpa_task(name: str) -> dict[str, float]:
             out.backward(cd.shard_tensor(gy, m, td))
     errs = {
         f"placement {out.placements}": 0.0 if isinstance(out, DTensor) and out.placements == (Shard(td),) else math.inf,
-        "out": _err(out, out_ref),
-        "grad q": _err(qs.grad, refs[0].grad),
-        "grad k": _err(ks.grad, refs[1].grad),
-        "grad v": _err(vs.grad, refs[2].grad),
+        "out": rel_err(out, out_ref),
+        "grad q": rel_err(qs.grad, refs[0].grad),
+        "grad k": rel_err(ks.grad, refs[1].grad),
+        "grad v": rel_err(vs.grad, refs[2].grad),
     }
     if mask is not None and mask.requires_grad:
-        errs["grad mask"] = _err(ms.grad, mask_ref.grad)
+        errs["grad mask"] = rel_err(ms.grad, mask_ref.grad)
     if kv_full:
         errs[f"bytes fwd {fwd.sent_bytes} (full k/v: none)"] = 0.0 if fwd.sent_bytes == 0 else math.inf
     else:
@@ -286,19 +276,19 @@ def _mha_task(name: str) -> dict[str, float]:
             loss.backward()
     errs = {
         f"out placement {out.placements}": 0.0 if out.placements == (Shard(tdim),) else math.inf,
-        "out": _err(out, out_ref),
-        "weights": _err(w, w_ref),
+        "out": rel_err(out, out_ref),
+        "weights": rel_err(w, w_ref),
     }
     if w is not None:
         errs[f"weights placement {w.placements}"] = 0.0 if w.placements == (Shard(w.ndim - 2),) else math.inf
     if not call.get("eval"):
-        errs["grad x"] = _err(xs.grad, xr.grad)
+        errs["grad x"] = rel_err(xs.grad, xr.grad)
         if ks is not xs:
-            errs["grad key"] = _err(ks.grad, kr.grad)
+            errs["grad key"] = rel_err(ks.grad, kr.grad)
             if vs is not ks:
-                errs["grad value"] = _err(vs.grad, vr.grad)
+                errs["grad value"] = rel_err(vs.grad, vr.grad)
         for (n, p), q in zip(dp.named_parameters(), ref.parameters()):
-            errs[f"grad {n}"] = _err(p.grad, q.grad)
+            errs[f"grad {n}"] = rel_err(p.grad, q.grad)
     if kind in ("self", "self_unconverted") and batch is not None and world > 1 and not call.get("eval"):
         n_tok = batch * L * EMBED
         errs[f"bytes {s.sent_bytes} > activations"] = 0.0 if s.sent_bytes < 8 * 8 * n_tok else math.inf
@@ -347,25 +337,6 @@ def test_multihead_attention_bytes(world):
 # --- refusals and the gather guard ---------------------------------------------------------------------------
 
 
-def _raises(fn, exc_type, *words) -> str:
-    try:
-        fn()
-    except exc_type as e:  # noqa: PERF203
-        msg = str(e)
-        missing = [w for w in words if w not in msg]
-        assert not missing, f"message lacks {missing}: {msg}"
-        return msg
-    raise AssertionError(f"{fn} did not raise {exc_type.__name__}")
-
-
-def _still_in_step() -> None:
-    import torch.distributed as dist
-
-    t = torch.ones(1)
-    dist.all_reduce(t)
-    assert t.item() == dist.get_world_size()
-
-
 def _refusal_task() -> str:
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -374,24 +345,24 @@ def _refusal_task() -> str:
     m = manager()
     U = cd.UnsupportedShardingError
     q = cd.shard_tensor(torch.randn(1, 2, 7, 4, dtype=torch.float64), m, 2)
-    _raises(lambda: F.scaled_dot_product_attention(q, q, q, dropout_p=0.1), U, "dropout_p=0.1", "RNG", "dropout_p=0.0")
-    _still_in_step()
+    raises(lambda: F.scaled_dot_product_attention(q, q, q, dropout_p=0.1), U, "dropout_p=0.1", "RNG", "dropout_p=0.0")
+    still_in_step()
     heads = distribute_tensor(torch.randn(1, 2, 7, 4, dtype=torch.float64), m.domain_mesh, [Shard(1)])
-    _raises(lambda: F.scaled_dot_product_attention(q, heads, heads), U, "key has placements", "token dim")
-    _raises(
+    raises(lambda: F.scaled_dot_product_attention(q, heads, heads), U, "key has placements", "token dim")
+    raises(
         lambda: F.scaled_dot_product_attention(q, q, q.detach()[:, :1].full_tensor()),
         U,
         "key is sharded",
         "value is full",
     )
     mask = cd.shard_tensor(torch.ones(7, 7, dtype=torch.bool), m, 0)
-    _raises(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=mask), U, "attn_mask", "Replicate")
-    _raises(
+    raises(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=mask), U, "attn_mask", "Replicate")
+    raises(
         lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(7, 7, dtype=torch.bool), is_causal=True),
         RuntimeError,
         "is_causal",
     )
-    _still_in_step()
+    still_in_step()
     tokens = cd.shard_tensor(torch.randn(2, 7, 6, dtype=torch.float64), m, 1)
     for ctor, words in (
         ({"add_bias_kv": True}, ("bias_k", "add_bias_kv")),
@@ -399,15 +370,15 @@ def _refusal_task() -> str:
         ({"dropout": 0.2}, ("dropout_p=0.2",)),
     ):
         mha = cd.convert_to_domain_parallel(nn.MultiheadAttention(6, 2, batch_first=True, **ctor).double(), m)
-        _raises(lambda mha=mha: mha(tokens, tokens, tokens), U, "multi_head_attention_forward", *words)
-        _still_in_step()
+        raises(lambda mha=mha: mha(tokens, tokens, tokens), U, "multi_head_attention_forward", *words)
+        still_in_step()
     mha = cd.convert_to_domain_parallel(nn.MultiheadAttention(6, 2, batch_first=True, dropout=0.2).double(), m)
     mha.eval()  # dropout is off in eval: exact
     ref = nn.MultiheadAttention(6, 2, batch_first=True, dropout=0.2).double().eval()
     ref.load_state_dict({k: _full(v) for k, v in mha.state_dict().items()})
     with cd.gather_policy("raise"):
-        assert _err(mha(tokens, tokens, tokens)[0], ref(*[tokens.full_tensor()] * 3)[0]) <= TOL
-    _raises(
+        assert rel_err(mha(tokens, tokens, tokens)[0], ref(*[tokens.full_tensor()] * 3)[0]) <= TOL
+    raises(
         lambda: mha(
             tokens, tokens, tokens, key_padding_mask=cd.shard_tensor(torch.zeros(2, 7, dtype=torch.bool), m, 1)
         ),
@@ -415,7 +386,7 @@ def _refusal_task() -> str:
         "key_padding_mask",
         "Replicate",
     )
-    _still_in_step()
+    still_in_step()
     return "ok"
 
 
@@ -441,12 +412,12 @@ def _einsum_task() -> dict[str, float]:
     errs = {}
     if m.domain_world_size > 1:
         with cd.gather_policy("raise"):
-            _raises(lambda: attn(qs, ks, vs), cd.ImplicitGatherError, "einsum")
-        _still_in_step()
+            raises(lambda: attn(qs, ks, vs), cd.ImplicitGatherError, "einsum")
+        still_in_step()
     with cd.gather_policy("allow"):
-        errs["allow: exact"] = _err(attn(qs, ks, vs), attn(q, k, v))
+        errs["allow: exact"] = rel_err(attn(qs, ks, vs), attn(q, k, v))
     with cd.gather_policy("raise"):  # the same attention through F.scaled_dot_product_attention: no gather
-        errs["sdpa: exact"] = _err(F.scaled_dot_product_attention(qs, ks, vs, scale=0.5), attn(q, k, v))
+        errs["sdpa: exact"] = rel_err(F.scaled_dot_product_attention(qs, ks, vs, scale=0.5), attn(q, k, v))
     return errs
 
 
@@ -503,9 +474,9 @@ def _compile_task(tokens: int, tmp: str) -> dict:
     with cd.gather_policy("raise"):
         y = compiled(xs)
         y.backward(cd.shard_tensor(gy, m, 1))
-    errs = {"out": _err(y, yr), "grad x": _err(xs.grad, xr.grad)}
+    errs = {"out": rel_err(y, yr), "grad x": rel_err(xs.grad, xr.grad)}
     for (n, p), q in zip(dp.named_parameters(), ref.parameters()):
-        errs[f"grad {n}"] = _err(p.grad, q.grad)
+        errs[f"grad {n}"] = rel_err(p.grad, q.grad)
     return {"graphs": len(graphs), "breaks": sum(dynamo.utils.counters["graph_break"].values()), "errs": errs}
 
 

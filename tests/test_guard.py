@@ -10,28 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.harness import get_world, manager
-
-
-def _raises(fn, exc_type, *words) -> str:
-    try:
-        fn()
-    except exc_type as e:  # noqa: PERF203
-        msg = str(e)
-        missing = [w for w in words if w not in msg]
-        assert not missing, f"message lacks {missing}: {msg}"
-        return msg
-    raise AssertionError(f"{fn} did not raise {exc_type.__name__}")
-
-
-def _still_in_step() -> None:
-    """A collective after an error: every rank must reach it (no rank left behind)."""
-    import torch.distributed as dist
-
-    t = torch.ones(1)
-    dist.all_reduce(t)
-    assert t.item() == dist.get_world_size()
-
+from tests.harness import get_world, manager, raises, still_in_step
 
 # --- rank agreement ------------------------------------------------------------------------------------
 
@@ -45,15 +24,15 @@ def _agreement_task() -> str:
     m = manager()
     rank = dist.get_rank()
     x = torch.zeros(1, 2, 9 + rank, 4)  # rank r passes H = 9 + r
-    _raises(lambda: cd.shard_tensor(x, m, 2), DomainParallelError, "rank 0 passed shape (1, 2, 9, 4)", "rank 1")
-    _still_in_step()
+    raises(lambda: cd.shard_tensor(x, m, 2), DomainParallelError, "rank 0 passed shape (1, 2, 9, 4)", "rank 1")
+    still_in_step()
     y = torch.zeros(1, 2, 9, 4, dtype=torch.float64 if rank else torch.float32)
-    _raises(lambda: cd.shard_tensor(y, m, 2), DomainParallelError, "float32", "float64")
-    _still_in_step()
+    raises(lambda: cd.shard_tensor(y, m, 2), DomainParallelError, "float32", "float64")
+    still_in_step()
     torch.manual_seed(100 + rank)  # the classic bug: unseeded data differs per rank
     z = torch.randn(1, 2, 9, 4)
     cd.shard_tensor(z, m, 2)  # shapes agree: not checked without verify
-    _raises(
+    raises(
         lambda: cd.shard_tensor(z, m, 2, verify=True),
         DomainParallelError,
         "differs",
@@ -62,7 +41,7 @@ def _agreement_task() -> str:
     )
     os.environ["CREDIT_DTENSOR_VERIFY"] = "1"
     try:
-        _raises(lambda: cd.shard_batch({"x": z, "y": [z]}, m), DomainParallelError, "content", "differs")
+        raises(lambda: cd.shard_batch({"x": z, "y": [z]}, m), DomainParallelError, "content", "differs")
     finally:
         del os.environ["CREDIT_DTENSOR_VERIFY"]
     torch.manual_seed(0)
@@ -70,8 +49,8 @@ def _agreement_task() -> str:
     cd.shard_tensor(same, m, 2, verify=True)
     cd.shard_batch({"x": same, "t": torch.zeros(3)}, m, verify=True)
     batch = {"x": same} if rank == 0 else {"x": same, "y": same}  # different batch structure
-    _raises(lambda: cd.shard_batch(batch, m), DomainParallelError, "disagree", "no tensor")
-    _still_in_step()
+    raises(lambda: cd.shard_batch(batch, m), DomainParallelError, "disagree", "no tensor")
+    still_in_step()
     return "ok"
 
 
@@ -120,11 +99,11 @@ def _guard_task() -> dict:
     out["warnings"] = [str(i.message) for i in w if issubclass(i.category, cd.ImplicitGatherWarning)]
     # raise: every rank raises before the collective; the ranks are still in step afterwards
     with cd.gather_policy("raise"):
-        out["raise"] = _raises(lambda: torch.sort(x, 2), cd.ImplicitGatherError, "torch.sort", "bytes")
+        out["raise"] = raises(lambda: torch.sort(x, 2), cd.ImplicitGatherError, "torch.sort", "bytes")
         assert isinstance(cd.ImplicitGatherError("x"), cd.DomainParallelError)
         full = cd.gather_tensor(x)  # explicit gathers are never flagged
         assert full.shape == (1, 2, 10, 4)
-    _still_in_step()
+    still_in_step()
     # allow: silent
     with cd.gather_policy("allow"), warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -141,7 +120,7 @@ def _guard_task() -> dict:
         y = model(x)
         y.sum().backward()
     out["events"] = [(e.op, e.module, e.phase) for e in events]
-    _raises(lambda: cd.gather_policy("sometimes"), cd.DomainParallelError, "warn", "raise", "allow")
+    raises(lambda: cd.gather_policy("sometimes"), cd.DomainParallelError, "warn", "raise", "allow")
     return out
 
 
@@ -165,14 +144,14 @@ def _env_task() -> str:
     os.environ["CREDIT_DTENSOR_GATHER"] = "raise"
     guard._state["policy"] = None
     try:
-        _raises(lambda: torch.sort(x, 2), cd.ImplicitGatherError, "gather guard policy 'raise'")
+        raises(lambda: torch.sort(x, 2), cd.ImplicitGatherError, "gather guard policy 'raise'")
         os.environ["CREDIT_DTENSOR_GATHER"] = "bogus"
         guard._state["policy"] = None
-        _raises(lambda: torch.sort(x, 2), cd.DomainParallelError, "CREDIT_DTENSOR_GATHER='bogus'")
+        raises(lambda: torch.sort(x, 2), cd.DomainParallelError, "CREDIT_DTENSOR_GATHER='bogus'")
     finally:
         del os.environ["CREDIT_DTENSOR_GATHER"]
         guard._state["policy"] = None
-    _still_in_step()
+    still_in_step()
     return "ok"
 
 
@@ -219,14 +198,14 @@ def _misuse_task() -> str:
 
     m = manager()
     E = cd.DomainParallelError
-    _raises(lambda: cd.shard_tensor([[1.0, 2.0]], m, 0), E, "expected a torch.Tensor, got list", "torch.as_tensor")
-    _raises(lambda: cd.shard_tensor(np.zeros((2, 3)), m, 0), E, "got ndarray", "torch.as_tensor")
-    _raises(lambda: cd.convert_to_domain_parallel(torch.zeros(3), m), E, "expected an nn.Module, got Tensor")
-    _raises(lambda: cd.plan(lambda: nn.Conv2d(1, 1, 3), 2, (1, 1, 8, 8)), E, "expected an nn.Module, got function")
+    raises(lambda: cd.shard_tensor([[1.0, 2.0]], m, 0), E, "expected a torch.Tensor, got list", "torch.as_tensor")
+    raises(lambda: cd.shard_tensor(np.zeros((2, 3)), m, 0), E, "got ndarray", "torch.as_tensor")
+    raises(lambda: cd.convert_to_domain_parallel(torch.zeros(3), m), E, "expected an nn.Module, got Tensor")
+    raises(lambda: cd.plan(lambda: nn.Conv2d(1, 1, 3), 2, (1, 1, 8, 8)), E, "expected an nn.Module, got function")
     x = cd.shard_tensor(torch.randn(1, 2, 8, 6), m, 2)
-    _raises(lambda: nn.Unfold(3)(x), cd.UnsupportedShardingError, "F.unfold", "Conv2d")
+    raises(lambda: nn.Unfold(3)(x), cd.UnsupportedShardingError, "F.unfold", "Conv2d")
     grid = torch.zeros(1, 8, 6, 2)
-    _raises(
+    raises(
         lambda: F.grid_sample(x, grid, align_corners=False),
         cd.UnsupportedShardingError,
         "F.grid_sample",
@@ -235,9 +214,9 @@ def _misuse_task() -> str:
     # (nn.MultiheadAttention over H-sharded tokens is exact now: tests/test_attention.py)
     own = cd.DomainParallelManager(dist.get_world_size(), device_type="cpu")
     own.close()  # the group is not its own: it stays up, but the manager is closed
-    _raises(lambda: cd.shard_tensor(torch.zeros(1, 1, 4, 4), own, 2), E, "closed", "new DomainParallelManager")
-    _raises(lambda: cd.convert_to_domain_parallel(nn.Conv2d(1, 1, 3), own), E, "closed")
-    _still_in_step()
+    raises(lambda: cd.shard_tensor(torch.zeros(1, 1, 4, 4), own, 2), E, "closed", "new DomainParallelManager")
+    raises(lambda: cd.convert_to_domain_parallel(nn.Conv2d(1, 1, 3), own), E, "closed")
+    still_in_step()
     return "ok"
 
 

@@ -14,26 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.harness import get_world, manager
+from tests.parity import rel_err
 
 SHAPES = {"even": (2, 3, 12, 5), "uneven": (2, 3, 13, 5), "tiny": (2, 3, 2, 5)}
 TOL = 1e-10
-
-
-def _full(t):
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _err(a, b) -> float:
-    a, b = _full(a), _full(b)
-    if a is None or b is None:
-        return 0.0 if a is None and b is None else math.inf
-    if a.shape != b.shape:
-        return math.inf
-    if a.numel() == 0:
-        return 0.0
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
 
 
 def _inputs(shape, seed=0):
@@ -148,9 +132,9 @@ def _loss_task(shape_name: str) -> dict[str, float]:
             loss.backward()
         placements = tuple(loss.placements)
         errors[f"{name}: placement {placements}"] = 0.0 if placements == (Replicate(),) else math.inf
-        errors[f"{name}: value"] = _err(loss, loss_ref)
-        errors[f"{name}: grad pred"] = _err(p.grad, p_ref.grad)
-        errors[f"{name}: grad param"] = _err(scale.grad, scale_ref.grad)
+        errors[f"{name}: value"] = rel_err(loss, loss_ref)
+        errors[f"{name}: grad pred"] = rel_err(p.grad, p_ref.grad)
+        errors[f"{name}: grad param"] = rel_err(scale.grad, scale_ref.grad)
         # only partial sums crossed: far less than one activation row block
         activation_bytes = inp["pred"].numel() * 8
         errors[f"{name}: bytes {s.sent_bytes}"] = 0.0 if s.sent_bytes <= activation_bytes / 4 + 64 else math.inf
@@ -229,8 +213,8 @@ def _reduction_task(shape_name: str) -> dict[str, float]:
                 y.backward(gys)
         if yr.requires_grad:
             yr.backward(gy)
-            errors[f"{name}: grad"] = _err(xs.grad, xr.grad)
-        errors[f"{name}: value"] = _err(y, yr)
+            errors[f"{name}: grad"] = rel_err(xs.grad, xr.grad)
+        errors[f"{name}: value"] = rel_err(y, yr)
         # only reduced partials crossed: at most a few all-reduces of one H-row's worth of values
         bound = 4 * 8 * x.numel() // x.shape[2]
         errors[f"{name}: bytes {s.sent_bytes} > {bound}"] = 0.0 if s.sent_bytes <= bound else math.inf

@@ -14,13 +14,13 @@ parameter gradient, with the gather guard in ``raise`` mode (forward and backwar
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 
 from credit_dtensor.models import MODELS as FACTORIES
 from tests.harness import get_world, manager
+from tests.parity import rel_err
 
 TOL = 1e-10
 
@@ -38,18 +38,6 @@ CASES = {
     "fuxi": {2: (32,), 3: (80,), 4: (32,)},  # Swin-V2 windows of 4 on H/4: 2 | 5 (2, 2, 1) | 2 (1, 1, 0, 0)
     "unet_scse": {2: (16,), 3: (20,), 4: (12,)},  # levels 20, 10, 5 (2, 2, 1) | 12, 6, 3 (1, 1, 1, 0)
 }
-
-
-def _rel(a, b) -> float:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(a, DTensor):
-        a = a.full_tensor()
-    if a is None or b is None or a.shape != b.shape:
-        return math.inf if (a is None) != (b is None) or (a is not None and a.shape != b.shape) else 0.0
-    if not a.numel():
-        return 0.0
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
 
 
 def _outputs(y) -> list:
@@ -88,10 +76,10 @@ def _zoo_task(cases: list[tuple[str, int]]) -> dict:
             results[(name, h)] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         for i, (y, yr) in enumerate(zip(ys, ys_ref)):
-            errs[f"out{i} ({tuple(y.shape)}, {getattr(y, 'placements', None)})"] = _rel(y, yr)
-        errs["grad_x"] = _rel(xs.grad, xr.grad)
+            errs[f"out{i} ({tuple(y.shape)}, {getattr(y, 'placements', None)})"] = rel_err(y, yr)
+        errs["grad_x"] = rel_err(xs.grad, xr.grad)
         for (n, p), q in zip(conv.named_parameters(), ref.parameters()):
-            errs[f"grad_{n}"] = _rel(p.grad, q.grad)
+            errs[f"grad_{n}"] = rel_err(p.grad, q.grad)
         results[(name, h)] = {"errs": errs, "n_params": len(list(ref.parameters()))}
     return results
 
