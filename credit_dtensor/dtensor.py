@@ -33,6 +33,7 @@ __all__ = [
     "check_replicated",
     "align_operand",
     "has_dtensor",
+    "is_domain_replicate",
 ]
 
 
@@ -73,6 +74,12 @@ def domain_shard_dim(x: object) -> int | None:
 
 def is_domain_sharded(x: object) -> bool:
     return domain_shard_dim(x) is not None
+
+
+def is_domain_replicate(x: object) -> bool:
+    """A DTensor ``Replicate`` on a 1-D (domain) mesh: every rank holds all of it (a pooled tensor,
+    a statistic, a mask)."""
+    return isinstance(x, DTensor) and x.device_mesh.ndim == 1 and x.placements[0].is_replicate()
 
 
 def spatial_shard_dim(x: object, nd: int, where: str) -> int | None:

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
 from . import guard
-from .dtensor import first_sharded, has_dtensor, wrap_replicate
+from .dtensor import first_sharded, has_dtensor, is_domain_replicate, wrap_replicate
 
 __all__ = ["register", "registered_functions", "ensure_enabled", "enabled", "disable", "suspended", "DomainRulesMode"]
 
@@ -119,7 +119,7 @@ def registered_functions() -> dict[str, list[str]]:
 
 def _first_domain_replicate(args: tuple, kwargs: dict) -> DTensor | None:
     for a in (*args, *kwargs.values()):
-        if isinstance(a, DTensor) and a.device_mesh.ndim == 1 and a.placements[0].is_replicate():
+        if is_domain_replicate(a):
             return a
     return None
 

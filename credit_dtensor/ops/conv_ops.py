@@ -14,7 +14,7 @@ import torch
 from torch.distributed.tensor import DTensor, Partial, Shard
 
 from .. import stats
-from ..dtensor import global_stride
+from ..dtensor import global_stride, wrap_shard
 from ..halo import halo_gather, halo_scatter_add
 from . import _groups
 from .conv_local import local_backward, local_forward, local_setup
@@ -220,17 +220,13 @@ class HaloConvDTensor(torch.autograd.Function):
         y, ext = _forward_impl(xl, wl, None if b is None else b.to_local(), *args)
         ctx.save_for_backward(xl, ext, wl)
         ctx.has_bias, ctx.args = b is not None, args
-        out_placements = (Shard(args[2]),)
-        ctx.x_meta = (x.device_mesh, x.placements, x.shape, x.stride(), out_placements)
+        ctx.x_meta = (x.device_mesh, x.placements, x.shape, (Shard(args[2]),))
         ctx.w_meta = (w.device_mesh, w.shape, None if b is None else b.shape)
-        shape = torch.Size(out_shape)
-        return DTensor.from_local(
-            y, x.device_mesh, out_placements, run_check=False, shape=shape, stride=global_stride(y, shape)
-        )
+        return wrap_shard(y, x.device_mesh, args[2], out_shape)
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        mesh, placements, x_shape, x_stride, out_placements = ctx.x_meta
+        mesh, placements, x_shape, out_placements = ctx.x_meta
         if isinstance(gy, DTensor):
             if gy.placements != out_placements:
                 gy = gy.redistribute(mesh, out_placements)

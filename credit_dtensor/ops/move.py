@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from .. import stats
 from ..comm import exchange
-from ..dtensor import align_operand, domain_shard_dim, full_operand, wrap_shard
+from ..dtensor import align_operand, domain_shard_dim, full_operand, is_domain_replicate, wrap_shard
 from ..geometry import chunk_range
 from ..geometry.window import repartition as repartition_plan
 from ..halo import cached_plan, halo_gather, halo_scatter_add
@@ -189,10 +189,6 @@ def _getitem_rule(func, args, kwargs):
     return local_apply(torch.Tensor.__getitem__, (y, tuple(rest)), {}, y, sd_pos)
 
 
-def _all_replicate(t: DTensor) -> bool:
-    return t.device_mesh.ndim == 1 and all(p.is_replicate() for p in t.placements)
-
-
 @register(torch.Tensor.__setitem__)
 def _setitem_rule(func, args, kwargs):
     """``mask[a:b, c:d] = value`` on a ``Replicate`` DTensor (Swin's shifted-window attention mask,
@@ -201,22 +197,19 @@ def _setitem_rule(func, args, kwargs):
     ``fill_.Tensor`` a scalar assignment becomes. Only without autograd (a mask, a buffer):
     anything else is DTensor's."""
     x, idx, value = args
-    if not isinstance(x, DTensor) or not _all_replicate(x) or x.requires_grad:
+    if not is_domain_replicate(x) or x.requires_grad:
         return NotImplemented
     if isinstance(value, DTensor):
-        if not _all_replicate(value) or value.device_mesh != x.device_mesh or value.requires_grad:
+        if not is_domain_replicate(value) or value.device_mesh != x.device_mesh or value.requires_grad:
             return NotImplemented
         value = value.to_local()
     elif isinstance(value, torch.Tensor) and value.requires_grad:
         return NotImplemented
     leaves = idx if isinstance(idx, tuple) else (idx,)
-    if any(isinstance(i, DTensor) and not _all_replicate(i) for i in leaves):
+    if any(isinstance(i, DTensor) and not is_domain_replicate(i) for i in leaves):
         return NotImplemented
-    idx = (
-        tuple(i.to_local() if isinstance(i, DTensor) else i for i in leaves)
-        if isinstance(idx, tuple)
-        else (idx.to_local() if isinstance(idx, DTensor) else idx)
-    )
+    local = tuple(i.to_local() if isinstance(i, DTensor) else i for i in leaves)
+    idx = local if isinstance(idx, tuple) else local[0]
     x.to_local()[idx] = value  # the DTensor's own local tensor (no autograd): updated in place
     return None
 

@@ -25,6 +25,7 @@ from ..dtensor import (
     domain_shard_dim,
     first_sharded,
     full_operand,
+    is_domain_replicate,
     local_replicated,
     wrap_replicate,
     wrap_shard,
@@ -231,7 +232,7 @@ def _replicated_pointwise(func, args, kwargs, tensors):
     strategy at all. Gradients stay ``Replicate``: every rank computes the same full gradient."""
     dts = [t for t in tensors if isinstance(t, DTensor)]
     mesh = dts[0].device_mesh
-    if mesh.ndim != 1 or any(t.device_mesh != mesh or not t.placements[0].is_replicate() for t in dts):
+    if any(t.device_mesh != mesh or not is_domain_replicate(t) for t in dts):
         return NotImplemented
 
     def local(a: Any) -> Any:
