@@ -22,6 +22,7 @@ __all__ = [
     "all_gather_small",
     "all_gather_rows",
     "all_to_all",
+    "broadcast",
     "broadcast_object",
     "nbytes",
 ]
@@ -221,6 +222,18 @@ def all_to_all(
         (sum(send_numels) - send_numels[me]) * size, (sum(recv_numels) - recv_numels[me]) * size, collectives=1
     )
     return list(out.split(list(recv_numels)))
+
+
+def broadcast(t: torch.Tensor, src: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """In-place broadcast of ``t`` from group rank ``src`` (returns ``t``); counted: the source sends
+    one copy to each other rank, the others receive one."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return t
+    dist.broadcast(t, src=dist.get_global_rank(group, src), group=group)
+    me = dist.get_rank(group)
+    stats.record(nbytes(t) * (world - 1) if me == src else 0, 0 if me == src else nbytes(t), collectives=1)
+    return t
 
 
 def broadcast_object(obj: object, src: int, group: dist.ProcessGroup) -> object:

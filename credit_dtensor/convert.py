@@ -33,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.nn.modules.batchnorm import _NormBase
 
-from . import guard
+from . import guard, rebind
 from .constraints import validate_sharding_constraints
 from .converters import (
     Converter,
@@ -274,6 +274,7 @@ def _replicate_state(model: nn.Module, mesh: DeviceMesh, frozen: set[int]) -> in
             if new is None:
                 new = nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()]), requires_grad=p.requires_grad)
                 memo[id(p)] = new
+                rebind.record(p, new)
                 count += 1
             mod._parameters[name] = new
         if isinstance(mod, _NormBase):  # running stats: plain, updated identically by the norm wrappers
@@ -408,6 +409,8 @@ def convert_to_domain_parallel(
     counts = _apply_wrappers(model, manager, frozen)
     _install_state_dict_hooks(model, frozen)
     guard.register_module_paths(model)
+    if replicated:
+        rebind.rebind_optimizers()  # optimizers built before conversion train the new parameters
 
     summary = dict(sorted((counts + custom_counts).items()))
     previous = getattr(model, "_dp_conversion", {}) if isinstance(getattr(model, "_dp_conversion", None), dict) else {}

@@ -144,6 +144,23 @@ def _replicate_plain(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
 
 
+class _NoAliasHooks:
+    @staticmethod
+    def active() -> bool:
+        return False
+
+
+#: view semantics for slices/reshapes the rules return (set by :mod:`credit_dtensor.ops.alias`)
+_ALIAS: Any = _NoAliasHooks
+
+
+def set_alias_hooks(hooks: Any) -> None:
+    """Install ``hooks.before(func, args, kwargs)`` / ``hooks.after(func, args, kwargs)``, called
+    around every call on DTensors while ``hooks.active()``."""
+    global _ALIAS
+    _ALIAS = hooks
+
+
 class DomainRulesMode(TorchFunctionMode):
     """The interception mode (one instance per thread; see the module docstring)."""
 
@@ -154,25 +171,35 @@ class DomainRulesMode(TorchFunctionMode):
             _METADATA_SET.get(func) is not None and not (len(args) > 1 and _is_plain_tensor(args[1]))
         ):
             return func(*args, **kwargs)  # metadata: no rule, no guard, nothing to replicate
-        rules = _RULES.get(func)
-        if rules is None and func not in _BACKWARD:
-            if not has_dtensor(args, kwargs):
-                return func(*args, **kwargs)
-            args, kwargs = _replicate_plain(args, kwargs)
-            with guard.watch(func):
-                return func(*args, **kwargs)
+        if _ALIAS.active():
+            _ALIAS.before(func, args, kwargs)
+            out = _dispatch(func, args, kwargs)
+            _ALIAS.after(func, args, kwargs)
+            return out
+        return _dispatch(func, args, kwargs)
+
+
+def _dispatch(func, args: tuple, kwargs: dict) -> Any:
+    """Route one call (the mode is off while this runs): a rule, or DTensor under the gather guard."""
+    rules = _RULES.get(func)
+    if rules is None and func not in _BACKWARD:
         if not has_dtensor(args, kwargs):
             return func(*args, **kwargs)
-        if func in _BACKWARD:
-            with guard.watch(func, "backward"):
-                return func(*args, **kwargs)
+        args, kwargs = _replicate_plain(args, kwargs)
         with guard.watch(func):
-            for rule in rules:  # type: ignore[union-attr]
-                out = rule(func, args, kwargs)
-                if out is not NotImplemented:
-                    return out
-            args, kwargs = _replicate_plain(args, kwargs)
             return func(*args, **kwargs)
+    if not has_dtensor(args, kwargs):
+        return func(*args, **kwargs)
+    if func in _BACKWARD:
+        with guard.watch(func, "backward"):
+            return func(*args, **kwargs)
+    with guard.watch(func):
+        for rule in rules:  # type: ignore[union-attr]
+            out = rule(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        args, kwargs = _replicate_plain(args, kwargs)
+        return func(*args, **kwargs)
 
 
 _DISABLE_TORCH_FUNCTION = getattr(torch._C, "DisableTorchFunction", None)

@@ -41,7 +41,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from . import comm, intercept
+from . import comm, intercept, rebind
 from .errors import DomainParallelError
 from .mesh import DomainParallelManager
 
@@ -186,7 +186,14 @@ def parallelize(
     if activation_checkpointing:
         apply_activation_checkpointing(blocks)
     if fsdp:
+        before = {(id(m), n): p for m in model.modules() for n, p in m._parameters.items() if p is not None}
         apply_fsdp(model, manager.dp_mesh, blocks, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        for m in model.modules():  # FSDP2 registers new (sharded) parameters: optimizers built before follow
+            for n, p in m._parameters.items():
+                old = before.get((id(m), n))
+                if old is not None and p is not None and p is not old:
+                    rebind.record(old, p)
+        rebind.rebind_optimizers()
     else:
         model._dp_manager = manager  # for reduce_gradients
     if compile:

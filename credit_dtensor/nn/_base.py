@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
+from .. import rebind
 from ..errors import DomainParallelError, MeshMismatchError
 from ..mesh import DomainParallelManager
 from ..sharding import shard_tensor
@@ -75,7 +76,8 @@ def replicate_parameters(module: nn.Module, mesh: DeviceMesh, *, recurse: bool =
                     f"move the model with .to({mesh.device_type!r}) before converting"
                 )
             dt = distribute_tensor(p.detach(), mesh, [Replicate()])
-            mod._parameters[name] = nn.Parameter(dt, requires_grad=p.requires_grad)
+            mod._parameters[name] = new = nn.Parameter(dt, requires_grad=p.requires_grad)
+            rebind.record(p, new)
 
 
 def replicate_buffers(module: nn.Module, mesh: DeviceMesh) -> None:

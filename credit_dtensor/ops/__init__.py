@@ -18,6 +18,8 @@ FAMILIES = (
     "loss",
     "pointwise",
     "move",
+    "assign",
+    "random",
     "reshape",
     "attention",
     "attention_mha",

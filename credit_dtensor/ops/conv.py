@@ -29,6 +29,7 @@ from ..dtensor import check_replicated, full_operand, local_replicated, wrap_sha
 from ..errors import DomainParallelError, UnsupportedShardingError
 from ..intercept import register
 from . import _groups
+from ._autocast import cast_inputs
 from .conv_ops import HaloConvDTensor, HaloConvEager, encode, halo_conv
 from .conv_spec import (
     ConvSpec,
@@ -98,6 +99,7 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec:
     dim = _spatial_shard_dim(x, spec.nd)
     if dim is None:
         return _builtin(x, weight, bias, spec)
+    x, weight, bias = cast_inputs(spec.name, x, weight, bias)  # torch.autocast, as conv*d does
     with intercept.suspended():  # DTensor plumbing and the op on local tensors: no rule applies
         return _halo(x, weight, bias, spec, dim, batched)
 

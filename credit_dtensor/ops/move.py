@@ -20,14 +20,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .. import stats
+from .. import comm, stats
 from ..comm import exchange
-from ..dtensor import align_operand, domain_shard_dim, full_operand, is_domain_replicate, wrap_shard
-from ..geometry import chunk_range
+from ..dtensor import align_operand, domain_shard_dim, full_operand, wrap_replicate, wrap_shard
+from ..geometry import chunk_range, owner_of
+from ..geometry.index import Entry, expand_index, result_position
 from ..geometry.window import repartition as repartition_plan
 from ..halo import cached_plan, halo_gather, halo_scatter_add
 from ..intercept import register
-from . import _groups, opaque
+from . import _groups, alias, opaque
 from ._rows import ROW_FACTORIES, RowOp, apply_row_op, chunk_needs, domain_info, row_op_ref
 from .pointwise import local_apply
 
@@ -137,81 +138,155 @@ def _flip_rule(func, args, kwargs):
 # --- slicing / narrow / index_select / split / chunk ---------------------------------------------------------
 
 
-def _basic_index(idx: Any) -> tuple | None:
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    for i in idx:
-        if isinstance(i, bool) or not isinstance(i, (int, slice, type(None), type(Ellipsis))):
-            return None
-        if isinstance(i, slice) and not all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step)):
-            return None
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _classify(item: Any) -> tuple[str, int] | None:
+    if isinstance(item, torch.Tensor):
+        if item.dtype == torch.bool:
+            return "mask", item.ndim
+        if item.dtype in _INT_DTYPES:
+            return "tensor", 1
+    return None
+
+
+def _tensorize(idx: Any) -> Any:
+    """Python lists in an index are index tensors (``x[[0, 2]]``), as in PyTorch."""
+    if isinstance(idx, list):
+        return torch.tensor(idx)
+    if isinstance(idx, tuple):
+        return tuple(torch.tensor(i) if isinstance(i, list) else i for i in idx)
     return idx
+
+
+def parse_index(x: torch.Tensor, idx: Any) -> list[Entry] | None:
+    """``idx`` expanded to one entry per dim of ``x`` (``None``: not an index we understand)."""
+    return expand_index(_tensorize(idx), x.ndim, _classify)
+
+
+def _entries_item(entries: list[Entry]) -> tuple:
+    return tuple(e.value if e.kind != "none" else None for e in entries)
 
 
 @register(torch.Tensor.__getitem__)
 def _getitem_rule(func, args, kwargs):
+    """``x[idx]`` of an H-sharded ``x``: the H entry moves only the rows it selects (a slice or an
+    index tensor: re-chunked rows; one row: a ``Replicate`` row from its owner), the rest of the
+    index runs on the local tensor. The result is tracked as a view of ``x`` (:mod:`.alias`)."""
     x, idx = args
     sd = domain_shard_dim(x)
-    idx = _basic_index(idx) if sd is not None else None
-    if idx is None:
-        return NotImplemented  # advanced indexing: DTensor's own rule (under the gather guard)
-    consumed = sum(1 for i in idx if isinstance(i, (int, slice)))
-    if sum(1 for i in idx if i is Ellipsis) > 1 or consumed > x.ndim:
+    entries = parse_index(x, idx) if sd is not None else None
+    if entries is None:
         return NotImplemented
-    full: list[Any] = []
-    for i in idx:
-        full.extend([slice(None)] * (x.ndim - consumed) if i is Ellipsis else [i])
-    if Ellipsis not in idx:
-        full.extend([slice(None)] * (x.ndim - consumed))
-    d, out_pos = 0, 0
-    sd_pos = entry = None
-    for k, i in enumerate(full):
-        if i is None:
-            out_pos += 1
-            continue
-        if d == sd:
-            entry, sd_entry_index = i, k
-            sd_pos = out_pos if isinstance(i, slice) else None
-        if isinstance(i, slice):
-            out_pos += 1
-        d += 1
-    if isinstance(entry, int):
-        return NotImplemented  # selecting one H row makes a replicated result: DTensor (guarded)
+    t = next(i for i, e in enumerate(entries) if e.kind != "none" and e.dim <= sd < e.dim + max(e.ndim, 1))
+    e = entries[t]
     n = x.shape[sd]
+    adv = [en for en in entries if en.kind in ("tensor", "mask")]
+    if e.kind == "mask" or (e.kind == "tensor" and (len(adv) > 1 or e.value.ndim != 1)):
+        return NotImplemented  # ops.assign refuses masks over H; several index tensors: DTensor (guarded)
+    if any(isinstance(en.value, DTensor) for en in adv):
+        return NotImplemented
+    rest = list(entries)
+    rest[t] = Entry("slice", slice(None), e.dim, 1)
+    if e.kind == "int":  # one H row: every rank gets it (a Replicate result), from its owner
+        if not -n <= e.value < n:
+            return NotImplemented  # PyTorch's own IndexError
+        row = select_row(x, e.value % n)
+        rest.pop(t)
+        items = _entries_item(rest)
+        y = (
+            row
+            if all(en.kind == "slice" and en.value == slice(None) for en in rest)
+            else _replicate_getitem(row, items)
+        )
+        return alias.track(y, x, idx, _assign_back(idx), shares_memory=False)
     y = x
-    if entry != slice(None):
-        if entry.step is not None and entry.step <= 0:
+    if e.kind == "tensor":
+        y = row_map(x, [int(i) % n if n else int(i) for i in e.value.reshape(-1).tolist()])
+    elif e.value != slice(None):
+        if e.value.step is not None and e.value.step <= 0:
             return NotImplemented  # PyTorch's own error
-        y = row_map(x, slice_sources(n, entry.start, entry.stop, entry.step))
-    rest = list(full)
-    rest[sd_entry_index] = slice(None)
-    if all(i == slice(None) for i in rest) and y is not x:
-        return y
-    return local_apply(torch.Tensor.__getitem__, (y, tuple(rest)), {}, y, sd_pos)
+        y = row_map(x, slice_sources(n, e.value.start, e.value.stop, e.value.step))
+    if y is x or not all(en.kind == "slice" and en.value == slice(None) for en in rest):
+        others = [tuple(en.value.shape) if en.kind == "tensor" else (1,) for en in adv if en is not e]
+        pos = result_position(rest, t, len(torch.broadcast_shapes(*others)) if others else 1)
+        y = local_apply(torch.Tensor.__getitem__, (y, _entries_item(rest)), {}, y, pos)
+    shares = e.kind == "slice" and e.value == slice(None)
+    return alias.track(y, x, idx, _assign_back(idx), shares_memory=shares)
 
 
-@register(torch.Tensor.__setitem__)
-def _setitem_rule(func, args, kwargs):
-    """``mask[a:b, c:d] = value`` on a ``Replicate`` DTensor (Swin's shifted-window attention mask,
-    built with ``x.new_zeros`` from a sharded ``x``): every rank holds the whole tensor and applies
-    the same assignment to it, so it runs on the local tensor. DTensor has no strategy for the
-    ``fill_.Tensor`` a scalar assignment becomes. Only without autograd (a mask, a buffer):
-    anything else is DTensor's."""
-    x, idx, value = args
-    if not is_domain_replicate(x) or x.requires_grad:
-        return NotImplemented
-    if isinstance(value, DTensor):
-        if not is_domain_replicate(value) or value.device_mesh != x.device_mesh or value.requires_grad:
-            return NotImplemented
-        value = value.to_local()
-    elif isinstance(value, torch.Tensor) and value.requires_grad:
-        return NotImplemented
-    leaves = idx if isinstance(idx, tuple) else (idx,)
-    if any(isinstance(i, DTensor) and not is_domain_replicate(i) for i in leaves):
-        return NotImplemented
-    local = tuple(i.to_local() if isinstance(i, DTensor) else i for i in leaves)
-    idx = local if isinstance(idx, tuple) else local[0]
-    x.to_local()[idx] = value  # the DTensor's own local tensor (no autograd): updated in place
-    return None
+class _SelectRow:
+    """Row ``row`` of the local tensors along ``dim``, broadcast from its owner (a ``Replicate``
+    result); backward: the owner takes the (replicated) gradient of the row, nothing moves."""
+
+    saved_inputs: tuple[int, ...] = ()
+    saved_outputs: tuple[int, ...] = ()
+    differentiable_outputs = (0,)
+
+    def __init__(self, shape: tuple, dim: int, row: int, group: str, world: int, rank: int) -> None:
+        self.shape, self.dim, self.group, self.rank = tuple(shape), dim, group, rank
+        self.owner = owner_of(row, shape[dim], world)
+        a, b = chunk_range(shape[dim], world, rank)
+        self.local_row, self.local_rows = row - a, b - a
+        self.row_shape = self.shape[:dim] + self.shape[dim + 1 :]
+
+    def forward(self, inputs: list) -> list[torch.Tensor]:
+        x = inputs[0]
+        if self.rank == self.owner:
+            out = x.select(self.dim, self.local_row).contiguous().clone()
+        else:
+            out = x.new_empty(self.row_shape)
+        with stats.op_label("select"):
+            return [comm.broadcast(out, self.owner, _groups.resolve(self.group))]
+
+    def backward(self, saved: list, grads: list, needs: list) -> list:
+        g = grads[0]
+        local = list(self.shape)
+        local[self.dim] = self.local_rows
+        out = g.new_zeros(local)
+        if self.rank == self.owner and g is not None:
+            out.select(self.dim, self.local_row).copy_(g)
+        return [out]
+
+    def fake_forward(self, inputs: list) -> list[torch.Tensor]:
+        return [inputs[0].new_empty(self.row_shape)]
+
+    def fake_backward(self, saved: list, grads: list, needs: list) -> list:
+        local = list(self.shape)
+        local[self.dim] = self.local_rows
+        return [grads[0].new_empty(local)]
+
+
+@opaque.builder("select_row")
+def _build_select_row(shape: tuple, dim: int, row: int, group: str, world: int, rank: int) -> _SelectRow:
+    return _SelectRow(shape, dim, row, group, world, rank)
+
+
+def select_row(x: DTensor, row: int) -> DTensor:
+    """Global row ``row`` of ``x`` along its sharded dim, on every rank (``Replicate``; one row moves,
+    from its owner). Its gradient flows back to the owner's row."""
+    mesh, _, world, rank = domain_info(x)
+    dim = domain_shard_dim(x)
+    key = opaque.make_key("select_row", tuple(x.shape), dim, row, _groups.name_of(mesh), world, rank)
+    local = opaque.apply(key, [x.to_local()])[0]
+    return wrap_replicate(local, mesh)
+
+
+def _replicate_getitem(t: DTensor, idx: tuple) -> DTensor:
+    """``t[idx]`` for a ``Replicate`` DTensor, on the local value (every rank the same computation,
+    so the same gradient: it stays ``Replicate``)."""
+    return wrap_replicate(t.to_local()[idx], t.device_mesh)
+
+
+def _assign_back(idx: Any):
+    """How a slice ``x[idx]`` is written back into ``x`` (view semantics, :mod:`.alias`)."""
+
+    def write(base: DTensor, value: DTensor) -> None:
+        from .assign import assign
+
+        assign(base, idx, value)
+
+    return write
 
 
 @register(torch.narrow, torch.Tensor.narrow)
@@ -223,12 +298,25 @@ def _narrow_rule(func, args, kwargs):
         return NotImplemented
     dim %= x.ndim
     if dim != sd:
-        return local_apply(torch.narrow, (x, dim, start, length), {}, x, sd)
+        out = local_apply(torch.narrow, (x, dim, start, length), {}, x, sd)
+        return _track_slices(out, x, dim, [(start % max(x.shape[dim], 1), None, length)], True)
     n = x.shape[sd]
     start = start + n if start < 0 else start
     if not 0 <= start <= start + length <= n:
         return NotImplemented  # PyTorch's own error
-    return row_map(x, list(range(start, start + length)))
+    return _track_slices(row_map(x, list(range(start, start + length))), x, dim, [(start, None, length)], False)
+
+
+def _track_slices(out: Any, x: DTensor, dim: int, pieces: list[tuple[int, Any, int]], shares: bool) -> Any:
+    """Track ``out`` (one piece, or a tuple of pieces ``x.narrow(dim, start, length)``) as views of ``x``."""
+    idxs = [(slice(None),) * dim + (slice(a, a + n),) for a, _, n in pieces]
+    if not isinstance(out, (tuple, list)):
+        return alias.track(out, x, idxs[0], _assign_back(idxs[0]), shares_memory=shares)
+
+    def write(base: DTensor, value: DTensor, i: int) -> None:
+        _assign_back(idxs[i])(base, value)
+
+    return alias.track(out, x, tuple(idxs), write, shares_memory=shares)
 
 
 @register(torch.index_select, torch.Tensor.index_select)
@@ -265,16 +353,19 @@ def _split_rule(func, args, kwargs):
     sd = domain_shard_dim(x)
     if sd is None or split is None or not isinstance(dim, int):
         return NotImplemented
-    if dim % x.ndim != sd:
-        return _along_other_dim(func, args, kwargs, x, sd)
-    sizes = _split_sizes(x.shape[sd], split)
+    dim %= x.ndim
+    sizes = _split_sizes(x.shape[dim], split)
+    pieces, a = [], 0
+    for s in sizes:
+        pieces.append((a, None, s))
+        a += s
+    if dim != sd:
+        out = _along_other_dim(func, args, kwargs, x, sd)
+        return out if out is NotImplemented else _track_slices(out, x, dim, pieces, True)
     if sum(sizes) != x.shape[sd]:
         return NotImplemented
-    out, a = [], 0
-    for s in sizes:
-        out.append(row_map(x, list(range(a, a + s))))
-        a += s
-    return tuple(out)
+    out = [row_map(x, list(range(a, a + n))) for a, _, n in pieces]
+    return _track_slices(tuple(out), x, dim, pieces, False)
 
 
 def _along_other_dim(func, args, kwargs, x: DTensor, sd: int):
@@ -295,10 +386,13 @@ def _chunk_rule(func, args, kwargs):
     sd = domain_shard_dim(x)
     if sd is None or not isinstance(chunks, int) or chunks < 1 or not isinstance(dim, int):
         return NotImplemented
-    if dim % x.ndim != sd:
-        return _along_other_dim(func, args, kwargs, x, sd)
-    n = x.shape[sd]
+    dim %= x.ndim
+    n = x.shape[dim]
     size = -(-n // chunks) if n else 0
+    if dim != sd:
+        if not size:
+            return _along_other_dim(func, args, kwargs, x, sd)
+        return _split_rule(torch.split, (x, size, dim), {})
     return _split_rule(torch.split, (x, size, sd), {}) if size else (x,)
 
 
@@ -423,6 +517,53 @@ class _Repartition:
 @opaque.builder("repartition")
 def _build_repartition(dim: int, in_units: tuple, out_units: tuple, group: str, world: int, rank: int) -> _Repartition:
     return _Repartition(dim, in_units, out_units, group, world, rank)
+
+
+class _FetchRows:
+    """Rank ``r`` receives global rows ``needs[r]`` (any rows, in any order) of a ``torch.chunk``-
+    sharded tensor of ``n`` rows along ``dim`` (local tensors; one batched exchange, only rows owned
+    elsewhere move); backward sends the gradient rows back and adds them."""
+
+    saved_inputs: tuple[int, ...] = ()
+    saved_outputs: tuple[int, ...] = ()
+    differentiable_outputs = (0,)
+
+    def __init__(self, dim: int, n: int, needs: tuple, group: str, world: int, rank: int) -> None:
+        self.dim, self.group = dim, group
+        self.plan = cached_plan(n, world, rank, needs)
+        self.count = len(needs[rank])
+        self.local_rows = chunk_range(n, world, rank)
+
+    def forward(self, inputs: list) -> list[torch.Tensor]:
+        with stats.op_label("assign"):
+            ext = halo_gather(inputs[0].contiguous(), self.dim, self.plan, _groups.resolve(self.group))
+        return [ext.clone() if ext is inputs[0] else ext]
+
+    def backward(self, saved: list, grads: list, needs: list) -> list:
+        with stats.op_label("assign"):
+            return [halo_scatter_add(grads[0].contiguous(), self.dim, self.plan, _groups.resolve(self.group))]
+
+    def fake_forward(self, inputs: list) -> list[torch.Tensor]:
+        return [inputs[0].new_empty(_with(list(inputs[0].shape), self.dim, self.count))]
+
+    def fake_backward(self, saved: list, grads: list, needs: list) -> list:
+        a, b = self.local_rows
+        return [grads[0].new_empty(_with(list(grads[0].shape), self.dim, b - a))]
+
+
+@opaque.builder("fetch_rows")
+def _build_fetch_rows(dim: int, n: int, needs: tuple, group: str, world: int, rank: int) -> _FetchRows:
+    return _FetchRows(dim, n, needs, group, world, rank)
+
+
+def fetch_rows(local: torch.Tensor, mesh: Any, dim: int, n: int, needs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """This rank's rows ``needs[rank]`` of a tensor sharded ``torch.chunk``-wise (``n`` rows along
+    ``dim``; ``local`` is this rank's shard), gathered from their owners (differentiable; every rank
+    of the mesh calls it with the same ``needs``)."""
+    needs = tuple(tuple(int(r) for r in rows) for rows in needs)
+    world, rank = mesh.size(), mesh.get_local_rank()
+    key = opaque.make_key("fetch_rows", dim, n, needs, _groups.name_of(mesh), world, rank)
+    return opaque.apply(key, [local])[0]
 
 
 def repartition_local(

@@ -27,6 +27,7 @@ from ..dtensor import check_replicated, full_operand, wrap_replicate, wrap_shard
 from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_range
 from ..geometry.norm import NormLayout
+from ._autocast import cast_inputs
 from ._route import register_routes
 from .norm_kernels import channel_norm, layer_xhat
 
@@ -170,6 +171,7 @@ def group_norm(
     """``F.group_norm`` for a DTensor sharded on a spatial dim (or replicated); exact, autograd-aware."""
     if not isinstance(input, DTensor):
         return F.group_norm(input, num_groups, weight, bias, eps)
+    input, weight, bias = cast_inputs("group_norm", input, weight, bias)  # torch.autocast (CUDA: fp32)
     shape = tuple(input.shape)
     if len(shape) < 2 or num_groups < 1 or shape[1] % num_groups:
         raise DomainParallelError(
@@ -300,6 +302,7 @@ def layer_norm(
     over; purely local (torch's kernel, no communication) when it is a leading dim (e.g. over C)."""
     if not isinstance(input, DTensor):
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
+    input, weight, bias = cast_inputs("layer_norm", input, weight, bias)  # torch.autocast (CUDA: fp32)
     shape = tuple(input.shape)
     ns = _check_normalized_shape(shape, normalized_shape, label)
     _check_shapes(label, ns, "(normalized_shape)", weight=weight, bias=bias)

@@ -25,6 +25,7 @@ from ..errors import DomainParallelError
 from ..geometry.pad import check_pad, normalize_pad_mode, pad_sources, split_pad
 from ..halo import cached_plan, halo_gather, halo_scatter_add
 from ..intercept import register
+from ._autocast import cast_inputs
 from ._rows import RowOp, apply_row_op, chunk_needs, domain_info, register_row_ops, row_op_ref
 
 __all__ = ["pad", "PadOp", "pad_args"]
@@ -149,6 +150,10 @@ def pad(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: floa
     if dim is None:
         return F.pad(x, list(pad), mode=mode, value=value)
     out_shape = _validate(x.shape, pad, mode, value)
+    kind = normalize_pad_mode(mode)
+    if kind in ("reflect", "replicate"):  # torch.autocast: fp32 on CPU, as reflection/replication_pad*d
+        nd = len(pad) // 2
+        (x,) = cast_inputs(f"{'reflection' if kind == 'reflect' else 'replication'}_pad{nd}d", x)
     _, _, world, rank = domain_info(x)  # type: ignore[arg-type]
     args = pad_args(tuple(x.shape), pad, mode, value, dim, world, rank)
     return apply_row_op(x, row_op_ref("PadOp", args, args[4], out_shape))  # type: ignore[arg-type]

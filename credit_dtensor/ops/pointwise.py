@@ -31,6 +31,7 @@ from ..dtensor import (
     wrap_shard,
 )
 from ..errors import DomainParallelError
+from ..geometry import chunk_range
 from ..intercept import register, register_many
 
 __all__ = ["POINTWISE", "DIMWISE", "local_apply", "wrap_outputs"]
@@ -253,6 +254,68 @@ def _replicated_pointwise(func, args, kwargs, tensors):
 
 
 register_many(POINTWISE, _pointwise_rule)
+
+
+# --- in-place methods: x.mul_(v), x += v, x.copy_(v) on a sharded x ------------------------------------------
+
+
+def _inplace_methods() -> tuple[Callable, ...]:
+    """``Tensor.foo_`` for every pointwise ``Tensor.foo``, the augmented operators and ``copy_``."""
+    found: list[Callable] = [torch.Tensor.copy_]
+    for fn in POINTWISE:
+        name = getattr(fn, "__name__", "")
+        if getattr(fn, "__qualname__", "").startswith(("Tensor.", "TensorBase.", "_TensorBase.")):
+            method = getattr(torch.Tensor, f"{name}_", None)
+            if method is not None and name not in ("masked_fill",):  # masked_fill_: ops.assign
+                found.append(method)
+    for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift"):
+        method = getattr(torch.Tensor, f"__i{op}__", None)
+        if method is not None:
+            found.append(method)
+    return tuple(dict.fromkeys(found))
+
+
+INPLACE_METHODS = _inplace_methods()
+
+
+def _inplace_method_rule(func, args, kwargs):
+    """An in-place method on a sharded ``x`` with full operands (a plain tensor, a ``Replicate``
+    DTensor) that span the sharded dim: each operand is cut to ``x``'s rows and given as a DTensor
+    sharded like ``x``, so DTensor runs the op locally in both directions (with a ``Replicate``
+    operand its backward all-gathers the operand's gradient) and keeps autograd's own in-place
+    bookkeeping; the operand's gradient is summed over the ranks once (``full_operand``)."""
+    x = args[0] if args else None
+    sd = domain_shard_dim(x)
+    if sd is None or kwargs.get("out") is not None:
+        return NotImplemented
+    mesh = x.device_mesh
+
+    n = x.shape[sd]
+    lo, hi = chunk_range(n, mesh.size(), mesh.get_local_rank())
+
+    def shard_like_x(a: Any) -> Any:
+        if not isinstance(a, torch.Tensor) or a.ndim == 0 or a.ndim > x.ndim:
+            return a
+        if isinstance(a, DTensor) and not is_domain_replicate(a):
+            return a  # sharded operands: DTensor's own rule (same placement: local)
+        if isinstance(a, DTensor) and a.device_mesh != mesh:
+            return a  # DTensor's own error
+        local = full_operand(a, mesh)
+        local = local.reshape([1] * (x.ndim - local.ndim) + list(local.shape))
+        if local.shape[sd] == 1 and n != 1:  # broadcast along H: materialized as a view (stride 0)
+            local = local.expand([n if d == sd else -1 for d in range(x.ndim)])
+        elif local.shape[sd] != n:
+            return a  # PyTorch's own error
+        shape = list(local.shape)
+        return wrap_shard(local.narrow(sd, lo, hi - lo), mesh, sd, shape)
+
+    new_args = (x, *(shard_like_x(a) for a in args[1:]))
+    new_kwargs = {k: shard_like_x(v) for k, v in kwargs.items()}
+    with intercept.suspended():
+        return func(*new_args, **new_kwargs)
+
+
+register_many(INPLACE_METHODS, _inplace_method_rule)
 
 
 # --- ops along one dim that is not the sharded one ------------------------------------------------------

@@ -20,6 +20,7 @@ from .. import comm, stats
 from ..dtensor import spatial_shard_dim, wrap_replicate
 from ..geometry import chunk_range
 from ..geometry.resample import adaptive_range, avg_pool_taps, pool_out_len
+from ._autocast import cast_inputs
 from ._route import register_routes
 from ._rows import SeparableOp, apply_row_op, domain_info, local_shape, meta_like, register_row_ops, row_op_ref
 from .max_pool import AdaptiveMaxPoolOp, MaxPoolOp
@@ -165,6 +166,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
 def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """``F.max_pool3d``; exact on sharded inputs; indices are global (as on one device)."""
+    (input,) = cast_inputs("max_pool3d", input)  # torch.autocast: fp32 on CPU
     return _max_pool(3, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
@@ -202,6 +204,7 @@ def avg_pool3d(
     input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
 ):
     """``F.avg_pool3d``; exact on sharded inputs."""
+    (input,) = cast_inputs("avg_pool3d", input)  # torch.autocast: fp32 on CPU
     return _avg_pool(3, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
@@ -261,6 +264,7 @@ def adaptive_avg_pool2d(input, output_size):
 
 def adaptive_avg_pool3d(input, output_size):
     """``F.adaptive_avg_pool3d``; exact on sharded inputs."""
+    (input,) = cast_inputs("adaptive_avg_pool3d", input)  # torch.autocast: fp32 on CPU
     return _adaptive_avg(3, input, output_size)
 
 

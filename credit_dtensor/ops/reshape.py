@@ -32,12 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import guard
+from .. import guard, intercept
 from ..dtensor import domain_shard_dim, wrap_shard
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
 from ..geometry.window import ViewPlan, valid_domain_sizes, view_plan
 from ..intercept import register
+from . import alias
 from .move import repartition_local
 
 __all__ = ["FUNCS", "target_shape", "reshape_sharded"]
@@ -150,7 +151,18 @@ def _reshape_rule(func, args, kwargs):
     target = target_shape(func, args, kwargs)
     if target is None:
         return NotImplemented
-    return reshape_sharded(x, target[0], target[1], func)
+    out = reshape_sharded(x, target[0], target[1], func)
+    if out is NotImplemented or out is x:
+        return out
+    shares = out.to_local().data_ptr() == x.to_local().data_ptr() or out.to_local().numel() == 0
+    return alias.track(out, x, ("reshape", tuple(x.shape)), _reshape_back, shares_memory=shares)
+
+
+def _reshape_back(base: Any, value: Any) -> None:
+    """Write a reshaped view back into its base (view semantics, :mod:`.alias`)."""
+    back = reshape_sharded(value, list(base.shape))
+    with intercept.suspended():
+        base.copy_(back)
 
 
 # --- the error for merges that cannot stay sharded ----------------------------------------------------
