@@ -192,7 +192,7 @@ def _dispatch(func, args: tuple, kwargs: dict) -> Any:
         return func(*args, **kwargs)
     if func in _BACKWARD:
         with guard.watch(func, "backward"):
-            return func(*args, **kwargs)
+            return _backward(func, args, kwargs)
     with guard.watch(func):
         for rule in rules:  # type: ignore[union-attr]
             out = rule(func, args, kwargs)
@@ -200,6 +200,58 @@ def _dispatch(func, args: tuple, kwargs: dict) -> Any:
                 return out
         args, kwargs = _replicate_plain(args, kwargs)
         return func(*args, **kwargs)
+
+
+def _bind_backward(func, args: tuple, kwargs: dict) -> tuple | None:
+    """``(tensors, grad_tensors, retain_graph, create_graph, inputs)`` of a ``Tensor.backward`` /
+    ``torch.autograd.backward`` call (``None`` for ``torch.autograd.grad``)."""
+    if func is torch.Tensor.backward:
+        names = ("self", "gradient", "retain_graph", "create_graph", "inputs")
+        a = dict(zip(names, args))
+        a.update(kwargs)
+        tensors, grads = (a["self"],), (a.get("gradient"),)
+    elif func is torch.autograd.backward:
+        names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs")
+        a = dict(zip(names, args))
+        a.update(kwargs)
+        t = a["tensors"]
+        tensors = (t,) if isinstance(t, torch.Tensor) else tuple(t)
+        g = a.get("grad_tensors")
+        grads = (g,) if g is None or isinstance(g, torch.Tensor) else tuple(g)
+        if len(grads) == 1 and len(tensors) > 1 and grads[0] is None:
+            grads = (None,) * len(tensors)
+    else:
+        return None
+    inputs = a.get("inputs")
+    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    create = bool(a.get("create_graph", False))
+    retain = a.get("retain_graph")
+    return tensors, grads, create if retain is None else bool(retain), create, inputs
+
+
+def _backward(func, args: tuple, kwargs: dict) -> Any:
+    """A backward call, run with the rules mode on the stack: activation checkpointing recomputes
+    forwards inside it (``torch.utils.checkpoint(..., use_reentrant=False)`` in a saved-tensor hook),
+    and a recomputed forward must take the rules the forward took. A mode's own handler runs with
+    the mode popped, so the call goes to autograd's engine entry (``_engine_run_backward``, present
+    in torch 2.11-2.14) with a fresh mode pushed; without that entry, PyTorch's own call."""
+    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    bound = _bind_backward(func, args, kwargs) if run is not None else None
+    if bound is None:
+        return func(*args, **kwargs)
+    tensors, grads, retain, create, inputs = bound
+    if len(grads) != len(tensors):
+        return func(*args, **kwargs)  # PyTorch's own error
+    full = []
+    for t, g in zip(tensors, grads):
+        if g is None:
+            if t.numel() != 1:
+                raise RuntimeError("grad can be implicitly created only for scalar outputs")
+            g = torch.ones_like(t, memory_format=torch.preserve_format)
+        full.append(g)
+    with scoped():
+        run(tensors, tuple(full), retain, create, inputs, allow_unreachable=True, accumulate_grad=True)
+    return None
 
 
 _DISABLE_TORCH_FUNCTION = getattr(torch._C, "DisableTorchFunction", None)

@@ -396,33 +396,39 @@ def test_refusals_are_clear_on_every_rank(world):
 
 
 def _einsum_task() -> dict[str, float]:
-    """Einsum attention: the score matrix needs every key, so DTensor gathers -- which the guard reports
-    (raise: an error on every rank; allow: the exact result)."""
+    """Einsum attention over token-sharded q, k, v: the score matrix needs every key, so the operands
+    are re-laid out onto the heads (one all-to-all each) and the product is local: exact, no gather,
+    each rank sending at most its share. With fewer heads than ranks (and one sample) no dim can take
+    the product: a clear error on every rank instead of a gather."""
     import credit_dtensor as cd
 
     m = manager()
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, 2, 8, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    world = m.domain_world_size
 
     def attn(q, k, v):
         s = torch.einsum("bhqd,bhkd->bhqk", q, k) / 2.0
         return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
 
-    qs, ks, vs = (cd.shard_tensor(t, m, 2) for t in (q, k, v))
     errs = {}
-    if m.domain_world_size > 1:
-        with cd.gather_policy("raise"):
-            raises(lambda: attn(qs, ks, vs), cd.ImplicitGatherError, "einsum")
-        still_in_step()
-    with cd.gather_policy("allow"):
-        errs["allow: exact"] = rel_err(attn(qs, ks, vs), attn(q, k, v))
-    with cd.gather_policy("raise"):  # the same attention through F.scaled_dot_product_attention: no gather
+    q, k, v = (torch.randn(1, 4, 13, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    qs, ks, vs = (cd.shard_tensor(t, m, 2) for t in (q, k, v))
+    with cd.gather_policy("raise"), cd.comm_stats() as st:
+        y = attn(qs, ks, vs)
+    errs["einsum: exact"] = rel_err(y, attn(q, k, v))
+    share = q.numel() * q.element_size() / world
+    errs["einsum: bytes within share"] = float(st.sent_bytes > 4 * share)  # q, k, v to heads, scores stay local
+    with cd.gather_policy("raise"):  # the same attention through F.scaled_dot_product_attention
         errs["sdpa: exact"] = rel_err(F.scaled_dot_product_attention(qs, ks, vs, scale=0.5), attn(q, k, v))
+    if world > 2:
+        small = [cd.shard_tensor(t[:, :2], m, 2) for t in (q, k, v)]
+        raises(lambda: attn(*small), cd.DomainParallelError, "einsum", "'h', has 2 entries for 3 ranks", "Fix")
+        still_in_step()
     return errs
 
 
-@pytest.mark.parametrize("world", [1, 3])
-def test_einsum_attention_goes_through_the_gather_guard(world):
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_einsum_attention_is_exact_without_gathers(world):
     _check(get_world(world).run(_einsum_task), world, "einsum")
 
 

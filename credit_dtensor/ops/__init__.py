@@ -21,6 +21,8 @@ FAMILIES = (
     "assign",
     "random",
     "reshape",
+    "relayout",
+    "einsum",
     "attention",
     "attention_mha",
     "refuse",

@@ -407,22 +407,30 @@ def _matmul_rule(func, args, kwargs):
     """``a @ b`` with ``a`` sharded on a batch or row dim and ``b`` replicated: local rows of ``a``;
     or both sharded on the same batch dim (window attention ``q @ k.transpose(-2, -1)`` with the
     windows sharded): local batches. DTensor's own rule flattens the batch dims and refuses uneven
-    shards ("Cannot flatten unevenly sharded tensor")."""
+    shards ("Cannot flatten unevenly sharded tensor"). Everything else with a sharded operand
+    (keys from other shards, a contracted sharded dim): :func:`credit_dtensor.ops.einsum.matmul`."""
     a = args[0] if args else kwargs.get("input")
     b = args[1] if len(args) > 1 else kwargs.get("other")
-    sd = domain_shard_dim(a)
-    if sd is None or not isinstance(b, torch.Tensor) or a.ndim < 2 or b.ndim < 2 or sd >= a.ndim - 1:
-        return NotImplemented  # 1-D operands, or the sharded dim is contracted
-    sb = domain_shard_dim(b)
-    if sb is not None:
-        same_batch_dim = sd < a.ndim - 2 and sb < b.ndim - 2 and a.ndim - sd == b.ndim - sb
-        if not same_batch_dim or a.shape[sd] != b.shape[sb] or a.device_mesh != b.device_mesh:
-            return NotImplemented  # keys from other shards: DTensor (under the gather guard)
-        out = torch.matmul(a.to_local(), b.to_local())
-        return wrap_outputs(out, a, lambda t: t.ndim - a.ndim + sd)
-    try:
-        bl = _replicated_local(b, a.device_mesh)
-    except ValueError:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or kwargs.get("out") is not None:
         return NotImplemented
-    out = torch.matmul(a.to_local(), bl)
-    return wrap_outputs(out, a, lambda t: t.ndim - a.ndim + sd)
+    sd = domain_shard_dim(a)
+    if sd is not None and a.ndim >= 2 and b.ndim >= 2 and sd < a.ndim - 1:
+        sb = domain_shard_dim(b)
+        if sb is not None:
+            same_batch_dim = sd < a.ndim - 2 and sb < b.ndim - 2 and a.ndim - sd == b.ndim - sb
+            if same_batch_dim and a.shape[sd] == b.shape[sb] and a.device_mesh == b.device_mesh:
+                out = torch.matmul(a.to_local(), b.to_local())
+                return wrap_outputs(out, a, lambda t: t.ndim - a.ndim + sd)
+        else:
+            try:
+                bl = _replicated_local(b, a.device_mesh)
+            except ValueError:
+                bl = None
+            if bl is not None:
+                out = torch.matmul(a.to_local(), bl)
+                return wrap_outputs(out, a, lambda t: t.ndim - a.ndim + sd)
+    if domain_shard_dim(a) is None and domain_shard_dim(b) is None:
+        return NotImplemented
+    from .einsum import matmul
+
+    return matmul(a, b)
