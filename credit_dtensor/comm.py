@@ -125,7 +125,16 @@ def resolve_group(name: str) -> dist.ProcessGroup:
     if group is None:  # e.g. a graph compiled in another process: ask c10d
         from torch.distributed.distributed_c10d import _resolve_process_group
 
-        group = _GROUPS[name] = _resolve_process_group(name)
+        from .errors import DomainParallelError
+
+        try:
+            group = _GROUPS[name] = _resolve_process_group(name)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise DomainParallelError(
+                f"process group {name!r} of this DTensor/model no longer exists (DomainParallelManager.close() or "
+                "torch.distributed.destroy_process_group() ran): create a new DomainParallelManager, shard the "
+                "inputs and convert the model with it, and call close() only at the end of the job"
+            ) from exc
     return group
 
 

@@ -91,9 +91,17 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
+
+
 def _resolve_device_type(device_type: str | None) -> str:
     if device_type is None:
         return default_device_type()
+    if device_type not in SUPPORTED_DEVICE_TYPES:
+        raise DomainParallelError(
+            f"DomainParallelManager: device_type={device_type!r} is not supported: pass 'cpu' (gloo), 'cuda' "
+            "(nccl) or None to pick by availability"
+        )
     if device_type == "cuda" and not torch.cuda.is_available():
         raise DomainParallelError(
             "DomainParallelManager: device_type='cuda' but no GPU is visible: "

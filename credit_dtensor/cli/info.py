@@ -18,7 +18,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from ._args import HelpFormatter, check_torchrun_env, positive_int, under_torchrun
+from ._args import HelpFormatter, UsageError, check_torchrun_env, positive_int, under_torchrun
 
 __all__ = ["register", "cmd_info"]
 
@@ -38,7 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="domain-parallel size under torchrun (None: the whole world)",
     )
-    p.set_defaults(handler=cmd_info, validate=lambda args: check_torchrun_env())
+    p.set_defaults(handler=cmd_info, validate=_validate)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """A domain size needs that many processes: outside torchrun, ``--domain N > 1`` is a usage error
+    (it would otherwise print the versions and exit 0 without a mesh)."""
+    check_torchrun_env()
+    if args.domain is not None and args.domain > 1 and not under_torchrun():
+        raise UsageError(
+            f"--domain {args.domain} describes a mesh of {args.domain} ranks but this is one process: launch "
+            f"`torchrun --standalone --nproc-per-node {args.domain} -m credit_dtensor.cli info --domain {args.domain}`"
+        )
 
 
 def _import_op_modules() -> dict[str, str]:

@@ -18,6 +18,7 @@ import sys
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
@@ -141,6 +142,12 @@ class DomainParallelModule:
     def _dp_input(self, x: torch.Tensor, default_dim: int) -> DTensor:
         """A plain tensor is sharded on ``default_dim``; a DTensor must live on our mesh."""
         mesh = self._dp_mesh
+        if not dist.is_initialized():
+            raise DomainParallelError(
+                f"{module_label(self)}: the process group of this converted model is gone (DomainParallelManager."
+                "close() or torch.distributed.destroy_process_group() ran): create a new DomainParallelManager and "
+                "convert a fresh copy of the model (convert_to_domain_parallel), and call close() only at the end"
+            )
         if isinstance(x, DTensor):
             if x.device_mesh != mesh:
                 raise MeshMismatchError(

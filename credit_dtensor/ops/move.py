@@ -579,3 +579,40 @@ def repartition_local(
     world, rank = mesh.size(), mesh.get_local_rank()
     key = opaque.make_key("repartition", dim, in_units, out_units, _groups.name_of(mesh), world, rank)
     return opaque.apply(key, [local])[0]
+
+
+# --- Tensor.unfold: sliding windows along a dim ----------------------------------------------------------------
+
+
+@register(torch.Tensor.unfold)
+def _unfold_rule(func, args, kwargs):
+    """``x.unfold(dim, size, step)``: window ``i`` holds rows ``[i*step, i*step + size)`` and becomes
+    a new last dim. Along the sharded dim each rank owns a ``torch.chunk`` slice of the windows and
+    fetches the few rows its last windows reach into (a halo: ``size - step`` rows); along any other
+    dim it is local (DTensor has no rule for it)."""
+    x = args[0]
+    names = ("dimension", "size", "step")
+    vals = dict(zip(names, args[1:]))
+    vals.update({k: v for k, v in kwargs.items() if k in names})
+    sd = domain_shard_dim(x)
+    if sd is None or not all(isinstance(vals.get(k), int) for k in names):
+        return NotImplemented
+    dim, size, step = vals["dimension"] % max(x.ndim, 1), vals["size"], vals["step"]
+    n = x.shape[dim]
+    if size < 0 or step <= 0 or size > n:
+        return NotImplemented  # PyTorch's own error
+    if dim != sd:  # the windows overlap in memory: no DTensor stride describes them, so a copy
+        return local_apply(lambda t, *a: t.unfold(*a).contiguous(), (x, dim, size, step), {}, x, sd)
+    windows = (n - size) // step + 1
+    mesh, _, world, rank = domain_info(x)
+    needs = []
+    for r in range(world):
+        w0, w1 = chunk_range(windows, world, r)
+        needs.append(tuple(range(w0 * step, (w1 - 1) * step + size)) if w1 > w0 else ())
+    ext = fetch_rows(x.to_local(), mesh, sd, n, needs)
+    w0, w1 = chunk_range(windows, world, rank)
+    # the windows overlap in memory: no DTensor stride describes them, so a copy; a rank without
+    # windows keeps its (empty) rows in the graph, so its backward joins the exchange too
+    local = (ext.unfold(sd, size, step) if w1 > w0 else ext.unsqueeze(-1).expand(*ext.shape, size)).contiguous()
+    shape = [*x.shape[:sd], windows, *x.shape[sd + 1 :], size]
+    return wrap_shard(local, mesh, sd, shape)

@@ -28,3 +28,20 @@ def _weight_norm_backward_sharding(grad_w, saved_v, saved_g, saved_norms, dim):
 
 
 REPLICATED_PARAM_OPS = ("aten._weight_norm_interface", "aten._weight_norm_interface_backward")
+
+
+def _refuse_ddp(*args, **kwargs):
+    from ..errors import UnsupportedShardingError
+
+    raise UnsupportedShardingError(
+        "torch.nn.parallel.DistributedDataParallel over a domain-parallel model: its parameters are DTensors on "
+        "the domain mesh, which DDP cannot broadcast or all-reduce. Fix: use credit_dtensor.parallelize(model, "
+        "manager) (FSDP2 on the data-parallel mesh dim), or parallelize(model, manager, fsdp=False) and "
+        "credit_dtensor.parallelize.reduce_gradients(model) after each backward"
+    )
+
+
+# DDP's first collective on the parameters (its initial broadcast): a clear error instead of
+# "c10d.broadcast_.default does not have a sharding strategy registered"
+if hasattr(torch.ops, "c10d") and hasattr(torch.ops.c10d, "broadcast_"):
+    register_sharding(torch.ops.c10d.broadcast_.default)(_refuse_ddp)

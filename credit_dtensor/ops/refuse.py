@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 
-from ..dtensor import domain_shard_dim
+from ..dtensor import domain_shard_dim, is_domain_replicate
 from ..errors import UnsupportedShardingError
 from ..guard import _op_name, module_path
 from ..intercept import register
@@ -56,3 +57,23 @@ def _grid_sample_rule(func, args, kwargs):
         "each output pixel may sample any input row, so the rows it needs are only known from the grid's values",
         _GATHER_FIX,
     )
+
+
+def _host_rule(func, args, kwargs):
+    """``x.numpy()`` / ``x.tolist()``: a ``Replicate`` DTensor's local value is the whole tensor;
+    an H-sharded one holds only this rank's rows (PyTorch says "not supported for tensor subclasses")."""
+    x = args[0] if args else None
+    if is_domain_replicate(x):
+        return func(x.to_local(), *args[1:], **kwargs)
+    if domain_shard_dim(x) is None:
+        return NotImplemented
+    name = getattr(func, "__name__", "numpy")
+    raise refuse(
+        func,
+        f"each rank holds only its own rows of the {tuple(x.shape)} tensor",
+        f"credit_dtensor.gather_tensor(x).{name}() (or x.full_tensor().{name}()) for the whole tensor on every "
+        f"rank, or x.to_local().{name}() for this rank's rows",
+    )
+
+
+register(torch.Tensor.numpy, torch.Tensor.tolist)(_host_rule)
