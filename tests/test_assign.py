@@ -289,3 +289,52 @@ def _mask_read_task() -> str:
 def test_stale_slice_raises_and_mask_read_is_refused_with_fix(world):
     get_world(world).run(_stale_task)
     get_world(world).run(_mask_read_task)
+
+
+# --- index_add / index_copy / index_fill, scatter / gather --------------------------------------------------------
+
+
+def _index_ops_task(h: int) -> dict[str, float]:
+    import credit_dtensor as cd
+    from tests.parity import rel_err
+
+    m = manager()
+    g = torch.Generator().manual_seed(h)
+    x = torch.randn(B, C, h, W, generator=g, dtype=torch.float64)
+    wgt = torch.randn(B, C, h, W, generator=g, dtype=torch.float64)
+    rows = torch.tensor([0, h - 1, h // 2, 0])  # a repeated row: index_add accumulates it
+    src = torch.randn(B, C, 4, W, generator=g, dtype=torch.float64)
+    chan = torch.randint(0, C, (B, C, h, W), generator=g)
+    progs = {
+        "index_add_ H": lambda y, s, sh: y.index_add_(2, rows, s, alpha=0.5),
+        "index_copy_ H": lambda y, s, sh: y.index_copy_(2, rows[:3], s[:, :, :3]),
+        "index_fill_ H": lambda y, s, sh: y.index_fill_(2, rows, -2.0),
+        "index_add C": lambda y, s, sh: y.index_add(1, torch.tensor([2, 0]), sh[:, :2]),
+        "scatter_add_ C": lambda y, s, sh: y.scatter_add_(1, chan, sh),
+        "gather C": lambda y, s, sh: torch.gather(y, 1, chan) * 1,
+    }
+    out = {}
+    for name, fn in progs.items():
+        xr, sr, shr = (t.clone().requires_grad_() for t in (x, src, wgt))
+        yr = fn(xr * 1, sr, shr)
+        (yr * wgt).sum().backward()
+        xs = cd.shard_tensor(x, m, 2).requires_grad_()
+        ss = src.clone().requires_grad_()
+        shs = cd.shard_tensor(wgt, m, 2).requires_grad_()
+        with cd.gather_policy("raise"):
+            ys = fn(xs * 1, ss, shs)
+            (ys * cd.shard_tensor(wgt, m, 2)).sum().backward()
+        out[name] = rel_err(ys, yr)
+        out[f"{name} grad x"] = rel_err(xs.grad, xr.grad)
+        if sr.grad is not None:
+            out[f"{name} grad source"] = rel_err(ss.grad, sr.grad)
+        if shr.grad is not None:
+            out[f"{name} grad sharded source"] = rel_err(shs.grad, shr.grad)
+    return out
+
+
+@pytest.mark.parametrize("world,h", [(2, 13), (3, 13), (4, 5)])
+def test_index_and_scatter_ops_match_one_device(world, h):
+    for rank, errs in enumerate(get_world(world).run(_index_ops_task, h)):
+        bad = {k: v for k, v in errs.items() if not v <= 1e-10}
+        assert not bad, (rank, bad)
