@@ -112,7 +112,11 @@ def rebind_optimizers() -> int:
         return 0
     total = 0
     for obj in gc.get_objects():
-        if isinstance(obj, torch.optim.Optimizer):
+        try:
+            is_opt = isinstance(obj, torch.optim.Optimizer)
+        except ReferenceError:  # a weakref.proxy whose object is gone
+            continue
+        if is_opt:
             total += rebind(obj)
     return total
 

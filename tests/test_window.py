@@ -284,40 +284,57 @@ class _SwinPartitionAttention(nn.Module):
         return t.view(b, h // s, w // s, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
-def _error_task() -> dict[str, str]:
+def _merge_task() -> dict[str, str]:
+    """Window partition merging (B, nH, nW) with B = 2: H is merged *under* the batch, so no rank's
+    elements can be a torch.chunk shard of the merged dim. The merge runs where the merged dims are
+    whole (the shards move to a dim outside the group, then to the merged one: two all-to-alls, no
+    gather), exact; shard_local (windows inside shards) needs no communication. With every other
+    dim smaller than the domain, a DomainParallelError names the module, the window and the fix."""
+    import torch.distributed as dist
+
     import credit_dtensor as cd
 
     m = manager()
     out: dict[str, str] = {}
     x = torch.randn(2, 16, 8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     model = cd.convert_to_domain_parallel(nn.Sequential(_SwinPartitionAttention()), m)
+    ref = nn.Sequential(_SwinPartitionAttention())
+    xs = cd.shard_tensor(x, m, 1).requires_grad_()
+    xr = x.clone().requires_grad_()
+    with cd.gather_policy("raise"), cd.comm_stats() as st:
+        y = model(xs)
+        y.pow(2).sum().backward()
+    ref(xr).pow(2).sum().backward()
+    err = max((y.full_tensor() - ref(x)).abs().max().item(), (xs.grad.full_tensor() - xr.grad).abs().max().item())
+    out["merge_err"] = str(err)
+    share = x.numel() * x.element_size() / dist.get_world_size()
+    out["merge_bytes_ok"] = str(st.recv_bytes <= 8 * share)  # 2 all-to-alls per reshape, 2 reshapes, fwd + bwd
+    out["shard_local_err"] = "0"
+    if dist.get_world_size() in (1, 2, 4):  # shards of 16 rows hold whole windows of 4
+        shard_local = cd.convert_to_domain_parallel(
+            nn.Sequential(_SwinPartitionAttention()), m, custom_converters={_SwinPartitionAttention: cd.shard_local}
+        )
+        with cd.gather_policy("raise"):
+            y = shard_local(cd.shard_tensor(x, m, 1))
+        out["shard_local_err"] = str((y.full_tensor() - ref(x)).abs().max().item())
+    tiny = torch.randn(2, 16, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    small = cd.convert_to_domain_parallel(nn.Sequential(_SwinPartitionAttention(window_size=2)), m)
     try:
         with cd.gather_policy("raise"):
-            model(cd.shard_tensor(x, m, 1))
-        out["plain"] = "ran"
+            small(cd.shard_tensor(tiny, m, 1))
+        out["tiny"] = "ran"
     except cd.DomainParallelError as exc:
-        out["plain"] = str(exc)
-    shard_local = cd.convert_to_domain_parallel(
-        nn.Sequential(_SwinPartitionAttention()), m, custom_converters={_SwinPartitionAttention: cd.shard_local}
-    )
-    ref = nn.Sequential(_SwinPartitionAttention())
-    with cd.gather_policy("raise"):
-        y = shard_local(cd.shard_tensor(x, m, 1))
-    out["shard_local_err"] = str((y.full_tensor() - ref(x)).abs().max().item())
+        out["tiny"] = str(exc)
     return out
 
 
-def test_merge_under_batch_raises_with_the_fix_on_every_rank():
-    for rank, out in enumerate(get_world(2).run(_error_task)):
-        msg = out["plain"]
-        for needle in (
-            "0 (_SwinPartitionAttention)",
-            "merged under dims of size 2",
-            "shard_local",
-            "windows of 4 rows",
-            "H=16, domain sizes [1, 2, 4",
-            "this run: 2",
-            "(B, nH, nW)",
-        ):
-            assert needle in msg, (rank, needle, msg)
+def test_merge_under_batch_is_exact_and_tiny_dims_raise_with_the_fix():
+    for rank, out in enumerate(get_world(2).run(_merge_task)):
+        assert float(out["merge_err"]) < TOL and out["merge_bytes_ok"] == "True", (rank, out)
         assert float(out["shard_local_err"]) < TOL, (rank, out)
+        assert out["tiny"] == "ran", (rank, out)  # 2 ranks: every other dim has >= 2 entries
+    for rank, out in enumerate(get_world(3).run(_merge_task)):
+        assert float(out["merge_err"]) < TOL, (rank, out)
+        msg = out["tiny"]
+        for needle in ("0 (_SwinPartitionAttention)", "merged under dims of size 2", "shard_local", "this run: 3"):
+            assert needle in msg, (rank, needle, msg)

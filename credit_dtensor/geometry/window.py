@@ -171,6 +171,7 @@ class ViewPlan(NamedTuple):
     out_units: tuple[int, ...] = ()
     reason: str = ""
     outer: tuple[int, ...] = ()  # sizes of the dims merged above the sharded one (unsupported)
+    out_group: tuple[int, ...] = ()  # the output dims the sharded dim's group becomes
 
     @property
     def local(self) -> bool:
@@ -203,7 +204,7 @@ def view_plan(in_shape: Sequence[int], out_shape: Sequence[int], sd: int, world:
     inner_out = math.prod(out_shape[d] for d in go[1:])
     start, stop = gi[0], gi[-1] + 1
     if world == 1:
-        return ViewPlan("local", sd, od, start, stop)
+        return ViewPlan("local", sd, od, start, stop, out_group=tuple(go))
     if math.prod(outer) > 1:
         merged = "x".join(map(str, outer))
         return ViewPlan(
@@ -217,12 +218,13 @@ def view_plan(in_shape: Sequence[int], out_shape: Sequence[int], sd: int, world:
                 f"{out_shape[od]}: each rank's elements would be a strided set, not a torch.chunk shard"
             ),
             outer=outer,
+            out_group=tuple(go),
         )
     unit = math.gcd(inner_in, inner_out)
     in_units = tuple(o * inner_in // unit for o in chunk_offsets(n, world))
     out_units = tuple(o * inner_out // unit for o in chunk_offsets(out_shape[od], world))
     kind = "local" if in_units == out_units else "rechunk"
-    return ViewPlan(kind, sd, od, start, stop, unit, in_units, out_units)
+    return ViewPlan(kind, sd, od, start, stop, unit, in_units, out_units, out_group=tuple(go))
 
 
 def _plan_single_row(

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..dtensor import is_sharded, spatial_shard_dim
 from ..intercept import register
+from .relayout import to_spatial
 
 __all__ = ["Route", "register_routes"]
 
@@ -29,6 +30,11 @@ def register_routes(name: str, table: Mapping[Any, Route]) -> Callable:
         x = args[0] if args else kwargs.get("input")
         if not is_sharded(x):
             return NotImplemented  # replicated: PyTorch's own rule
+        if nd is not None and x is not None:
+            x2 = to_spatial(x, nd)  # sharded on channels: back on H first
+            if x2 is not x:
+                args, kwargs = ((x2, *args[1:]), kwargs) if args else (args, {**kwargs, "input": x2})
+                x = x2
         if nd is not None and x.ndim in (nd + 1, nd + 2) and spatial_shard_dim(x, nd, public.__name__) is None:
             return NotImplemented  # batch-sharded: PyTorch's own rule
         return public(*args, **{**kwargs, **fixed})

@@ -39,6 +39,7 @@ from .conv_spec import (
     needs_halo,
     validate,
 )
+from .relayout import to_spatial
 
 __all__ = ["ConvSpec", "conv", "conv_spec_from_module", "module_spec", "needs_halo", "halo_rows", "conv_out_shape"]
 
@@ -96,6 +97,7 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec:
         raise DomainParallelError(
             f"{spec.name}: expected a {spec.nd + 2}-D (or unbatched {spec.nd + 1}-D) input, got {x.ndim}-D"
         )
+    x = to_spatial(x, spec.nd)  # channel-sharded (heads merged into channels): back on H
     dim = _spatial_shard_dim(x, spec.nd)
     if dim is None:
         return _builtin(x, weight, bias, spec)
@@ -262,6 +264,7 @@ def _functional_rule(nd: int, transposed: bool):
         x = a.get("input")
         if not isinstance(x, DTensor) or x.ndim not in (nd + 1, nd + 2):
             return NotImplemented
+        x = to_spatial(x, nd)  # channel-sharded (heads merged into channels): back on H
         dim = _spatial_shard_dim(x, nd)
         if dim is None:
             if _is_batch_sharded(x) and x.ndim == nd + 2:

@@ -391,8 +391,16 @@ def _linear_rule(func, args, kwargs):
     DTensor's own rule flattens the leading dims and refuses uneven shards."""
     x = args[0] if args else kwargs.get("input")
     sd = domain_shard_dim(x)
-    if sd is None or sd == x.ndim - 1:
-        return NotImplemented  # contracting the sharded dim: not row-local
+    if sd is None:
+        return NotImplemented
+    if sd == x.ndim - 1:  # contracting the sharded dim (channels after heads): move the shards to tokens
+        from .relayout import best_free_dim, reshard
+
+        k = best_free_dim(x.shape, [d for d in range(x.ndim - 1) if x.shape[d] >= x.device_mesh.size()], 0)
+        if k is None:
+            return NotImplemented  # nothing else to shard: DTensor (under the gather guard)
+        x = reshard(x, k)
+        sd = k
     w = kwargs.get("weight", args[1] if len(args) > 1 else None)
     b = kwargs.get("bias", args[2] if len(args) > 2 else None)
     try:

@@ -113,3 +113,18 @@ def best_free_dim(x_shape: Any, candidates: list[int], world: int) -> int | None
     if not candidates:
         return None
     return max(candidates, key=lambda d: (x_shape[d] >= world, x_shape[d], -d))
+
+
+def to_spatial(x: Any, nd: int) -> Any:
+    """``x`` sharded on its H dim when a spatial op (``nd`` spatial dims) gets it sharded on a dim the
+    op mixes (channels, e.g. heads merged back into channels after attention re-laid out onto them):
+    one all-to-all instead of an error or a gather. Batch-sharded, spatially sharded, replicated and
+    plain inputs are returned as they are."""
+    d = domain_shard_dim(x)
+    if d is None or x.ndim not in (nd + 1, nd + 2):
+        return x
+    first = x.ndim - nd
+    if d >= first or (d == 0 and x.ndim == nd + 2):
+        return x
+    h = x.ndim - 2 if nd >= 2 else x.ndim - 1
+    return reshard(x, h)

@@ -40,6 +40,7 @@ from ..geometry.window import ViewPlan, valid_domain_sizes, view_plan
 from ..intercept import register
 from . import alias
 from .move import repartition_local
+from .relayout import best_free_dim, reshard
 
 __all__ = ["FUNCS", "target_shape", "reshape_sharded"]
 
@@ -128,8 +129,14 @@ def reshape_sharded(x: Any, shape: list[int], view: bool = False, func: Any = No
     if plan is None:
         return NotImplemented
     if plan.kind == "unsupported":
-        where = guard._op_name(func) if func is not None else "reshape"
-        raise DomainParallelError(_message(where, tuple(x.shape), shape, plan, world))
+        k = _intermediate_dim(tuple(x.shape), plan, world)
+        if k is None:
+            where = guard._op_name(func) if func is not None else "reshape"
+            raise DomainParallelError(_message(where, tuple(x.shape), shape, plan, world))
+        # the merge runs where the merged dims are whole: shard another dim for it, then the result's
+        # merged dim (each element moves at most twice; nothing is gathered)
+        y = reshape_sharded(reshard(x, k), shape, view, func)
+        return reshard(y, plan.out_dim)
     local = x.to_local()
     a, b = chunk_range(shape[plan.out_dim], world, rank)
     local_shape = list(shape)
@@ -140,7 +147,30 @@ def reshape_sharded(x: Any, shape: list[int], view: bool = False, func: Any = No
         held = plan.in_units[rank + 1] - plan.in_units[rank]
         units = local.reshape([*local.shape[: plan.start], held, plan.unit, *local.shape[plan.stop :]])
         y = repartition_local(units, mesh, plan.start, plan.in_units, plan.out_units).reshape(local_shape)
-    return wrap_shard(y, mesh, plan.out_dim, shape)
+    out = wrap_shard(y, mesh, plan.out_dim, shape)
+    return _spread(out, shape, plan, world)
+
+
+def _intermediate_dim(in_shape: tuple[int, ...], plan: ViewPlan, world: int) -> int | None:
+    """A dim outside the reshaped group ``[plan.start, plan.stop)`` with at least ``world`` entries
+    (the largest) to hold the shards while the group is merged; ``None`` without one."""
+    cands = [d for d in range(len(in_shape)) if not plan.start <= d < plan.stop and in_shape[d] >= world]
+    return best_free_dim(in_shape, cands, world) if cands else None
+
+
+def _spread(out: Any, shape: list[int], plan: ViewPlan, world: int) -> Any:
+    """A split whose outer dim leaves most ranks empty (CrossFormer's long-distance groups split H
+    into (window, groups) with a window of 2 on 4 ranks): shard the largest dim of the split instead,
+    so every rank keeps a share (one all-to-all; later merges of that dim, e.g. into the group dim,
+    are then local). Splits that keep at least half of the ranks busy stay as they are (the minimum
+    traffic: only the rows that change owner)."""
+    d = plan.out_dim
+    if world == 1 or 2 * shape[d] > world:
+        return out
+    cands = [e for e in plan.out_group if e != d and shape[e] >= world]
+    if not cands:
+        return out
+    return reshard(out, best_free_dim(shape, cands, world))
 
 
 @register(*FUNCS)
