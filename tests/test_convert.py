@@ -441,8 +441,11 @@ def _linear_and_shard_local() -> None:
             dist_params=dict(conv.named_parameters()),
         )
         assert_parity(errs, torch.float64, f"linear h={h}")
-        with pytest.raises(DomainParallelError, match="Linear over the sharded dim"):
-            conv(shard_tensor(torch.randn(2, 4, 5, dtype=torch.float64), m, 2))
+        # sharded on the contracted dim: the shards move to the token dim (all-to-all), exact
+        xt = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(h), dtype=torch.float64)
+        assert (conv(shard_tensor(xt, m, 2)).full_tensor() - ref(xt)).abs().max().item() < 1e-12
+        with pytest.raises(DomainParallelError, match="Linear over the sharded dim"):  # no dim can hold 3 shards
+            conv(shard_tensor(torch.randn(2, 2, 5, dtype=torch.float64), m, 2))
         y = conv(torch.randn(3, 5, dtype=torch.float64))  # a plain (conditioning) input: replicated
         assert isinstance(y, DTensor) and y.placements == (Replicate(),)
     bad = convert_to_domain_parallel(nn.Sequential(NotRowLocal()), m, custom_converters={NotRowLocal: shard_local})

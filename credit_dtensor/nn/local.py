@@ -62,11 +62,18 @@ class DomainParallelLinear(DomainParallelModule, nn.Linear):
         d = domain_shard_dim(input)
         if d is None:
             return super().forward(input)
-        if d == input.ndim - 1:
-            raise DomainParallelError(
-                f"{module_label(self)}: Linear over the sharded dim (input {tuple(input.shape)} sharded on its "
-                f"last dim {d}) mixes rows of every rank: apply it over channels (channels-last) or gather first"
-            )
+        if d == input.ndim - 1:  # contracting the sharded dim: move the shards to another dim (all-to-all)
+            from ..ops.relayout import best_free_dim, reshard
+
+            world = mesh.size()
+            k = best_free_dim(input.shape, [e for e in range(input.ndim - 1) if input.shape[e] >= world], world)
+            if k is None:
+                raise DomainParallelError(
+                    f"{module_label(self)}: Linear over the sharded dim (input {tuple(input.shape)} sharded on its "
+                    f"last dim {d}) mixes rows of every rank and no other dim has {world} entries to hold the shards: "
+                    "apply it over channels (channels-last) or gather first"
+                )
+            input, d = reshard(input, k), k
         w = full_operand(self.weight, mesh)
         b = None if self.bias is None else full_operand(self.bias, mesh)
         y = F.linear(input.to_local(), w, b)
