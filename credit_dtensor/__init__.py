@@ -5,6 +5,7 @@ Public API only; see docs/index.md. Importing the package registers every op rul
 
 from __future__ import annotations
 
+from . import _torch_versions
 from . import intercept as _intercept
 from .errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
 from .guard import ImplicitGatherError, ImplicitGatherWarning, gather_policy
@@ -60,6 +61,7 @@ from .nn.resample import (
 from .parallelize import parallelize, reduce_gradients
 
 _register_all()
+_torch_versions.install()  # DTensor behaviour of torch 2.13 on 2.11/2.12 (no-op on 2.13+)
 _intercept.ensure_enabled()
 
 __version__ = "0.1.0"

@@ -19,11 +19,9 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten
@@ -37,6 +35,9 @@ from .guard import GatherEvent
 from .mesh import DomainParallelManager
 from .nn._base import DomainParallelModule
 from .sharding import shard_tensor
+
+if TYPE_CHECKING:  # rich is imported where a table is drawn: the package imports without it
+    from rich.console import Console
 
 __all__ = ["check", "CheckReport", "ModuleCheck", "render_check"]
 
@@ -117,6 +118,9 @@ class CheckReport:
 
 def render_check(report: CheckReport, console: Console | None = None, *, max_rows: int = 60) -> None:
     """Rich table of the module outputs (all, or the interesting ones for big models) and gradients."""
+    from rich.console import Console
+    from rich.table import Table
+
     console = console or Console()
     rows = report.modules
     if len(rows) > max_rows:

@@ -42,6 +42,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from . import comm, intercept, rebind
+from ._torch_versions import require
 from .errors import DomainParallelError
 from .mesh import DomainParallelManager
 
@@ -221,6 +222,7 @@ def apply_compile(units: Iterable[nn.Module], backend: str = "inductor") -> None
     sizes are static per input size (a new field size compiles a new graph instead of symbolic
     shapes).
     """
+    require(2, 13, "parallelize(compile=...) (torch.compile(fullgraph=True) of converted blocks)")
     for unit in units:
         unit.forward = torch.compile(unit.forward, backend=backend, fullgraph=True, dynamic=False)
 

@@ -14,7 +14,12 @@ import pytest
 import torch
 from torch import nn
 
+from credit_dtensor._torch_versions import at_least
 from tests.harness import get_world, manager
+
+# torch 2.11's Dynamo cannot trace a converted conv/norm model as one graph (a ProcessGroup it cannot
+# reconstruct, `is not` on dicts); it compiles with graph breaks and stays exact (tests/test_gpu_smoke.py).
+pytestmark = pytest.mark.skipif(not at_least(2, 13), reason="fullgraph compile of converted models needs torch>=2.13")
 
 
 def _stack() -> nn.Module:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from credit_dtensor._torch_versions import at_least
 from tests.harness import get_world, manager, raises, still_in_step
 
 # --- rank agreement ------------------------------------------------------------------------------------
@@ -124,6 +125,11 @@ def _guard_task() -> dict:
     return out
 
 
+@pytest.mark.skipif(
+    not at_least(2, 13),
+    reason="torch 2.11's DTensor fails the backward of torch.sort over the sharded dim (aten.scatter gets a plain "
+    "index tensor); the gathered sort this test uses has no package rule",
+)
 def test_gather_guard_policies():
     for rank, out in enumerate(get_world(2).run(_guard_task)):
         assert len(out["warnings"]) == 1, (rank, out["warnings"])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from ..geometry import chunk_sizes
+
+if TYPE_CHECKING:  # rich is imported where a table is drawn: the package imports without it
+    from rich.console import Console
 
 __all__ = ["Plan", "PlanRow", "render_plan", "rich_text", "shape_text"]
 
@@ -91,6 +91,8 @@ class _NullFile:
 
 def rich_text(render: Callable[[Any, Console], None], obj: Any, width: int) -> str:
     """What ``render(obj, console)`` prints, as plain text (nothing is printed)."""
+    from rich.console import Console
+
     console = Console(width=width, record=True, file=_NullFile())
     render(obj, console)
     return console.export_text()
@@ -98,6 +100,9 @@ def rich_text(render: Callable[[Any, Console], None], obj: Any, width: int) -> s
 
 def render_plan(p: Plan, console: Console | None = None, *, show_local: bool = True) -> None:
     """Print the plan as a rich table (``show_local=False`` hides plain local rows)."""
+    from rich.console import Console
+    from rich.table import Table
+
     console = console or Console()
     table = Table(title=p.summary(), title_justify="left", show_lines=False)
     for col in ("module", "type", "rule", "halo ↑/↓", "min local H", "in → out (no batch)", "hazards / notes"):

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._torch_versions import flop_counter
 from .bench_bound import lower_bound_fn
 from .bench_wire import WireCounter, intercept, minimum_bytes
 from .launch import RankContext, free_port, run_ranks
@@ -146,7 +147,7 @@ def _local_flop_counter():
             super()._count_flops(func_packet, lout, largs, lkwargs)
             return out
 
-    return LocalFlopCounterMode(display=False)
+    return flop_counter(LocalFlopCounterMode(display=False))  # torch 2.11/2.12: no per-module tracking
 
 
 def _flops(fn: Callable[[], None]) -> int:
