@@ -1,0 +1,1 @@
+"""The opt-in tier that runs NCAR CREDIT's own models (installed ``miles-credit``): ``make test-credit``."""
