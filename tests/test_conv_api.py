@@ -104,10 +104,11 @@ def _bad_input_task() -> dict:
         else:
             msgs[name] = None
 
-    # channel-sharded input
-    expect(
-        "channels", lambda: F.conv2d(distribute_tensor(x, mesh, [Shard(1)]), distribute_tensor(w, mesh, [Replicate()]))
-    )
+    # channel-sharded input (heads merged back into channels): re-laid out onto H, exact
+    xg = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(0))
+    wg = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    yc = F.conv2d(distribute_tensor(xg, mesh, [Shard(1)]), distribute_tensor(wg, mesh, [Replicate()]), padding=1)
+    msgs["channels"] = (str(yc.placements), (yc.full_tensor() - F.conv2d(xg, wg, padding=1)).abs().max().item())
     # sharded weight
     expect("weight", lambda: F.conv2d(shard_tensor(x, m, 2), distribute_tensor(w, mesh, [Shard(0)])))
     # input and module on different meshes
@@ -138,12 +139,12 @@ def test_parametrizations_and_hooks(size):
 def test_bad_input_errors():
     """Every rank raises the specific DomainParallelError subclass, naming the constraint and the fix."""
     expect = {
-        "channels": ("UnsupportedShardingError", ("channel", "shard activations on H")),
         "weight": ("UnsupportedShardingError", ("weight placements", "Replicate")),
         "mesh": ("MeshMismatchError", ("mesh", "same manager")),
         "reflect": ("DomainParallelError", ("reflect padding", "must be < input size")),
     }
     for rank, r in enumerate(get_world(2).run(_bad_input_task)):
+        assert r["channels"][0] == "(Shard(dim=2),)" and r["channels"][1] < 1e-5, (rank, r["channels"])
         for key, (cls, words) in expect.items():
             assert r[key] is not None, (rank, key, "no error raised")
             got_cls, msg = r[key]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from credit_dtensor._torch_versions import at_least
 from credit_dtensor.audit import plan
 from credit_dtensor.convert import (
     _replace_module,
@@ -234,11 +235,11 @@ def test_plan_models_ok_and_rules():
 
 def test_plan_flags_hazards():
     lda = plan(crossformer(lda_over_h=True), 2, (1, 3, 32, 16))
-    text = " ".join(h for _, h in lda.hazards)
-    assert "attention over H" in text  # the window split itself is exact now (reshape rules): a note
-    assert "window partition over H" not in text
-    assert any("splits H" in n for r in lda.rows for n in r.notes)
-    assert {p for p, _ in lda.hazards} == {"stages.1.blocks.1.attn"}
+    # the window split is exact (reshape rules) and the attention over H tokens too (the operands are
+    # re-laid out onto a batch dim): notes, no hazard
+    assert not lda.hazards, lda.hazards
+    notes = " ".join(n for r in lda.rows for n in r.notes)
+    assert "splits H" in notes and "attention over H" in notes, notes
     shifted = plan(pangu(shift=True), 2, (1, 3, 2, 32, 16))  # torch.roll along H: exact now, a note
     assert not [h for _, h in shifted.hazards if "roll" in h]
     assert any("torch.roll along H" in n for r in shifted.rows for n in r.notes)
@@ -268,16 +269,17 @@ def test_plan_hazard_catalogue():
     by = {}
     for path, h in p.hazards:
         by.setdefault(path, []).append(h)
-    assert any("Linear over H" in h for h in by["over_h"])
+    assert "over_h" not in by  # Linear over H: the shards move to another dim first (a note)
     root = " ".join(by[""])
-    for needle in ("indexing H", "softmax over H"):
-        assert needle in root, (needle, root)
+    assert "softmax over H" in root, root
+    assert "indexing H" not in root  # one row: broadcast from its owner (a note)
     assert "merges H" not in root  # flatten(2) keeps H outermost: exact through the reshape rules
     assert any("MultiheadAttention" in h for h in by["mha"])
     # exact now (one all-reduce; Replicate result): notes, not hazards
     assert "pool" not in by and "mean over H" not in root
     notes = " ".join(n for r in p.rows for n in r.notes)
     assert "global pooling over H" in notes and "mean over H: exact" in notes
+    assert "Linear over the sharded dim: exact" in notes and "indexing H with 1: exact" in notes
 
 
 def test_plan_window_constraint_error_names_the_fix():
@@ -305,6 +307,11 @@ def test_cli_plan(capsys, monkeypatch):
     assert main(["plan", "no_such_module:f", "--input-shape", "1,3,8,8", "--domain", "2"]) == 2
 
 
+@pytest.mark.skipif(
+    not at_least(2, 13),
+    reason="torch 2.11's DTensor has no sharding rule for aten.flip (the backward of the gathered cumsum in "
+    "tests/gather_model.py): a NotImplementedError, never a wrong value",
+)
 def test_cli_check_spawns_processes(capsys, monkeypatch):
     from credit_dtensor.cli import main
 

@@ -4,7 +4,6 @@ rebound (state moved along). Training matches one device step for step (fp64).""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -167,7 +167,9 @@ class HTracker(TorchFunctionMode):
             return self._shape_follow(t, h, outs[0], name)
         if name == "linear":
             if t is args[0] and h == nd - 1:
-                self.event("hazard", "Linear over H: mixes the rows of every shard")
+                self.event(
+                    "note", "Linear over the sharded dim: exact, the shards move to another dim first (all-to-all)"
+                )
                 return
             return self.mark(outs[0], h)
         if name in ("matmul", "__matmul__", "bmm", "mm", "__rmatmul__"):
@@ -329,8 +331,17 @@ class HTracker(TorchFunctionMode):
             self.event("unknown", f"H not followed through {name}")
             return
         if p.kind == "unsupported":
-            self.event("merge", f"{name} {shape_text(ins)} → {shape_text(outs)}: {p.reason}")
-            return
+            from ..ops.reshape import _intermediate_dim
+
+            if _intermediate_dim(tuple(ins), p, self.domain) is None:
+                self.event("merge", f"{name} {shape_text(ins)} → {shape_text(outs)}: {p.reason}")
+                return
+            self.event(
+                "note",
+                f"{name} {shape_text(ins)} → {shape_text(outs)} merges H under a larger dim: exact, merged where the "
+                "dims are whole (two all-to-alls)",
+            )
+            return self.mark(o, p.out_dim)
         n, m = ins[h], outs[p.out_dim]
         if n != m and n > 1:
             if n % m == 0 or m % n == 0:
@@ -357,15 +368,17 @@ class HTracker(TorchFunctionMode):
             a, b, ha, hb = b, a, hb, ha
         if ha is not None:
             if a.ndim >= 2 and ha == a.ndim - 1:
-                self.event("hazard", "matmul contracts H (mixes all shards)")
+                self.event("note", "matmul contracts H: exact, local partial sums summed once (or re-laid out)")
                 return
             self.mark(o, ha + (o.ndim - a.ndim))
         if hb is not None and isinstance(b, torch.Tensor):
             if b.ndim >= 2 and hb == b.ndim - 2:
-                self.event("hazard", "matmul contracts H (mixes all shards)")
+                self.event("note", "matmul contracts H: exact, local partial sums summed once (or re-laid out)")
                 return
             if b.ndim >= 2 and hb == b.ndim - 1:
-                self.event("hazard", "attention over H: keys from every row (spans shards)")
+                self.event(
+                    "note", "attention over H: keys from every row; exact, operands re-laid out onto a batch dim"
+                )
                 return
             if ha is None:
                 self.mark(o, hb + (o.ndim - b.ndim))
@@ -380,7 +393,7 @@ class HTracker(TorchFunctionMode):
                 continue
             letter = sub[h]
             if letter not in rhs:
-                self.event("hazard", f"einsum {eq} contracts H")
+                self.event("note", f"einsum {eq} contracts H: exact, partial sums summed once (or re-laid out)")
                 return
             self.mark(o, rhs.index(letter))
 
@@ -409,7 +422,7 @@ class HTracker(TorchFunctionMode):
                             "note", f"slicing H with {i!r}: exact, re-chunked (only rows that change owner move)"
                         )
                     return self.mark(o, dout)
-                self.event("hazard", f"indexing H with {i!r}: selects one row of one shard (PyTorch gathers)")
+                self.event("note", f"indexing H with {i!r}: exact, the row is broadcast from its owner")
                 return
             din += 1
             dout += isinstance(i, slice)

@@ -200,8 +200,8 @@ def view_plan(in_shape: Sequence[int], out_shape: Sequence[int], sd: int, world:
     gi, go = next((gi, go) for gi, go in groups if sd in gi)
     od = go[0]
     outer = tuple(in_shape[d] for d in gi if d < sd)
-    inner_in = math.prod(in_shape[d] for d in gi if d > sd)
-    inner_out = math.prod(out_shape[d] for d in go[1:])
+    inner_in = math.prod([in_shape[d] for d in gi if d > sd])
+    inner_out = math.prod([out_shape[d] for d in go[1:]])
     start, stop = gi[0], gi[-1] + 1
     if world == 1:
         return ViewPlan("local", sd, od, start, stop, out_group=tuple(go))
@@ -245,8 +245,8 @@ def _plan_single_row(
     start, stop = min(sd, gi[0]), max(sd, gi[-1]) + 1
     if world == 1:
         return ViewPlan("local", sd, od, start, stop)
-    unit = math.prod(out_shape[d] for d in go[1:])
-    total = math.prod(in_shape[d] for d in gi) // unit
+    unit = math.prod([out_shape[d] for d in go[1:]])
+    total = math.prod([in_shape[d] for d in gi]) // unit
     out_units = tuple(chunk_offsets(out_shape[od], world))
     return ViewPlan("rechunk", sd, od, start, stop, unit, (0,) + (total,) * world, out_units)
 

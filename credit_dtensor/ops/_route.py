@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from torch.distributed.tensor import DTensor
+
 from ..dtensor import is_sharded, spatial_shard_dim
 from ..intercept import register
 from .relayout import to_spatial
@@ -28,15 +30,16 @@ def register_routes(name: str, table: Mapping[Any, Route]) -> Callable:
     def rule(func: Any, args: tuple, kwargs: dict) -> Any:
         public, nd, fixed = table[func]
         x = args[0] if args else kwargs.get("input")
-        if not is_sharded(x):
-            return NotImplemented  # replicated: PyTorch's own rule
-        if nd is not None and x is not None:
-            x2 = to_spatial(x, nd)  # sharded on channels: back on H first
+        moved = False
+        if nd is not None and isinstance(x, DTensor):
+            x2 = to_spatial(x, nd)  # sharded on channels: back on H first; a partial sum: reduced
             if x2 is not x:
                 args, kwargs = ((x2, *args[1:]), kwargs) if args else (args, {**kwargs, "input": x2})
-                x = x2
-        if nd is not None and x.ndim in (nd + 1, nd + 2) and spatial_shard_dim(x, nd, public.__name__) is None:
-            return NotImplemented  # batch-sharded: PyTorch's own rule
+                x, moved = x2, True
+        if not is_sharded(x) or (
+            nd is not None and x.ndim in (nd + 1, nd + 2) and spatial_shard_dim(x, nd, public.__name__) is None
+        ):  # replicated or batch-sharded: PyTorch's own rule (on the re-laid-out input, if any)
+            return func(*args, **kwargs) if moved else NotImplemented
         return public(*args, **{**kwargs, **fixed})
 
     rule.__name__ = rule.__qualname__ = name

@@ -478,10 +478,39 @@ def _token_sharded(t: Any, token_dim: int) -> bool:
     return d is not None and d % t.ndim == token_dim % t.ndim
 
 
+def _batch_sharded_attention(a: dict) -> Any:
+    """q, k, v sharded alike on a leading (batch, head or group) dim: every rank attends within its
+    own batches, PyTorch's own attention on the local tensors (DTensor's decomposition mis-views
+    non-contiguous locals). ``None`` when the operands are not laid out like that."""
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    d = domain_shard_dim(q)
+    if d is None or d >= q.ndim - 2:
+        return None
+    for t in (k, v):
+        if not isinstance(t, DTensor) or domain_shard_dim(t) is None:
+            return None
+        if t.ndim - domain_shard_dim(t) != q.ndim - d or t.shape[domain_shard_dim(t)] != q.shape[d]:
+            return None
+    if a["dropout_p"]:
+        return None
+    lm = None
+    if mask is not None:
+        lm = align_operand(mask, q, d, max(q.ndim, mask.ndim), "scaled_dot_product_attention")
+    kw = {"attn_mask": lm, "is_causal": a["is_causal"], "scale": a["scale"]}
+    if a["enable_gqa"]:
+        kw["enable_gqa"] = True
+    out = F.scaled_dot_product_attention(q.to_local(), k.to_local(), v.to_local(), **kw)
+    shape = list(q.shape[:-1]) + [v.shape[-1]]
+    return wrap_shard(out, q.device_mesh, d, shape)
+
+
 @register(F.scaled_dot_product_attention)
 def _sdpa_rule(func, args, kwargs):
     a = _bind(_SDPA_ARGS, _SDPA_DEFAULTS, args, kwargs)
     q = a["query"]
-    if not isinstance(q, DTensor) or q.ndim < 2 or not _token_sharded(q, -2):
+    if not isinstance(q, DTensor) or q.ndim < 2:
         return NotImplemented
+    if not _token_sharded(q, -2):
+        out = _batch_sharded_attention(a)
+        return NotImplemented if out is None else out
     return scaled_dot_product_attention(**a)

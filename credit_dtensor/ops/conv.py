@@ -264,12 +264,15 @@ def _functional_rule(nd: int, transposed: bool):
         x = a.get("input")
         if not isinstance(x, DTensor) or x.ndim not in (nd + 1, nd + 2):
             return NotImplemented
-        x = to_spatial(x, nd)  # channel-sharded (heads merged into channels): back on H
+        orig = x
+        moved = to_spatial(x, nd)  # channel-sharded (heads merged into channels): back on H; Partial: reduced
+        if moved is not x:
+            a["input"] = x = moved
         dim = _spatial_shard_dim(x, nd)
         if dim is None:
             if _is_batch_sharded(x) and x.ndim == nd + 2:
                 return _batch_local(func, a, x)
-            return NotImplemented
+            return func(**a) if moved is not orig else NotImplemented
         w = a["weight"]
         spec = ConvSpec.make(
             nd,

@@ -433,20 +433,16 @@ def _cat_rule(func, args, kwargs):
             sources = [None] * offset + list(range(n)) + [None] * (total - offset - n)
             parts.append(row_map(t, sources).to_local())
         else:  # a full operand: this rank's output rows that come from it, locally
-            full = full_operand(t, mesh) if isinstance(t, DTensor) else full_operand(t, mesh)
+            full = full_operand(t, mesh)
             a, b = max(o0, offset), min(o1, offset + n)
             shape = list(ref.to_local().shape)
             shape[sd] = o1 - o0
-            piece = full.new_zeros(shape)
-            if b > a:
-                piece = torch.cat(
-                    [
-                        full.new_zeros(_with(shape, sd, a - o0)),
-                        full.narrow(sd, a - offset, b - a),
-                        full.new_zeros(_with(shape, sd, o1 - b)),
-                    ],
-                    sd,
-                )
+            if b <= a:  # no rows here: an empty slice keeps the operand in the graph on every rank
+                a = b = o0
+            rows = full.narrow(sd, a - offset if b > a else 0, b - a)
+            piece = torch.cat(
+                [full.new_zeros(_with(shape, sd, a - o0)), rows, full.new_zeros(_with(shape, sd, o1 - b))], sd
+            )
             parts.append(piece)
         offset += n
     out = parts[0]

@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate
 
 from .. import comm, stats
+from .._torch_versions import is_plain_shard
 from ..dtensor import check_replicated, full_operand, wrap_replicate, wrap_shard
 from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_range
@@ -30,6 +31,7 @@ from ..geometry.norm import NormLayout
 from ._autocast import cast_inputs
 from ._route import register_routes
 from .norm_kernels import channel_norm, layer_xhat
+from .relayout import to_spatial
 
 __all__ = ["group_norm", "instance_norm", "batch_norm", "layer_norm", "NormPlan", "plan_norm"]
 
@@ -74,7 +76,7 @@ def plan_norm(x: DTensor, layout: NormLayout, label: str, op: str | None = None)
     p = x.placements[0]
     if isinstance(p, Replicate):
         return NormPlan(mesh, layout, None, None, label, op)
-    if not isinstance(p, Shard) or type(p) is not Shard:
+    if not is_plain_shard(p):  # not type(p) is Shard: False under Dynamo on torch 2.11
         raise UnsupportedShardingError(
             f"{label}: input placement {p!r} is not supported; expected Shard(spatial dim) or Replicate: "
             "redistribute the input first"
@@ -159,6 +161,12 @@ def _verify_size(shape: Sequence[int], first: int, what: str, label: str) -> Non
         raise DomainParallelError(f"{label}: expected more than 1 {what} when training, got input size {list(shape)}")
 
 
+def _off_channels(x: DTensor) -> DTensor:
+    """A channel-sharded input (heads merged back into channels after attention) moves to H first:
+    channel statistics mix every channel of a group."""
+    return to_spatial(x, x.ndim - 2) if x.ndim > 2 else x
+
+
 def group_norm(
     input: torch.Tensor,
     num_groups: int,
@@ -172,6 +180,7 @@ def group_norm(
     if not isinstance(input, DTensor):
         return F.group_norm(input, num_groups, weight, bias, eps)
     input, weight, bias = cast_inputs("group_norm", input, weight, bias)  # torch.autocast (CUDA: fp32)
+    input = _off_channels(input)
     shape = tuple(input.shape)
     if len(shape) < 2 or num_groups < 1 or shape[1] % num_groups:
         raise DomainParallelError(
@@ -204,6 +213,7 @@ def batch_norm(
     group; running stats (unbiased variance, as torch) updated identically on every rank."""
     if not isinstance(input, DTensor):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    input = _off_channels(input)
     shape = tuple(input.shape)
     if len(shape) < 2:
         raise DomainParallelError(f"{label}: expected (N, C, ...) input, got shape {shape}")
@@ -243,6 +253,7 @@ def instance_norm(
     stats averaged over the batch exactly like torch)."""
     if not isinstance(input, DTensor):
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    input = _off_channels(input)
     shape = tuple(input.shape)
     if len(shape) < 3:
         raise DomainParallelError(f"{label}: expected (N, C, *spatial) input, got shape {shape}")

@@ -194,6 +194,41 @@ def _inplace_rule(func, args, kwargs):
     return x
 
 
+def align_shardings(tensors: list[torch.Tensor], out_ndim: int) -> dict[int, DTensor]:
+    """Operands sharded on *different* dims of the broadcast result (a residual add of an attention
+    output laid out on its batch of groups and an H-sharded input): ``{id(operand): re-laid-out
+    operand}`` so that all share one sharded dim -- the H-like one (``out_ndim - 2``) when an
+    operand has it, else the first operand's -- each moved by one all-to-all instead of DTensor's
+    all-gather. Empty when they agree (the usual case)."""
+    sharded = [t for t in tensors if domain_shard_dim(t) is not None]
+    if len(sharded) < 2:
+        return {}
+    dims = [out_ndim - t.ndim + domain_shard_dim(t) for t in sharded]
+    if len(set(dims)) == 1:
+        return {}
+    target = out_ndim - 2 if out_ndim - 2 in dims else dims[0]
+    sizes = {d: t.shape[d - (out_ndim - t.ndim)] for t, d in zip(sharded, dims)}
+    from .relayout import reshard
+
+    moved = {}
+    for t, d in zip(sharded, dims):
+        td = target - (out_ndim - t.ndim)
+        if d == target or td < 0 or t.shape[td] != sizes[target] or t.device_mesh != sharded[0].device_mesh:
+            continue
+        moved[id(t)] = reshard(t, td)
+    return moved
+
+
+def _substitute(args: tuple, moved: dict[int, DTensor]) -> tuple:
+    out = []
+    for a in args:
+        if isinstance(a, (list, tuple)) and any(id(b) in moved for b in a):
+            out.append(type(a)(moved.get(id(b), b) for b in a))
+        else:
+            out.append(moved.get(id(a), a))
+    return tuple(out)
+
+
 def _pointwise_rule(func, args, kwargs):
     if kwargs.get("out") is not None:
         return NotImplemented
@@ -207,6 +242,12 @@ def _pointwise_rule(func, args, kwargs):
         out_ndim = len(torch.broadcast_shapes(*(t.shape for t in tensors)))
     except RuntimeError:
         return NotImplemented  # let PyTorch raise its own error
+    moved = align_shardings(tensors, out_ndim)
+    if moved:
+        args = _substitute(args, moved)
+        kwargs = {k: _substitute((v,), moved)[0] for k, v in kwargs.items()}
+        tensors = _tensors((*args, *kwargs.values()))
+        ref = first_sharded(*tensors)
     ref_dim = domain_shard_dim(ref)
     where = getattr(func, "__name__", str(func))
 
@@ -297,7 +338,13 @@ def _inplace_method_rule(func, args, kwargs):
         if not isinstance(a, torch.Tensor) or a.ndim == 0 or a.ndim > x.ndim:
             return a
         if isinstance(a, DTensor) and not is_domain_replicate(a):
-            return a  # sharded operands: DTensor's own rule (same placement: local)
+            ad = domain_shard_dim(a)
+            td = sd - (x.ndim - a.ndim)
+            if ad is not None and ad != td and td >= 0 and a.shape[td] == n and a.device_mesh == mesh:
+                from .relayout import reshard
+
+                return reshard(a, td)  # sharded on another dim: moved onto x's (an in-place op keeps x's)
+            return a  # sharded like x: DTensor's own rule (same placement: local)
         if isinstance(a, DTensor) and a.device_mesh != mesh:
             return a  # DTensor's own error
         local = full_operand(a, mesh)
@@ -363,6 +410,8 @@ def _dimwise_rule(func, args, kwargs):
     if not isinstance(dim, int):
         return NotImplemented  # implicit-dim softmax (deprecated) or named dims: PyTorch's own path
     if dim % x.ndim == sd:
+        if func in _SOFTMAXES:
+            return _softmax_over_shards(func, x, sd, kwargs.get("dtype", args[2] if len(args) > 2 else None))
         return NotImplemented  # along the sharded dim: another rule, or the gather guard
     try:
         return local_apply(func, args, kwargs, x, sd)
@@ -371,6 +420,41 @@ def _dimwise_rule(func, args, kwargs):
 
 
 register_many(DIMWISE, _dimwise_rule)
+
+_LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
+_SOFTMAXES = {F.softmax, torch.softmax, torch.Tensor.softmax, F.softmin} | _LOG_SOFTMAX
+
+
+def _softmax_over_shards(func: Callable, x: DTensor, sd: int, dtype: Any) -> DTensor:
+    """(log-)softmax / softmin along the sharded dim (attention over tokens that span the ranks, e.g.
+    linear attention's ``k.softmax(dim=-1)``): the global max (one all-reduce, no gradient: it cancels)
+    and the global sum of ``exp`` (one all-reduce whose backward sums the per-rank gradients) of
+    each row; only those per-row statistics cross ranks, never the activation."""
+    from ..comm import all_reduce, sum_over_ranks
+    from ..dtensor import _SumGradOverRanks
+
+    mesh = x.device_mesh
+    group = mesh.get_group()
+    local = x.to_local()
+    if dtype is not None:
+        local = local.to(dtype)
+    if func is F.softmin:
+        local = -local
+    acc = torch.float32 if local.dtype in (torch.float16, torch.bfloat16) else local.dtype
+    z = local.to(acc)
+    part = (
+        z.detach().amax(sd, keepdim=True)
+        if z.shape[sd]
+        else z.new_full([*z.shape[:sd], 1, *z.shape[sd + 1 :]], -torch.inf)
+    )
+    m = all_reduce(part, group, "max")
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(z - m)
+    total = sum_over_ranks(e.sum(sd, keepdim=True), group)
+    if mesh.size() > 1:
+        total = _SumGradOverRanks.apply(total, group)  # used by each rank's rows: gradients summed
+    out = (z - m) - torch.log(total) if func in _LOG_SOFTMAX else e / total
+    return wrap_shard(out.to(local.dtype), mesh, sd, x.shape)
 
 
 # --- linear algebra over a dim that is not the sharded one ---------------------------------------------------

@@ -24,6 +24,7 @@ from ..dtensor import domain_shard_dim, wrap_replicate
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
 from ..intercept import register
+from .pointwise import local_apply
 
 __all__ = ["reduced_dims"]
 
@@ -116,6 +117,22 @@ def _sharded_call(args: tuple, kwargs: dict, dim: Any, keepdim: bool) -> _Call |
     return _Call(x, dims, bool(keepdim))
 
 
+def _local_reduce(func, args: tuple, kwargs: dict, dim: Any, keepdim: bool) -> Any:
+    """A reduction over dims that are not the sharded one (``mean(dim=1)`` over channels, a channel
+    LayerNorm's statistics): every rank reduces its own rows; the result stays sharded. DTensor would
+    replicate shards smaller than the mesh first (a deep stage with fewer rows than ranks)."""
+    x = args[0] if args else kwargs.get("input")
+    sd = domain_shard_dim(x)
+    dims = reduced_dims(dim, x.ndim) if sd is not None else None
+    if dims is None or sd in dims:
+        return NotImplemented
+    out_dim = sd if keepdim else sd - sum(1 for d in dims if d < sd)
+    try:
+        return local_apply(func, args, kwargs, x, out_dim)
+    except ValueError:
+        return NotImplemented
+
+
 # --- sum / mean / nansum / nanmean -------------------------------------------------------------------
 
 
@@ -126,7 +143,7 @@ def _sum_rule(func, args, kwargs):
         return NotImplemented
     c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
     if c is None:
-        return NotImplemented
+        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
     nan = func in (torch.nansum, torch.Tensor.nansum)
     local = (c.local.nansum if nan else c.local.sum)(c.dims, keepdim=True, dtype=p.get("dtype"))
     return c.out(c.total(local))
@@ -139,7 +156,7 @@ def _mean_rule(func, args, kwargs):
         return NotImplemented
     c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
     if c is None:
-        return NotImplemented
+        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
     x = c.local if p.get("dtype") is None else c.local.to(p["dtype"])
     if not (x.is_floating_point() or x.is_complex()):
         raise DomainParallelError(f"mean(): input dtype {x.dtype} is not floating point (PyTorch rejects it too)")
@@ -202,7 +219,7 @@ def _var_rule(func, args, kwargs):
     dim, correction, keepdim = parsed
     c = _sharded_call(args, kwargs, dim, keepdim)
     if c is None:
-        return NotImplemented
+        return _local_reduce(func, args, kwargs, dim, keepdim)
     mean, m2, n = _variance(c)
     var = m2 / max(n - correction, 0)
     std_like = func in (torch.std, torch.Tensor.std, torch.std_mean)
@@ -241,7 +258,7 @@ def _amax_rule(func, args, kwargs):
         return NotImplemented
     c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
     if c is None:
-        return NotImplemented
+        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
     op = "max" if func in (torch.amax, torch.Tensor.amax) else "min"
     return c.out(_EvenExtreme.apply(c.local, c, op))
 
@@ -368,7 +385,7 @@ def _logsumexp_rule(func, args, kwargs):
         return NotImplemented
     c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
     if c is None:
-        return NotImplemented
+        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
     x = c.local if c.local.is_floating_point() else c.local.to(torch.get_default_dtype())
     m = c.extreme(x, "max")
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -433,7 +450,9 @@ def _vector_norm_rule(func, args, kwargs):
     if p is None:
         return NotImplemented
     c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
-    return NotImplemented if c is None else _vector_norm(c, p["ord"], p.get("dtype"))
+    if c is None:
+        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
+    return _vector_norm(c, p["ord"], p.get("dtype"))
 
 
 @register(torch.norm, torch.Tensor.norm)
@@ -443,7 +462,7 @@ def _norm_rule(func, args, kwargs):
         return NotImplemented
     c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
     if c is None:
-        return NotImplemented
+        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
     if p["p"] == "nuc":
         raise DomainParallelError("norm(p='nuc') over the sharded dim is not supported: gather explicitly")
     return _vector_norm(c, p["p"], p.get("dtype"))
@@ -459,7 +478,7 @@ def _count_rule(func, args, kwargs):
         return NotImplemented
     c = _sharded_call(args, kwargs, p["dim"], False)
     if c is None:
-        return NotImplemented
+        return _local_reduce(func, args, kwargs, p["dim"], False)
     return c.out(comm.all_reduce((c.local != 0).sum(c.dims, keepdim=True), c.group, "sum"))
 
 
@@ -470,7 +489,7 @@ def _all_rule(func, args, kwargs):
         return NotImplemented
     c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
     if c is None:
-        return NotImplemented
+        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
     is_all = func in (torch.all, torch.Tensor.all)
     b = c.local != 0
     local = (b.logical_not().sum(c.dims, keepdim=True) == 0) if is_all else (b.sum(c.dims, keepdim=True) > 0)

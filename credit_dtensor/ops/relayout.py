@@ -116,10 +116,15 @@ def best_free_dim(x_shape: Any, candidates: list[int], world: int) -> int | None
 
 
 def to_spatial(x: Any, nd: int) -> Any:
-    """``x`` sharded on its H dim when a spatial op (``nd`` spatial dims) gets it sharded on a dim the
+    """A ``Partial`` input reduced first; ``x`` sharded on its H dim when a spatial op (``nd`` spatial dims) gets it sharded on a dim the
     op mixes (channels, e.g. heads merged back into channels after attention re-laid out onto them):
     one all-to-all instead of an error or a gather. Batch-sharded, spatially sharded, replicated and
     plain inputs are returned as they are."""
+    if isinstance(x, DTensor) and any(p.is_partial() for p in x.placements):
+        # a partial sum (a contraction DTensor ran): reduce it once (an all-reduce, not a gather)
+        from torch.distributed.tensor import Replicate
+
+        x = x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)
     d = domain_shard_dim(x)
     if d is None or x.ndim not in (nd + 1, nd + 2):
         return x

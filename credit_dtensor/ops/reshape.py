@@ -36,7 +36,7 @@ from .. import guard, intercept
 from ..dtensor import domain_shard_dim, wrap_shard
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
-from ..geometry.window import ViewPlan, valid_domain_sizes, view_plan
+from ..geometry.window import ViewPlan, valid_domain_sizes, view_groups, view_plan
 from ..intercept import register
 from . import alias
 from .move import repartition_local
@@ -148,7 +148,7 @@ def reshape_sharded(x: Any, shape: list[int], view: bool = False, func: Any = No
         units = local.reshape([*local.shape[: plan.start], held, plan.unit, *local.shape[plan.stop :]])
         y = repartition_local(units, mesh, plan.start, plan.in_units, plan.out_units).reshape(local_shape)
     out = wrap_shard(y, mesh, plan.out_dim, shape)
-    return _spread(out, shape, plan, world)
+    return _spread(out, tuple(x.shape), shape, plan, world)
 
 
 def _intermediate_dim(in_shape: tuple[int, ...], plan: ViewPlan, world: int) -> int | None:
@@ -158,19 +158,22 @@ def _intermediate_dim(in_shape: tuple[int, ...], plan: ViewPlan, world: int) -> 
     return best_free_dim(in_shape, cands, world) if cands else None
 
 
-def _spread(out: Any, shape: list[int], plan: ViewPlan, world: int) -> Any:
-    """A split whose outer dim leaves most ranks empty (CrossFormer's long-distance groups split H
-    into (window, groups) with a window of 2 on 4 ranks): shard the largest dim of the split instead,
-    so every rank keeps a share (one all-to-all; later merges of that dim, e.g. into the group dim,
-    are then local). Splits that keep at least half of the ranks busy stay as they are (the minimum
-    traffic: only the rows that change owner)."""
+def _spread(out: Any, in_shape: tuple[int, ...], shape: list[int], plan: ViewPlan, world: int) -> Any:
+    """CrossFormer's long-distance grouping splits H into ``(window, groups)`` with a small window
+    (2 rows on 4 ranks), then merges the groups into a leading batch dim: the result stays sharded
+    on the untouched window dim, on at most half of the ranks. When a reshape leaves the shards on
+    such a dim and makes a leading batch dim of at least ``world`` entries out of several dims, the
+    shards move onto that batch dim (one all-to-all), so the attention over the groups is balanced.
+    Splits and merges of the sharded dim itself are left as they are (window partitions keep whole
+    windows per shard)."""
     d = plan.out_dim
-    if world == 1 or 2 * shape[d] > world:
+    if world == 1 or d == 0 or 2 * shape[d] > world or plan.out_group != (d,) or shape[0] < world:
         return out
-    cands = [e for e in plan.out_group if e != d and shape[e] >= world]
-    if not cands:
+    groups = view_groups(in_shape, shape)
+    lead = next((gi for gi, go in groups or [] if go and go[0] == 0), None)
+    if lead is None or len(lead) < 2:
         return out
-    return reshard(out, best_free_dim(shape, cands, world))
+    return reshard(out, 0)
 
 
 @register(*FUNCS)
@@ -182,7 +185,7 @@ def _reshape_rule(func, args, kwargs):
     if target is None:
         return NotImplemented
     out = reshape_sharded(x, target[0], target[1], func)
-    if out is NotImplemented or out is x:
+    if out is NotImplemented or out is x or torch.compiler.is_compiling():
         return out
     shares = out.to_local().data_ptr() == x.to_local().data_ptr() or out.to_local().numel() == 0
     return alias.track(out, x, ("reshape", tuple(x.shape)), _reshape_back, shares_memory=shares)
