@@ -62,7 +62,7 @@ from .parallelize import parallelize, reduce_gradients
 
 _register_all()
 _torch_versions.install()  # DTensor behaviour of torch 2.13 on 2.11/2.12 (no-op on 2.13+)
-_intercept.ensure_enabled()
+enable_rules = _intercept.ensure_enabled  # the rules turn on with the first manager/shard/convert on a thread
 
 __version__ = "0.1.0"
 
@@ -73,6 +73,7 @@ __all__ = [
     "ImplicitGatherError",
     "ImplicitGatherWarning",
     "gather_policy",
+    "enable_rules",
     "DomainParallelManager",
     "initialize_domain_parallel",
     "get_domain_parallel_manager",

@@ -33,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.nn.modules.batchnorm import _NormBase
 
-from . import guard, rebind
+from . import guard, intercept, rebind
 from .constraints import validate_sharding_constraints
 from .converters import (
     Converter,
@@ -400,6 +400,7 @@ def convert_to_domain_parallel(
     """
     _check_model(model, "convert_to_domain_parallel")
     mesh = _mesh(manager)
+    intercept.ensure_enabled()
     _check_shard_dim(model, shard_dim)
     _check_mesh_and_types(model, mesh)
     custom = _normalize_custom(custom_converters, manager)

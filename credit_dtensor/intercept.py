@@ -4,11 +4,14 @@ PyTorch's DTensor is wrong or wasteful for some ops on H-sharded tensors (conv: 
 ``Partial(avg)`` over unequal shards; roll/slicing/pad: silent all-gathers), and several of them
 are decomposed by PyTorch *before* DTensor sees them (``F.pad(mode="circular")``), so a rule
 must see the call as the user wrote it. One :class:`~torch.overrides.TorchFunctionMode` -- the
-public mechanism for this -- is installed on the importing thread (and on any thread that shards
-a tensor or runs a converted model): for a call whose arguments include a DTensor it asks the
-rules registered for that function (:func:`register`) in order; a rule returns ``NotImplemented``
-when the call is not its business. Calls without DTensors cost one dict lookup and a scan of the
-arguments; metadata calls (``x.shape``, ``x.grad = None``, ``x.size()``) go straight through.
+public mechanism for this -- is installed on a thread by the first ``DomainParallelManager``,
+``shard_tensor``/``shard_batch``, ``convert_to_domain_parallel`` or converted-model call there
+(or ``credit_dtensor.enable_rules()``, for DTensors built by hand), not by ``import``: code that
+never starts a domain-parallel program pays nothing. For a call whose arguments include a DTensor
+it asks the rules registered for that function (:func:`register`) in order; a rule returns
+``NotImplemented`` when the call is not its business. Calls without DTensors cost one dict lookup
+and a scan of the arguments (on top of the mode's own Python call, which PyTorch charges any mode);
+metadata calls (``x.shape``, ``x.grad = None``, ``x.size()``) go straight through.
 
 Every DTensor call that no rule takes runs under the gather guard (:mod:`.guard`), as does
 ``backward()`` on a DTensor, and a plain tensor next to an H-sharded DTensor (a latitude weight, a
@@ -167,10 +170,10 @@ class DomainRulesMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         if kwargs is None:
             kwargs = {}
-        if _METADATA.get(func) is not None or (
-            _METADATA_SET.get(func) is not None and not (len(args) > 1 and _is_plain_tensor(args[1]))
-        ):
-            return func(*args, **kwargs)  # metadata: no rule, no guard, nothing to replicate
+        if _METADATA.get(func) is not None or not has_dtensor(args, kwargs):
+            return func(*args, **kwargs)  # metadata, or plain code: no rule, no guard, no alias
+        if _METADATA_SET.get(func) is not None and not (len(args) > 1 and _is_plain_tensor(args[1])):
+            return func(*args, **kwargs)  # x.grad = None on a DTensor: nothing to replicate
         if _ALIAS.active():
             _ALIAS.before(func, args, kwargs)
             out = _dispatch(func, args, kwargs)
@@ -303,7 +306,7 @@ class scoped:  # noqa: N801 - a context manager used like a function
 
 
 def ensure_enabled() -> None:
-    """Install the rules on the calling thread (idempotent; the importing thread has them).
+    """Install the rules on the calling thread (idempotent; see the module docstring for who calls it).
 
     The mode is pushed only when no other torch-function mode is active, so that leaving a user's
     ``with SomeMode():`` block never pops ours; a later call outside such a block installs it.

@@ -146,6 +146,9 @@ class DomainParallelManager:
         if not isinstance(domain_parallel_size, int) or domain_parallel_size < 1:
             _check_sizes(1, domain_parallel_size)
         self.device_type = _resolve_device_type(device_type)
+        from . import intercept  # the rules turn on where a domain-parallel program starts
+
+        intercept.ensure_enabled()
         #: True when this manager created the default process group (then :meth:`close` destroys it).
         self.owns_process_group = not dist.is_initialized()
         #: Set by :meth:`close`; a closed manager refuses to be used (its group may be gone).

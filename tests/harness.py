@@ -43,6 +43,9 @@ def _worker(rank: int, size: int, port: int, tasks: mp.Queue, results: mp.Queue)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=120)
     )
+    import credit_dtensor
+
+    credit_dtensor.enable_rules()  # tasks that build DTensors on a raw DeviceMesh get the rules too
     results.put((rank, "ready", None))
     while True:
         item = tasks.get()

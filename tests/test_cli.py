@@ -350,6 +350,26 @@ def test_bench_overhead_case_runs_every_variant(tmp_path, monkeypatch, capsys):
     assert {"bound", "plain", "eager"} <= variants, variants
 
 
+def test_bench_models_case_times_whole_steps_exactly(tmp_path, monkeypatch, capsys):
+    """Whole training steps: one device, CREDIT-style plain tensors, credit_dtensor eager, on the
+    same ranks; credit_dtensor's output matches one device (fp32), the plain path's BatchNorm keeps
+    local statistics (so it does not), and both send about the same bytes (halos + gradients)."""
+    _no_torchrun(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "250")
+    raw = tmp_path / "step.jsonl"
+    argv = ["bench", "--cases", "models", "--worlds", "2", "--step-fields", "1x3x32x32", "--width", "4"]
+    assert main([*argv, "--backends", "none", "--repeats", "1", "--warmup", "0", "--raw", str(raw)]) == 0
+    out = capsys.readouterr().out
+    for word in ("one", "plain", "eager", "resunet", "syncs"):
+        assert word in out, (word, out)
+    assert main(["bench", "--from-json", str(raw), "--json"]) == 0
+    summary = {s["variant"]: s for s in map(json.loads, capsys.readouterr().out.splitlines()) if s}
+    assert set(summary) == {"one", "plain", "eager"}
+    assert summary["eager"]["max_rel_diff"] < 1e-5 < summary["plain"]["max_rel_diff"]
+    assert summary["eager"]["collectives"] > 0 and summary["eager"]["speedup"] > 0
+    assert 0.9 < summary["eager"]["sent_bytes"] / summary["plain"]["sent_bytes"] < 1.2
+
+
 # --- the local process launcher ------------------------------------------------------------------
 
 

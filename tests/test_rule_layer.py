@@ -29,11 +29,9 @@ def test_import_adds_nothing_to_dtensors_private_handler_table():
 
 
 def test_rules_are_registered_for_the_functions_users_call():
-    import credit_dtensor
     from credit_dtensor.intercept import _RULES, registered_functions
     from credit_dtensor.ops import FAMILIES
 
-    assert credit_dtensor.intercept.enabled()
     assert set(FAMILIES) >= {"conv", "norm", "pad", "resample", "reduce", "loss", "pointwise", "move", "refuse"}
     for fn in (
         F.conv2d,
@@ -66,3 +64,31 @@ def test_communicating_rules_are_custom_ops():
     for name in ("halo_conv", "halo_conv_backward", "rule", "rule_backward"):
         op = getattr(torch.ops.credit_dtensor, name)
         assert isinstance(op.default, torch._ops.OpOverload), name
+
+
+PLAIN_CODE = """
+import os, torch, credit_dtensor
+from torch.overrides import _get_current_function_mode_stack
+assert not _get_current_function_mode_stack(), "importing pushed a torch-function mode"
+assert not credit_dtensor.intercept.enabled()
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1")
+manager = credit_dtensor.DomainParallelManager(1, device_type="cpu")
+assert credit_dtensor.intercept.enabled(), "a manager turns the rules on"
+manager.close()
+print("OK")
+"""
+
+
+def test_import_leaves_plain_code_alone_until_a_manager_exists():
+    """No cost on plain code after ``import credit_dtensor`` (issue 19): the interception mode is
+    pushed by the first manager / shard / conversion on a thread, not by the import."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PORT=str(port))
+    out = subprocess.run([sys.executable, "-c", PLAIN_CODE], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("OK"), out.stdout

@@ -34,6 +34,8 @@ from ._args import (
     positive_int,
     resolutions,
 )
+from .bench_models import MODELS, run_models
+from .bench_models import add_arguments as add_model_arguments
 
 __all__ = ["register", "main", "cmd_bench", "table", "plot", "overhead_table", "plot_overhead"]
 
@@ -50,6 +52,7 @@ examples:
   %(prog)s --raw rows.jsonl --plots docs/benchmarks
   %(prog)s --from-json rows.jsonl --json > summary.jsonl
   %(prog)s --cases overhead --plots docs/benchmarks    per-op overhead at tiny fields
+  %(prog)s --cases models --worlds 2                 whole training steps vs one device and CREDIT-style
   %(prog)s --profile overhead                          cProfile of the eager path on 2 ranks
   torchrun --nproc-per-node 4 -m credit_dtensor.cli bench     the launched world only
 
@@ -98,11 +101,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolutions", type=resolutions, default="32x64,64x128,128x256", help="HxW list, comma separated")
     p.add_argument(
         "--cases",
-        type=choices_list((*cases, OVERHEAD)),
+        type=choices_list((*cases, OVERHEAD, MODELS)),
         default=",".join(cases),
         help=f"comma-separated subset; '{OVERHEAD}' (not in the default) times tiny fields side by side: "
-        "hand-written bound, plain-tensor module wrappers, credit_dtensor eager and compiled",
+        "hand-written bound, plain-tensor module wrappers, credit_dtensor eager and compiled; "
+        f"'{MODELS}' (not in the default) times whole training steps of a ResNet-UNet the same way",
     )
+    add_model_arguments(p, fields)
     p.add_argument("--fields", type=fields, default="1x8x16x32,2x32x64x128", help="BxCxHxW list of the overhead case")
     p.add_argument(
         "--backends",
@@ -399,7 +404,7 @@ def _run_under_torchrun(cfg, ocfg=None) -> list[dict]:
 
 
 def _split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    main = [r for r in rows if r.get("bench") != OVERHEAD]
+    main = [r for r in rows if r.get("bench") not in (OVERHEAD, "step")]
     return main, [r for r in rows if r.get("bench") == OVERHEAD]
 
 
@@ -422,9 +427,17 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.from_json:
         rows = [json.loads(line) for line in Path(args.from_json).read_text().splitlines() if line.strip()]
+        if any(r.get("bench") == "step" for r in rows):
+            run_models(args, console, [r for r in rows if r.get("bench") == "step"])
     else:
+        if MODELS in args.cases:
+            if "RANK" in os.environ:
+                raise UsageError(f"--cases {MODELS} spawns its own ranks: run it without torchrun")
+            run_models(args, console)
+            if set(args.cases) == {MODELS}:
+                return 0
         cfg = _config(args)
-        cfg.cases = tuple(c for c in args.cases if c != OVERHEAD)
+        cfg.cases = tuple(c for c in args.cases if c not in (OVERHEAD, MODELS))
         ocfg = _overhead_config(args) if OVERHEAD in args.cases else None
         try:
             if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -439,7 +452,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[red]credit-dtensor bench[/red]: {exc}")
             return 1
         if args.raw:
-            with open(args.raw, "w") as f:
+            with open(args.raw, "a" if MODELS in args.cases else "w") as f:  # after the models rows
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
     main_rows, overhead_rows = _split(rows)

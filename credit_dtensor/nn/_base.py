@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-from .. import rebind
+from .. import intercept, rebind
 from ..errors import DomainParallelError, MeshMismatchError
 from ..mesh import DomainParallelManager
 from ..sharding import shard_tensor
@@ -142,6 +142,7 @@ class DomainParallelModule:
     def _dp_input(self, x: torch.Tensor, default_dim: int) -> DTensor:
         """A plain tensor is sharded on ``default_dim``; a DTensor must live on our mesh."""
         mesh = self._dp_mesh
+        intercept.ensure_enabled()  # a converted model run on a new thread
         if not dist.is_initialized():
             raise DomainParallelError(
                 f"{module_label(self)}: the process group of this converted model is gone (DomainParallelManager."

@@ -75,12 +75,14 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class PlainHaloConv2d(nn.Module):
-    """A ``Conv2d`` with odd square-ish kernel and stride 1 on H-shards held as plain tensors."""
+    """A ``Conv2d`` with odd kernel and 'same' H padding on H-shards held as plain tensors; a stride
+    s > 1 needs every shard's first row to be a multiple of s (even shards of a field divisible by
+    s x ranks), as CREDIT's plain path assumes."""
 
     def __init__(self, conv: nn.Conv2d, rank: int, world: int) -> None:
         super().__init__()
-        if conv.stride[0] != 1 or conv.kernel_size[0] % 2 == 0 or conv.padding[0] != (conv.kernel_size[0] - 1) // 2:
-            raise ValueError("PlainHaloConv2d: stride 1, odd kernel and 'same' H padding only")
+        if conv.kernel_size[0] % 2 == 0 or conv.padding[0] != (conv.kernel_size[0] - 1) // 2 or conv.dilation[0] != 1:
+            raise ValueError("PlainHaloConv2d: odd kernel, 'same' H padding and no H dilation only")
         self.conv, self.rank, self.world = conv, rank, world
         self.halo = (conv.kernel_size[0] - 1) // 2
 

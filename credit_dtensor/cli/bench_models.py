@@ -1,0 +1,96 @@
+"""``credit-dtensor bench --cases models``: whole training steps of model-shaped networks (see
+:mod:`credit_dtensor.tools.bench_step`): one device, CREDIT-style plain tensors, credit_dtensor
+eager and compiled, side by side on the same ranks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["MODELS", "add_arguments", "run_models", "step_table"]
+
+MODELS = "models"
+
+
+def add_arguments(p: argparse.ArgumentParser, fields_type) -> None:
+    p.add_argument(
+        "--step-fields",
+        type=fields_type,
+        default="1x3x128x128,1x3x256x256",
+        help=f"BxCxHxW list of the '{MODELS}' case (whole training steps)",
+    )
+    p.add_argument("--width", type=int, default=16, help=f"base width of the '{MODELS}' case's ResNet-UNet")
+
+
+def step_table(summary: list[dict]) -> Table:
+    """One row per (model, field, N, variant)."""
+    t = Table(title="whole training step (fwd + bwd + gradient reduction): median of the slowest rank")
+    for c in (
+        "model",
+        "BxCxHxW",
+        "N",
+        "path",
+        "step ms",
+        "CPU ms",
+        "speedup",
+        "efficiency",
+        "syncs",
+        "MiB sent",
+        "saved MiB",
+        "max rel diff",
+        "compile s",
+    ):
+        t.add_column(c, justify="left" if c in ("model", "path") else "right")
+
+    def num(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for s in summary:
+        t.add_row(
+            s["model"],
+            "x".join(map(str, s["field"])),
+            str(s["world"]),
+            s["variant"],
+            f"{1e3 * s['step_s']:.1f}",
+            f"{1e3 * s['cpu_s']:.1f}",
+            num(s["speedup"], ".2f"),
+            num(s["efficiency"], ".2f"),
+            str(s["collectives"]),
+            f"{s['sent_bytes'] / 2**20:.2f}",
+            num(s.get("saved_mib"), ".1f"),
+            num(s["max_rel_diff"], ".1e"),
+            num(s["compile_s"], ".1f"),
+        )
+    return t
+
+
+def run_models(args: argparse.Namespace, console: Console, rows: list[dict] | None = None) -> list[dict]:
+    """Run (or take from ``--from-json``) the models rows; print the table or JSON; return the summary."""
+    from ..tools.bench_step import StepConfig, run_step, summarize_step
+
+    if rows is None:
+        cfg = StepConfig(
+            worlds=tuple(n for n in args.worlds if n > 1) or (2,),
+            fields=args.step_fields,
+            width=args.width,
+            backends=args.backends,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            threads=args.threads,
+        )
+        rows = run_step(cfg)
+        if args.raw:
+            with Path(args.raw).open("w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+    summary = summarize_step(rows)
+    if args.json:
+        for s in summary:
+            console.out(json.dumps(s), highlight=False)
+    else:
+        console.print(step_table(summary))
+    return summary
