@@ -276,7 +276,11 @@ class _Detector(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         for t in types:
             if issubclass(t, DTensor):
-                if not _state["dtensor_dispatch"] and _records_grad(args, kwargs):
+                if (
+                    not _state["dtensor_dispatch"]
+                    and not getattr(_tls, "trusted", False)
+                    and _records_grad(args, kwargs)
+                ):
                     _state["dtensor_dispatch"] = True  # DTensor's own backward is in a graph now
                 if func in _CORRUPT:
                     _refuse_builtin_conv(func, args)
@@ -302,6 +306,19 @@ def _op_name(func: object) -> str:
     if mod.startswith("torch.linalg") or qual.startswith("_LinAlg"):
         return f"torch.linalg.{name}"
     return f"torch.{name}"
+
+
+@contextlib.contextmanager
+def trusted() -> Iterator[None]:
+    """DTensor's own dispatch of an op whose backward cannot gather (a pointwise op on operands of
+    one spec, see ``ops.pointwise``): still watched, but it does not count as "reached DTensor's
+    autograd", so backward stays unwatched (and free) as for credit_dtensor's own rules."""
+    old = getattr(_tls, "trusted", False)
+    _tls.trusted = True
+    try:
+        yield
+    finally:
+        _tls.trusted = old
 
 
 @contextlib.contextmanager

@@ -112,15 +112,11 @@ def _inplace_after_save_task() -> dict[str, str]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: DTensor writes local tensors below autograd, so a rule's saved local tensor does not see "
-    "the version bump of an in-place op on its DTensor; bumping it from the rules mode broke legal programs "
-    "(torchvision ResNet's in-place residual add after a halo conv saved a no-grad view). Programs PyTorch "
-    "accepts on one device are exact; this only concerns programs it rejects",
-)
 @pytest.mark.parametrize("world", [2, 3])
 def test_inplace_on_saved_tensor_raises_like_one_device(world):
+    """The common pointwise ops on operands of one spec run through DTensor's own dispatch, whose
+    autograd saves the DTensors themselves and sees the version bump. (Rules that save local
+    tensors -- hardswish & co. -- still do not see it: a program that one device rejects.)"""
     for rank, res in enumerate(get_world(world).run(_inplace_after_save_task)):
         for name in ("silu", "gelu", "square"):
             assert res[name] == "raised/raised named=True", (rank, name, res[name])

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .. import comm, stats
+from .. import comm, guard, stats
 from ..comm import exchange
 from ..dtensor import align_operand, domain_shard_dim, full_operand, wrap_replicate, wrap_shard
 from ..geometry import chunk_range, owner_of
@@ -399,6 +399,22 @@ def _chunk_rule(func, args, kwargs):
 # --- cat -----------------------------------------------------------------------------------------------------
 
 
+def _native_cat(tensors, ref: DTensor, dim: int) -> bool:
+    """Every operand a DTensor on ``ref``'s mesh and placements (one Shard, at least a row per rank),
+    equal shapes but along ``dim``: DTensor's own cat keeps the shards, no rows move."""
+    if len(ref.placements) != 1 or ref.shape[ref.placements[0].dim] < ref.device_mesh.size():
+        return False
+    shape = list(ref.shape)
+    for t in tensors:
+        if not isinstance(t, DTensor) or t.device_mesh is not ref.device_mesh or t.placements != ref.placements:
+            return False
+        other = list(t.shape)
+        other[dim] = shape[dim]
+        if other != shape:
+            return False
+    return True
+
+
 @register(torch.cat, torch.concat, torch.concatenate)
 def _cat_rule(func, args, kwargs):
     tensors = args[0] if args else kwargs.get("tensors")
@@ -412,6 +428,9 @@ def _cat_rule(func, args, kwargs):
     dim %= ref.ndim
     if any(isinstance(t, torch.Tensor) and t.ndim != ref.ndim for t in tensors):
         return NotImplemented
+    if dim != sd and _native_cat(tensors, ref, dim):
+        with guard.trusted():  # DTensor's own cat (and its backward, slices) is local here, and cheaper
+            return func(*args, **kwargs)
     if dim != sd:  # concatenation of other dims: local rows of every operand
         try:
             local = [align_operand(t, ref, sd, ref.ndim, "torch.cat") for t in tensors]
