@@ -244,3 +244,22 @@ def test_nearest_forward_and_backward_maps_per_rank(mode, nd, n, scale):
         special = nearest_uses_shortcuts(nd, backward)
         got = [interp_taps(mode, o, n, out, None, scale, False, special)[0][0] for o in range(out)]
         assert got == truth, (backward, got, truth)
+
+
+def test_nearest_is_local_only_where_every_rank_keeps_its_rows():
+    from credit_dtensor.geometry import chunk_offsets
+    from credit_dtensor.geometry.resample import nearest_is_local, nearest_source
+
+    for n in range(1, 20):
+        for world in range(1, 5):
+            for scale in (1.0, 2.0, 3.0, 4.0, 1.5, 0.5):
+                local = nearest_is_local(n, scale, world)
+                if not local:
+                    continue
+                s = int(scale)
+                offs, out_offs = chunk_offsets(n, world), chunk_offsets(n * s, world)
+                for r in range(world):  # every output row of rank r reads an input row of rank r
+                    for o in range(out_offs[r], out_offs[r + 1]):
+                        src = nearest_source(o, n, n * s, scale)
+                        assert offs[r] <= src < offs[r + 1], (n, world, scale, r, o, src)
+    assert nearest_is_local(16, 2.0, 2) and not nearest_is_local(7, 2.0, 3) and not nearest_is_local(16, 3.0, 2)

@@ -22,6 +22,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from . import chunk_offsets
+
 __all__ = [
     "Tap",
     "INTERP_MODES",
@@ -101,6 +103,20 @@ def nearest_source(o: int, n_in: int, n_out: int, scale: float | None = None, sp
         return o >> 1
     s = _scale_value(scale, n_in, n_out, np.float32)
     return min(int(math.floor(np.float32(o) * s)), n_in - 1)
+
+
+def nearest_is_local(n_in: int, scale: float, world: int) -> bool:
+    """Whether ``mode='nearest'`` at ``scale`` along a dim of ``n_in`` rows chunked over ``world``
+    ranks maps every rank's ``torch.chunk`` output rows onto exactly its own input rows, so each
+    rank may upsample its rows alone: an integer power-of-two scale (``1 / scale`` exact in float32,
+    so the kernel's ``floorf(o / scale)`` is ``o >> log2(scale)`` on any offset) and output chunks
+    that are the input chunks times the scale (not e.g. 7 rows over 3 ranks at 2x), none of them empty."""
+    if scale != int(scale) or int(scale) < 1 or int(scale) & (int(scale) - 1):
+        return False
+    s, offs = int(scale), chunk_offsets(n_in, world)
+    if any(a == b for a, b in zip(offs, offs[1:])):
+        return False  # an empty shard: PyTorch's kernel rejects empty inputs
+    return chunk_offsets(n_in * s, world) == [o * s for o in offs]
 
 
 def nearest_uses_shortcuts(nd: int, backward: bool) -> bool:

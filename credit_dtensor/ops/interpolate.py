@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from ..dtensor import spatial_shard_dim
+from ..dtensor import spatial_shard_dim, wrap_shard
 from ..errors import DomainParallelError
-from ..geometry.resample import interp_taps, nearest_uses_shortcuts
+from ..geometry.resample import interp_taps, nearest_is_local, nearest_uses_shortcuts
 from ._route import register_routes
 from ._rows import RowOpRef, SeparableOp, Taps, apply_row_op, domain_info, meta_like, register_row_ops, row_op_ref
 from .pool import AdaptiveAvgPoolOp
@@ -154,6 +154,20 @@ def _interp_op(x: DTensor, mode, out_size, scales, align_corners, dim, out_shape
     return row_op_ref(InterpOp.__name__, args, dim, out_shape)
 
 
+def _local_nearest(x: DTensor, dim: int, nd: int, size, scale_factor, mode, recompute) -> DTensor | None:
+    """A UNet decoder's ``F.interpolate(x, scale_factor=2)``: when every rank's output rows come from
+    its own input rows (:func:`nearest_is_local`), each rank upsamples its shard; no row op, no
+    exchange, plain autograd on the local rows. ``None`` otherwise (the general row op)."""
+    if mode != "nearest" or size is not None or scale_factor is None or recompute:
+        return None
+    sf = list(scale_factor) if isinstance(scale_factor, (list, tuple)) else [scale_factor] * nd
+    if len(sf) != nd or not nearest_is_local(x.shape[dim], float(sf[dim - 2]), x.device_mesh.size()):
+        return None
+    y = F.interpolate(x.to_local(), None, scale_factor, mode)
+    shape = list(x.shape[:2]) + [int(x.shape[d] * sf[d - 2]) if d == dim else y.shape[d] for d in range(2, x.ndim)]
+    return wrap_shard(y, x.device_mesh, dim, shape)
+
+
 def interpolate(
     input: torch.Tensor,
     size: int | Sequence[int] | None = None,
@@ -173,6 +187,9 @@ def interpolate(
             f"interpolate(mode={mode!r}, antialias={antialias}) on an input sharded on dim {dim}: antialiased "
             "resampling is not supported on sharded tensors: use antialias=False, or gather_tensor() first"
         )
+    local = _local_nearest(input, dim, nd, size, scale_factor, mode, recompute_scale_factor)
+    if local is not None:
+        return local
     try:
         meta = F.interpolate(
             meta_like(input), size, scale_factor, mode, align_corners, recompute_scale_factor, antialias
