@@ -32,6 +32,19 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class PendingExchange:
+    """A posted :func:`exchange_start` round: :meth:`wait` returns the received tensors."""
+
+    def __init__(self, reqs: list, out: list[torch.Tensor], payload: list[torch.Tensor]) -> None:
+        self._reqs, self._out, self._payload = reqs, out, payload
+
+    def wait(self) -> list[torch.Tensor]:
+        for req in self._reqs:
+            req.wait()
+        self._reqs, self._payload = [], []  # the sent tensors may go now
+        return self._out
+
+
 def exchange(
     sends: Sequence[tuple[int, torch.Tensor]],
     recv_shapes: Sequence[tuple[int, torch.Size | tuple[int, ...]]],
@@ -46,6 +59,20 @@ def exchange(
     Both sides derive their lists from the same pure plan, so no sizes are exchanged. Empty
     messages are skipped on both sides. Returns the received tensors in ``recv_shapes`` order.
     """
+    return exchange_start(sends, recv_shapes, group, dtype=dtype, device=device).wait()
+
+
+def exchange_start(
+    sends: Sequence[tuple[int, torch.Tensor]],
+    recv_shapes: Sequence[tuple[int, torch.Size | tuple[int, ...]]],
+    group: dist.ProcessGroup,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> PendingExchange:
+    """:func:`exchange`, posted but not waited on: compute that does not need the messages runs
+    while they travel (every rank must post the same rounds in the same order, as for
+    :func:`exchange`, and wait before its next collective on ``group``)."""
     ops: list[dist.P2POp] = []
     out: list[torch.Tensor] = []
     sent = recv = 0
@@ -62,11 +89,9 @@ def exchange(
             payload.append(t)  # keep alive until the requests complete
             ops.append(dist.P2POp(dist.isend, t, dist.get_global_rank(group, peer), group))
             sent += nbytes(t)
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+    reqs = dist.batch_isend_irecv(ops) if ops else []
     stats.record(sent, recv, messages=sum(1 for _, t in sends if t.numel()))
-    return out
+    return PendingExchange(reqs, out, payload)
 
 
 def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -12,7 +12,7 @@ their owners and are added there.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -159,12 +159,35 @@ def _row_shape(x: torch.Tensor, dim: int, rows: int) -> tuple[int, ...]:
 
 def halo_gather(x: torch.Tensor, dim: int, plan: HaloPlan, group: dist.ProcessGroup) -> torch.Tensor:
     """Forward: assemble this rank's extended tensor (no autograd; see :func:`gather_rows`)."""
+    return halo_gather_start(x, dim, plan, group)()
+
+
+def own_rows(plan: HaloPlan) -> tuple[int, int, int] | None:
+    """``(position in the extended rows, first own row, count)`` of the one run of the extended
+    input read from the rank's own shard; ``None`` when there is not exactly one."""
+    runs, pos = [], 0
+    for seg in plan.segments:
+        if seg.source == -1:
+            runs.append((pos, seg.start, seg.length))
+        pos += seg.length
+    return runs[0] if len(runs) == 1 else None
+
+
+def halo_gather_start(
+    x: torch.Tensor, dim: int, plan: HaloPlan, group: dist.ProcessGroup
+) -> Callable[[], torch.Tensor]:
+    """:func:`halo_gather` with the exchange posted: the returned function waits and assembles
+    (a conv computes its interior rows, which need no halo, in between)."""
     if plan.is_local and plan.is_identity:
-        return x
+        return lambda: x
     index = _send_index(plan, x.device)
     sends = [(dst, x.index_select(dim, idx)) for (dst, _), idx in zip(plan.sends, index)]
     recv_shapes = [(src, _row_shape(x, dim, len(rows))) for src, rows in plan.recvs]
-    received = comm.exchange(sends, recv_shapes, group, dtype=x.dtype, device=x.device) if not plan.is_local else []
+    pending = None if plan.is_local else comm.exchange_start(sends, recv_shapes, group, dtype=x.dtype, device=x.device)
+    return lambda: _assemble(x, dim, plan, pending.wait() if pending is not None else [])
+
+
+def _assemble(x: torch.Tensor, dim: int, plan: HaloPlan, received: list[torch.Tensor]) -> torch.Tensor:
     if plan.is_identity:
         return x
     pieces = []
@@ -181,8 +204,16 @@ def halo_gather(x: torch.Tensor, dim: int, plan: HaloPlan, group: dist.ProcessGr
 
 def halo_scatter_add(grad_ext: torch.Tensor, dim: int, plan: HaloPlan, group: dist.ProcessGroup) -> torch.Tensor:
     """Adjoint of :func:`halo_gather`: route each extended row's gradient to its owner and sum."""
+    return halo_scatter_add_start(grad_ext, dim, plan, group)()
+
+
+def halo_scatter_add_start(
+    grad_ext: torch.Tensor, dim: int, plan: HaloPlan, group: dist.ProcessGroup
+) -> Callable[[], torch.Tensor]:
+    """:func:`halo_scatter_add` with the exchange posted: the returned function waits and sums
+    (a conv's backward computes its weight gradient in between)."""
     if plan.is_local and plan.is_identity:
-        return grad_ext
+        return lambda: grad_ext
     shape = _row_shape(grad_ext, dim, plan.local_len)
     grad = grad_ext.clone() if plan.is_identity else grad_ext.new_zeros(shape)
     back = [grad_ext.new_zeros(_row_shape(grad_ext, dim, len(rows))) for _, rows in plan.recvs]
@@ -192,17 +223,22 @@ def halo_scatter_add(grad_ext: torch.Tensor, dim: int, plan: HaloPlan, group: di
             dst = grad if seg.source == -1 else back[seg.source]
             dst.narrow(dim, seg.start, seg.length).add_(grad_ext.narrow(dim, pos, seg.length))
         pos += seg.length
-    if not plan.is_local:
-        returned = comm.exchange(
-            [(src, b) for (src, _), b in zip(plan.recvs, back)],
-            [(dst, _row_shape(grad_ext, dim, len(rows))) for dst, rows in plan.sends],
-            group,
-            dtype=grad_ext.dtype,
-            device=grad_ext.device,
-        )
-        for idx, g in zip(_send_index(plan, grad.device), returned):
+    if plan.is_local:
+        return lambda: grad
+    pending = comm.exchange_start(
+        [(src, b) for (src, _), b in zip(plan.recvs, back)],
+        [(dst, _row_shape(grad_ext, dim, len(rows))) for dst, rows in plan.sends],
+        group,
+        dtype=grad_ext.dtype,
+        device=grad_ext.device,
+    )
+
+    def finish() -> torch.Tensor:
+        for idx, g in zip(_send_index(plan, grad.device), pending.wait()):
             grad.index_add_(dim, idx, g)
-    return grad
+        return grad
+
+    return finish
 
 
 class _GatherRows(torch.autograd.Function):

@@ -149,3 +149,28 @@ def test_bad_input_errors():
             assert r[key] is not None, (rank, key, "no error raised")
             got_cls, msg = r[key]
             assert got_cls == cls and all(w in msg for w in words), (rank, key, got_cls, msg)
+
+
+def test_interior_rows_are_the_ones_that_need_no_halo():
+    """The overlap split (interior rows computed while the halo travels) against brute force: the
+    interior output rows read only own rows, the edge pieces cover the rest exactly."""
+    from credit_dtensor.halo import own_rows
+    from credit_dtensor.ops.conv_ops import _interior, _setup, encode
+    from credit_dtensor.ops.conv_spec import ConvSpec
+
+    x = torch.empty(1, 1, 13, 4)
+    for k, s, d, p in [(3, 1, 1, 1), (5, 1, 1, 2), (3, 2, 1, 1), (3, 1, 2, 2), (4, 2, 1, 1), (1, 2, 1, 0)]:
+        spec = ConvSpec(2, False, (k, 1), (s, 1), (p, 0), (p, 0), (d, 1), (0, 0), 1, "zeros")
+        for world in (2, 3, 4):
+            for rank in range(world):
+                _, hplan, loc = _setup(x, encode(spec), 13, 2, world, rank)
+                split = _interior(spec, hplan, loc)
+                if split is None:
+                    continue
+                j0, j1, x0, rows = split
+                pos, start, count = own_rows(hplan)
+                assert 0 <= j0 < j1 <= loc.out_rows
+                for j in range(j0, j1):  # ext rows [j*s, j*s + d*(k-1)] lie in the own run
+                    assert pos <= j * s and j * s + d * (k - 1) < pos + count, (k, s, d, world, rank, j)
+                assert start <= x0 and x0 + rows <= start + count
+                assert (rows - d * (k - 1) - 1) // s + 1 == j1 - j0

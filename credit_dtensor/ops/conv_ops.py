@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, Partial, Shard
 
 from .. import stats
 from ..dtensor import global_stride, wrap_shard
-from ..halo import halo_gather, halo_scatter_add
+from ..halo import halo_gather_start, halo_scatter_add, halo_scatter_add_start, own_rows
 from . import _groups
 from .conv_local import local_backward, local_forward, local_setup
 from .conv_spec import MODES, ConvSpec, conv_out_shape, plan
@@ -72,11 +72,43 @@ def _setup_cached(x: torch.Tensor, enc: list[int], n: int, dim: int, world: int,
     return hit
 
 
+def _interior(spec, hplan, loc) -> tuple[int, int, int, int] | None:
+    """``(j0, j1, x0, rows)``: output rows ``[j0, j1)`` read only the rank's own rows, ``rows`` of
+    them from row ``x0`` of the shard -- computed while the halo travels (non-transposed convs
+    with a halo and at least one such row); ``None`` otherwise."""
+    if spec.transposed or hplan.is_local or loc.out_rows == 0:
+        return None
+    own = own_rows(hplan)
+    if own is None:
+        return None
+    pos, start, count = own
+    s, reach = spec.stride[loc.sd], spec.dilation[loc.sd] * (spec.kernel[loc.sd] - 1)
+    j0 = -(-pos // s)
+    j1 = min(loc.out_rows, (pos + count - 1 - reach) // s + 1)
+    if j1 <= j0 or (j0 == 0 and j1 == loc.out_rows):
+        return None
+    return j0, j1, start + j0 * s - pos, (j1 - j0 - 1) * s + reach + 1
+
+
 def _forward_impl(x, w, b, enc, n, dim, world, rank, group):
     spec, hplan, loc = _setup_cached(x, enc, n, dim, world, rank)
+    split = _interior(spec, hplan, loc)
     with stats.op_label(spec.name):
-        ext = halo_gather(x, dim, hplan, _groups.resolve(group))
-    y = local_forward(ext, w, b, loc)
+        finish = halo_gather_start(x, dim, hplan, _groups.resolve(group))
+    if split is None:
+        ext = finish()
+        y = local_forward(ext, w, b, loc)
+    else:  # overlap: the interior rows are computed while the halo rows travel
+        j0, j1, x0, rows = split
+        mid = local_forward(x.narrow(dim, x0, rows), w, b, loc)
+        ext = finish()
+        s, reach = spec.stride[loc.sd], spec.dilation[loc.sd] * (spec.kernel[loc.sd] - 1)
+        parts = [mid]
+        if j0 > 0:
+            parts.insert(0, local_forward(ext.narrow(dim, 0, (j0 - 1) * s + reach + 1), w, b, loc))
+        if j1 < loc.out_rows:
+            parts.append(local_forward(ext.narrow(dim, j1 * s, (loc.out_rows - j1 - 1) * s + reach + 1), w, b, loc))
+        y = torch.cat(parts, dim) if len(parts) > 1 else mid
     if ext is x:  # the shard itself: backward reads the saved input instead
         return y, x.new_empty(0)
     if ext.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and x.numel():
@@ -114,7 +146,17 @@ def _halo_conv_fake(x, w, b, enc, n, dim, world, rank, group):
 def _backward_impl(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group):
     spec, hplan, loc = _setup_cached(x, enc, n, dim, world, rank)
     source = x if hplan.is_identity else ext
-    gx_ext, gw, gb = local_backward(gy.contiguous(), source, w, has_bias, loc, (mask[0], mask[1], mask[2]))
+    gy = gy.contiguous()
+    if mask[0] and (mask[1] or mask[2]) and not hplan.is_local:
+        # overlap: the input gradient's halo rows travel back while the weight gradient is computed
+        gx_ext, _, _ = local_backward(gy, source, w, has_bias, loc, (True, False, False))
+        with stats.op_label(spec.name):
+            finish = halo_scatter_add_start(gx_ext.contiguous(), dim, hplan, _groups.resolve(group))
+        _, gw, gb = local_backward(gy, source, w, has_bias, loc, (False, mask[1], mask[2]))
+        gx = finish()
+        gx = gx.clone() if gx is gx_ext else gx
+        return gx, (gw if gw is not None else w.new_empty(0)), (gb if gb is not None else w.new_empty(0))
+    gx_ext, gw, gb = local_backward(gy, source, w, has_bias, loc, (mask[0], mask[1], mask[2]))
     gx = x.new_empty(0)
     if mask[0]:  # the same on every rank (SPMD), so skipping the adjoint exchange is symmetric
         with stats.op_label(spec.name):

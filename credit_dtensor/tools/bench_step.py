@@ -141,7 +141,7 @@ def _steps(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: in
         steps[backend] = step
     with torch.no_grad():
         ref = copy.deepcopy(plain)(x)[:, :, lo:hi]
-    return steps, compile_s, ref
+    return steps, compile_s, ref, _param_storages(one, wrapped, converted)
 
 
 def _count_collectives(step: Callable) -> tuple[int, int]:
@@ -154,27 +154,40 @@ def _count_collectives(step: Callable) -> tuple[int, int]:
     return sum(counter.calls.values()), sum(counter.sent.values())
 
 
-def _saved_bytes(step: Callable) -> int:
-    """Bytes autograd saves for backward during one step on this rank (local shards of DTensors):
-    the activation memory a step holds at its peak, parameters aside."""
+def _param_storages(*models: nn.Module) -> set[int]:
     from torch.distributed.tensor import DTensor
 
-    total = 0
+    out = set()
+    for m in models:
+        for p in m.parameters():
+            local = p._local_tensor if isinstance(p, DTensor) else p
+            out.add(local.untyped_storage().data_ptr())
+    return out
+
+
+def _saved_bytes(step: Callable, params: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves for backward during one step on this rank
+    (local shards of DTensors; a tensor saved by several nodes counts once): the activation memory
+    a step holds at its peak, parameters aside."""
+    from torch.distributed.tensor import DTensor
+
+    seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
         local = t._local_tensor if isinstance(t, DTensor) else t
-        if not isinstance(local, nn.Parameter):
-            total += local.numel() * local.element_size()
+        if local.numel():
+            storage = local.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
-    return total
+    return sum(seen.values())
 
 
 def bench_step_case(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: int, world: int) -> list[dict]:
-    steps, compile_s, ref = _steps(name, field, cfg, manager, rank, world)
+    steps, compile_s, ref, params = _steps(name, field, cfg, manager, rank, world)
     diffs: dict[str, float] = {}
     counts: dict[str, tuple[int, int]] = {}
     saved: dict[str, int | None] = {}
@@ -184,7 +197,7 @@ def bench_step_case(name: str, field: tuple[int, ...], cfg: StepConfig, manager,
         if n != "one":  # the reference itself
             diffs[n] = float((y.detach() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         counts[n] = (0, 0) if n == "one" else _count_collectives(step)
-        saved[n] = _saved_bytes(step) if n in ("one", "plain", "eager") else None  # compiled: inside the graph
+        saved[n] = _saved_bytes(step, params) if n in ("one", "plain", "eager") else None  # compiled: inside the graph
     times, cpu = _interleaved(steps, cfg.repeats, cfg.warmup)
     return [
         {
