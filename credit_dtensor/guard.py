@@ -26,8 +26,9 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -35,6 +36,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import DomainParallelError
+
+T = TypeVar("T")
 
 __all__ = [
     "ImplicitGatherWarning",
@@ -169,15 +172,22 @@ def _frames() -> Iterator:
         f = f.f_back
 
 
-def module_path() -> str | None:
-    """The innermost converted module whose ``forward`` is on the Python stack."""
+def innermost_module(pick: Callable[[nn.Module], T | None]) -> tuple[nn.Module, T] | None:
+    """``(module, pick(module))`` for the innermost module on the Python stack (a ``forward`` or
+    a method of it running) for which ``pick`` is not ``None``: the one stack walk of the package."""
     for f in _frames():
         obj = f.f_locals.get("self")
         if isinstance(obj, nn.Module):
-            path = _PATHS.get(obj)
-            if path is not None:
-                return path
+            value = pick(obj)
+            if value is not None:
+                return obj, value
     return None
+
+
+def module_path() -> str | None:
+    """The innermost converted module whose ``forward`` is on the Python stack."""
+    found = innermost_module(_PATHS.get)
+    return None if found is None else found[1]
 
 
 def _user_frame() -> tuple[str, int] | None:

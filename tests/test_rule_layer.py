@@ -92,3 +92,20 @@ def test_import_leaves_plain_code_alone_until_a_manager_exists():
     out = subprocess.run([sys.executable, "-c", PLAIN_CODE], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("OK"), out.stdout
+
+
+def test_rules_never_import_the_converter_or_the_wrappers():
+    """Layers flow one way (issue 20): ``ops`` may use ``dtensor``, ``geometry``, ``guard``, ``halo``
+    and ``comm``, never ``convert`` or ``nn`` (which sit above it)."""
+    import ast
+    from pathlib import Path
+
+    import credit_dtensor.ops
+
+    bad = []
+    for path in Path(credit_dtensor.ops.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                names = [node.module or ""] + ([a.name for a in node.names] if not node.module else [])
+                bad += [f"{path.name}: from ..{n}" for n in names if n.split(".")[0] in ("convert", "nn", "converters")]
+    assert not bad, bad

@@ -25,6 +25,7 @@ from typing import NamedTuple
 from . import chunk_offsets, chunk_sizes
 
 __all__ = [
+    "window_height",
     "block_fits",
     "valid_domain_sizes",
     "WindowFit",
@@ -291,3 +292,17 @@ def repartition(in_units: Sequence[int], out_units: Sequence[int], rank: int) ->
                 sends.append((dst, a - i0, c))
     pieces = tuple((s, a - (in_units[rank] if s == rank else a), c) for s, a, c in overlaps(in_units, out_units, rank))
     return Repartition(tuple(sends), pieces, in_units[rank + 1] - i0, out_units[rank + 1] - out_units[rank])
+
+
+def window_height(module: object) -> int | None:
+    """H extent of a module's windows (``window_size`` or any ``*window_size`` attribute; an int
+    means square windows, a tuple ``(..., h, w)``), else ``None``. The block of :func:`shard_local`
+    and the window height that ``plan`` and ``validate_sharding_constraints`` check."""
+    names = ["window_size"] + sorted(n for n in vars(module) if n.endswith("window_size") and n != "window_size")
+    for n in names:
+        ws = getattr(module, n, None)
+        if isinstance(ws, int) and ws > 0:
+            return ws
+        if isinstance(ws, (tuple, list)) and ws and all(isinstance(v, int) for v in ws):
+            return int(ws[-2]) if len(ws) >= 2 else int(ws[0])
+    return None

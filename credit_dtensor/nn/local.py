@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ..dtensor import domain_shard_dim, full_operand, is_sharded, local_replicated, wrap_replicate, wrap_shard
 from ..errors import DomainParallelError, MeshMismatchError
 from ..geometry import chunk_sizes
+from ..geometry.window import window_height
 from ._base import DomainParallelModule, module_label
 
 __all__ = [
@@ -228,20 +229,6 @@ class DomainParallelShardLocal(DomainParallelModule, nn.Module):
             return wrap_shard(t, mesh, d, shape)
 
         return tree_map(wrap, out)
-
-
-def window_height(module: nn.Module) -> int | None:
-    """H extent of a module's windows (``window_size`` or any ``*window_size`` attribute; an int
-    means square windows, a tuple ``(..., h, w)``), else ``None``. The block of :func:`shard_local`
-    and the window height that ``plan`` and ``validate_sharding_constraints`` check."""
-    names = ["window_size"] + sorted(n for n in vars(module) if n.endswith("window_size") and n != "window_size")
-    for n in names:
-        ws = getattr(module, n, None)
-        if isinstance(ws, int) and ws > 0:
-            return ws
-        if isinstance(ws, (tuple, list)) and ws and all(isinstance(v, int) for v in ws):
-            return int(ws[-2]) if len(ws) >= 2 else int(ws[0])
-    return None
 
 
 def shard_local(module: nn.Module, manager: Any, *, block: int | None = None, dim: int | None = None) -> nn.Module:

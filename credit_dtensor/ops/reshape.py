@@ -26,7 +26,6 @@ are left to DTensor, which handles them locally for any shard sizes.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ from .. import guard, intercept
 from ..dtensor import domain_shard_dim, wrap_shard
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
-from ..geometry.window import ViewPlan, valid_domain_sizes, view_groups, view_plan
+from ..geometry.window import ViewPlan, valid_domain_sizes, view_groups, view_plan, window_height
 from ..intercept import register
 from . import alias
 from .move import repartition_local
@@ -203,17 +202,12 @@ def _reshape_back(base: Any, value: Any) -> None:
 
 def _window_module() -> tuple[nn.Module, int] | None:
     """The innermost module on the call stack that has a window (``window_size``)."""
-    from ..convert import window_height
 
-    f = sys._getframe(1)
-    while f is not None:
-        obj = f.f_locals.get("self")
-        if isinstance(obj, nn.Module):
-            w = window_height(obj)
-            if w is not None and w > 1:
-                return obj, w
-        f = f.f_back
-    return None
+    def height(m: nn.Module) -> int | None:
+        w = window_height(m)
+        return w if w is not None and w > 1 else None
+
+    return guard.innermost_module(height)
 
 
 def _message(where: str, in_shape: tuple[int, ...], out_shape: list[int], plan: ViewPlan, world: int) -> str:
