@@ -38,7 +38,6 @@ from .constraints import validate_sharding_constraints
 from .converters import (
     Converter,
     converter_for,
-    family_errors,
     lookup,
     register_converter,
     registered_converters,
@@ -56,7 +55,6 @@ __all__ = [
     "converter_for",
     "registered_converters",
     "Converter",
-    "family_errors",
     "window_height",
 ]
 

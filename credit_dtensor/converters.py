@@ -28,7 +28,6 @@ __all__ = [
     "register_converter",
     "converter_for",
     "registered_converters",
-    "family_errors",
     "lookup",
 ]
 
@@ -56,7 +55,6 @@ class Converter:
 
 _USER: dict[type, Converter] = {}
 _FAMILIES: dict[str, dict[type, Converter]] = {}
-_FAMILY_ERRORS: dict[str, str] = {}
 
 
 def register_converter(
@@ -104,33 +102,15 @@ def _family_table(mod: Any, family: str) -> dict[type, Converter]:
 
 
 def _load_families() -> None:
-    """Import every ``credit_dtensor.nn`` family not loaded yet (a broken one is logged, skipped)."""
+    """Import every ``credit_dtensor.nn`` family not loaded yet (a broken one is an import error)."""
     import credit_dtensor.nn as nn_pkg
 
     for info in pkgutil.iter_modules(nn_pkg.__path__):
         name = info.name
         if name.startswith("_") or name in _FAMILIES:
             continue
-        try:
-            mod = importlib.import_module(f"{nn_pkg.__name__}.{name}")
-        except Exception as exc:  # noqa: BLE001 - one half-written family must not break conversion
-            if name not in _FAMILY_ERRORS:
-                logger.warning(
-                    "credit_dtensor.nn.%s could not be imported (%s: %s); its modules stay unconverted",
-                    name,
-                    type(exc).__name__,
-                    exc,
-                )
-            _FAMILY_ERRORS[name] = f"{type(exc).__name__}: {exc}"
-            continue
-        _FAMILY_ERRORS.pop(name, None)
+        mod = importlib.import_module(f"{nn_pkg.__name__}.{name}")
         _FAMILIES[name] = _family_table(mod, name)
-
-
-def family_errors() -> dict[str, str]:
-    """Families that failed to import: ``{name: error}`` (reported by ``plan``)."""
-    _load_families()
-    return dict(_FAMILY_ERRORS)
 
 
 def registered_converters() -> dict[type, Converter]:

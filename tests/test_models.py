@@ -19,8 +19,6 @@ import pytest
 import torch
 
 from credit_dtensor.audit import plan
-from credit_dtensor.audit.tracker import resample_rules_loaded
-from credit_dtensor.convert import registered_converters
 from credit_dtensor.models import crossformer, pangu, unet
 from tests.harness import get_world, manager
 from tests.parity import assert_parity, parity
@@ -33,22 +31,6 @@ MODELS = {
     "pangu": (lambda h: pangu(grid=(2, h, 16)), lambda h: (1, 3, 2, h, 16), 3),
 }
 CASES = {2: (26,), 3: (32, 26), 4: (26, 13)}
-
-
-def _families() -> set[str]:
-    return {c.family for c in registered_converters().values()}
-
-
-def _missing_family(name: str) -> str | None:
-    """Why ``name`` cannot be exact yet (a family it relies on is not available), or None."""
-    fam = _families()
-    if "pad" not in fam:
-        return "padding wrappers (credit_dtensor/nn/pad.py) not available: CircularPad2d/ZeroPad*/ReflectionPad2d"
-    if name.startswith("unet") and "norm" not in fam:
-        return "normalization wrappers (credit_dtensor/nn/norm.py) not available: GroupNorm"
-    if name.startswith("unet") and not resample_rules_loaded():
-        return "resample rules (credit_dtensor/ops/resample.py) not available: F.interpolate would be gathered"
-    return None
 
 
 def _gather_hooks(model: torch.nn.Module, gathered: list[str]) -> list:
@@ -152,9 +134,7 @@ def _checkpoints_and_hazards() -> dict:
 def _params(world: int) -> list:
     out = []
     for name in MODELS:
-        reason = _missing_family(name)
-        marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-        out.append(pytest.param(world, name, marks=marks, id=f"{name}-world{world}"))
+        out.append(pytest.param(world, name, id=f"{name}-world{world}"))
     return out
 
 

