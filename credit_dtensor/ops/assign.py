@@ -36,7 +36,8 @@ from ..geometry import chunk_offsets, chunk_range
 from ..geometry.index import Entry, local_selection, owner_runs, result_position
 from ..intercept import register
 from . import alias
-from .move import fetch_rows, parse_index, repartition_local
+from .move import parse_index
+from .rechunk import fetch_rows, repartition_local
 
 __all__ = ["assign"]
 

@@ -21,18 +21,17 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from .. import comm, guard, stats
-from ..comm import exchange
 from ..dtensor import align_operand, domain_shard_dim, full_operand, wrap_replicate, wrap_shard
 from ..geometry import chunk_range, owner_of
 from ..geometry.index import Entry, expand_index, result_position
-from ..geometry.window import repartition as repartition_plan
 from ..halo import cached_plan, halo_gather, halo_scatter_add
 from ..intercept import register
 from . import _groups, alias, opaque
 from ._rows import ROW_FACTORIES, RowOp, apply_row_op, chunk_needs, domain_info, row_op_ref
 from .pointwise import local_apply
+from .rechunk import fetch_rows, repartition_local  # noqa: F401 - re-exported
 
-__all__ = ["RowMapOp", "row_map", "roll_sources", "slice_sources", "repartition_local"]
+__all__ = ["RowMapOp", "row_map", "roll_sources", "slice_sources", "repartition_local", "fetch_rows"]
 
 
 class RowMapOp(RowOp):
@@ -476,158 +475,3 @@ def _with(shape: list[int], dim: int, n: int) -> list[int]:
     s = list(shape)
     s[dim] = n
     return s
-
-
-# --- re-chunking: contiguous runs change owner (window-aligned layouts, reshapes) ---------------------
-
-
-class _Repartition:
-    """One rank's re-chunking along ``dim`` from ``in_units`` to ``out_units`` ownership (both
-    ``world + 1`` offsets of the same total), as an opaque custom-op rule. Each run moves once, in
-    one batched exchange; backward is the reverse re-chunking (a permutation's adjoint is its
-    inverse). Pure geometry: :func:`credit_dtensor.geometry.window.repartition`."""
-
-    saved_inputs: tuple[int, ...] = ()
-    saved_outputs: tuple[int, ...] = ()
-    differentiable_outputs = (0,)
-
-    def __init__(self, dim: int, in_units: tuple, out_units: tuple, group: str, world: int, rank: int) -> None:
-        self.dim, self.group, self.rank = dim, group, rank
-        self.fwd = repartition_plan(in_units, out_units, rank)
-        self.bwd = repartition_plan(out_units, in_units, rank)
-
-    def _move(self, x: torch.Tensor, plan: Any) -> torch.Tensor:
-        x = x.contiguous()
-        sends = [(dst, x.narrow(self.dim, a, c)) for dst, a, c in plan.sends]
-        shapes = [(s, _with(list(x.shape), self.dim, c)) for s, _, c in plan.pieces if s != self.rank]
-        received = exchange(sends, shapes, _groups.resolve(self.group), dtype=x.dtype, device=x.device)
-        pieces, k = [], 0
-        for s, a, c in plan.pieces:
-            if s == self.rank:
-                pieces.append(x.narrow(self.dim, a, c))
-            else:
-                pieces.append(received[k])
-                k += 1
-        if not pieces:
-            return x.new_zeros(_with(list(x.shape), self.dim, 0))
-        return torch.cat(pieces, self.dim) if len(pieces) > 1 else pieces[0].clone()
-
-    def forward(self, inputs: list) -> list[torch.Tensor]:
-        with stats.op_label("reshape"):
-            return [self._move(inputs[0], self.fwd)]
-
-    def backward(self, saved: list, grads: list, needs: list) -> list:
-        if grads[0] is None:
-            return [None]
-        with stats.op_label("reshape"):
-            return [self._move(grads[0], self.bwd)]
-
-    def fake_forward(self, inputs: list) -> list[torch.Tensor]:
-        return [inputs[0].new_empty(_with(list(inputs[0].shape), self.dim, self.fwd.out_len))]
-
-    def fake_backward(self, saved: list, grads: list, needs: list) -> list:
-        return [grads[0].new_empty(_with(list(grads[0].shape), self.dim, self.fwd.in_len))]
-
-
-@opaque.builder("repartition")
-def _build_repartition(dim: int, in_units: tuple, out_units: tuple, group: str, world: int, rank: int) -> _Repartition:
-    return _Repartition(dim, in_units, out_units, group, world, rank)
-
-
-class _FetchRows:
-    """Rank ``r`` receives global rows ``needs[r]`` (any rows, in any order) of a ``torch.chunk``-
-    sharded tensor of ``n`` rows along ``dim`` (local tensors; one batched exchange, only rows owned
-    elsewhere move); backward sends the gradient rows back and adds them."""
-
-    saved_inputs: tuple[int, ...] = ()
-    saved_outputs: tuple[int, ...] = ()
-    differentiable_outputs = (0,)
-
-    def __init__(self, dim: int, n: int, needs: tuple, group: str, world: int, rank: int) -> None:
-        self.dim, self.group = dim, group
-        self.plan = cached_plan(n, world, rank, needs)
-        self.count = len(needs[rank])
-        self.local_rows = chunk_range(n, world, rank)
-
-    def forward(self, inputs: list) -> list[torch.Tensor]:
-        with stats.op_label("assign"):
-            ext = halo_gather(inputs[0].contiguous(), self.dim, self.plan, _groups.resolve(self.group))
-        return [ext.clone() if ext is inputs[0] else ext]
-
-    def backward(self, saved: list, grads: list, needs: list) -> list:
-        with stats.op_label("assign"):
-            return [halo_scatter_add(grads[0].contiguous(), self.dim, self.plan, _groups.resolve(self.group))]
-
-    def fake_forward(self, inputs: list) -> list[torch.Tensor]:
-        return [inputs[0].new_empty(_with(list(inputs[0].shape), self.dim, self.count))]
-
-    def fake_backward(self, saved: list, grads: list, needs: list) -> list:
-        a, b = self.local_rows
-        return [grads[0].new_empty(_with(list(grads[0].shape), self.dim, b - a))]
-
-
-@opaque.builder("fetch_rows")
-def _build_fetch_rows(dim: int, n: int, needs: tuple, group: str, world: int, rank: int) -> _FetchRows:
-    return _FetchRows(dim, n, needs, group, world, rank)
-
-
-def fetch_rows(local: torch.Tensor, mesh: Any, dim: int, n: int, needs: Sequence[Sequence[int]]) -> torch.Tensor:
-    """This rank's rows ``needs[rank]`` of a tensor sharded ``torch.chunk``-wise (``n`` rows along
-    ``dim``; ``local`` is this rank's shard), gathered from their owners (differentiable; every rank
-    of the mesh calls it with the same ``needs``)."""
-    needs = tuple(tuple(int(r) for r in rows) for rows in needs)
-    world, rank = mesh.size(), mesh.get_local_rank()
-    key = opaque.make_key("fetch_rows", dim, n, needs, _groups.name_of(mesh), world, rank)
-    return opaque.apply(key, [local])[0]
-
-
-def repartition_local(
-    local: torch.Tensor, mesh: Any, dim: int, in_units: Sequence[int], out_units: Sequence[int]
-) -> torch.Tensor:
-    """Re-chunk plain local tensors along ``dim``: rank ``r`` holds global rows
-    ``[in_units[r], in_units[r+1])`` and gets ``[out_units[r], out_units[r+1])`` (differentiable,
-    compile-friendly; every rank of the mesh must call it). Only rows that change owner move.
-    Unlike :func:`row_map`, neither layout has to be ``torch.chunk`` (e.g. window-aligned rows)."""
-    in_units, out_units = tuple(int(v) for v in in_units), tuple(int(v) for v in out_units)
-    if in_units == out_units:
-        return local
-    world, rank = mesh.size(), mesh.get_local_rank()
-    key = opaque.make_key("repartition", dim, in_units, out_units, _groups.name_of(mesh), world, rank)
-    return opaque.apply(key, [local])[0]
-
-
-# --- Tensor.unfold: sliding windows along a dim ----------------------------------------------------------------
-
-
-@register(torch.Tensor.unfold)
-def _unfold_rule(func, args, kwargs):
-    """``x.unfold(dim, size, step)``: window ``i`` holds rows ``[i*step, i*step + size)`` and becomes
-    a new last dim. Along the sharded dim each rank owns a ``torch.chunk`` slice of the windows and
-    fetches the few rows its last windows reach into (a halo: ``size - step`` rows); along any other
-    dim it is local (DTensor has no rule for it)."""
-    x = args[0]
-    names = ("dimension", "size", "step")
-    vals = dict(zip(names, args[1:]))
-    vals.update({k: v for k, v in kwargs.items() if k in names})
-    sd = domain_shard_dim(x)
-    if sd is None or not all(isinstance(vals.get(k), int) for k in names):
-        return NotImplemented
-    dim, size, step = vals["dimension"] % max(x.ndim, 1), vals["size"], vals["step"]
-    n = x.shape[dim]
-    if size < 0 or step <= 0 or size > n:
-        return NotImplemented  # PyTorch's own error
-    if dim != sd:  # the windows overlap in memory: no DTensor stride describes them, so a copy
-        return local_apply(lambda t, *a: t.unfold(*a).contiguous(), (x, dim, size, step), {}, x, sd)
-    windows = (n - size) // step + 1
-    mesh, _, world, rank = domain_info(x)
-    needs = []
-    for r in range(world):
-        w0, w1 = chunk_range(windows, world, r)
-        needs.append(tuple(range(w0 * step, (w1 - 1) * step + size)) if w1 > w0 else ())
-    ext = fetch_rows(x.to_local(), mesh, sd, n, needs)
-    w0, w1 = chunk_range(windows, world, rank)
-    # the windows overlap in memory: no DTensor stride describes them, so a copy; a rank without
-    # windows keeps its (empty) rows in the graph, so its backward joins the exchange too
-    local = (ext.unfold(sd, size, step) if w1 > w0 else ext.unsqueeze(-1).expand(*ext.shape, size)).contiguous()
-    shape = [*x.shape[:sd], windows, *x.shape[sd + 1 :], size]
-    return wrap_shard(local, mesh, sd, shape)

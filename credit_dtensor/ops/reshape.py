@@ -38,7 +38,7 @@ from ..geometry import chunk_range
 from ..geometry.window import ViewPlan, valid_domain_sizes, view_groups, view_plan, window_height
 from ..intercept import register
 from . import alias
-from .move import repartition_local
+from .rechunk import repartition_local
 from .relayout import best_free_dim, reshard
 
 __all__ = ["FUNCS", "target_shape", "reshape_sharded"]
