@@ -19,6 +19,7 @@ FAMILIES = (
     "pointwise",
     "move",
     "assign",
+    "index_write",
     "random",
     "reshape",
     "relayout",
