@@ -185,6 +185,35 @@ def test_misuse_is_a_usage_error(argv, words, capsys, monkeypatch):
     assert not re.search(r"\w\(", err.split("error:", 1)[1]), f"message suggests a Python call: {err}"
 
 
+def test_files_and_factories_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    """Issue 17: a checkpoint dir that is (or is under) a file fails before training, a malformed
+    --from-json file is a usage error, and a factory that rejects its arguments or raises is one
+    line (with the --kwargs hint), never a traceback."""
+    _no_torchrun(monkeypatch)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for target, where in ((afile, "is a file"), (afile / "sub", "which is a file")):
+        err = _usage_error(["train", "--steps", "1", "--checkpoint-dir", str(target)], capsys)
+        assert "--checkpoint-dir" in err and where in err and "Traceback" not in err, err
+    bad = tmp_path / "rows.jsonl"
+    for text, words in (("not json\n", "is not JSON"), ("[1]\n", "not a JSON object")):
+        bad.write_text(text)
+        err = _usage_error(["bench", "--from-json", str(bad)], capsys)
+        assert "--from-json" in err and words in err and "line 1" in err and "Traceback" not in err, err
+    factories = tmp_path / "factories.py"
+    factories.write_text("def needs(a):\n    raise AssertionError\n\ndef boom():\n    raise RuntimeError('boom')\n")
+    cases = (
+        (f"{factories}:needs", {}, ["missing a required argument", "--kwargs"]),
+        (f"{factories}:boom", {}, ["raised RuntimeError: boom"]),
+        ("credit_dtensor.models:unet", {"nonexistent": 1}, ["TypeError", "nonexistent", "--kwargs"]),
+    )
+    for target, kwargs, words in cases:
+        code = main(["plan", target, *SHAPE, "--domain", "2", "--kwargs", json.dumps(kwargs)])
+        out = capsys.readouterr()
+        text = " ".join((out.out + out.err).split())
+        assert code == 2 and all(w in text for w in words) and "Traceback" not in text, (target, code, text)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_gpu_is_a_usage_error(capsys, monkeypatch):
     _no_torchrun(monkeypatch)

@@ -174,3 +174,19 @@ def check_torchrun_env() -> None:
             "missing: launch with `torchrun --nproc-per-node N -m credit_dtensor.cli ...`, "
             "or unset RANK and WORLD_SIZE to run as one process"
         )
+
+
+def read_jsonl(path: str, flag: str, what: str) -> list[dict]:
+    """The JSON objects of a JSON-lines file; a line that is not one is a usage error naming ``flag``."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{flag} {path}: line {n} is not JSON ({exc.msg}): expected {what}") from exc
+        if not isinstance(row, dict):
+            raise UsageError(f"{flag} {path}: line {n} is not a JSON object: expected {what}")
+        rows.append(row)
+    return rows

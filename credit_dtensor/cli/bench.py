@@ -32,10 +32,10 @@ from ._args import (
     int_list,
     nonneg_int,
     positive_int,
+    read_jsonl,
     resolutions,
 )
-from .bench_models import MODELS, run_models
-from .bench_models import add_arguments as add_model_arguments
+from .bench_models import MODELS, add_model_arguments, run_models
 
 __all__ = ["register", "main", "cmd_bench", "table", "plot", "overhead_table", "plot_overhead"]
 
@@ -426,7 +426,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         console.out(profile_case(args.profile, cfg.resolutions[0], cfg), highlight=False)
         return 0
     if args.from_json:
-        rows = [json.loads(line) for line in Path(args.from_json).read_text().splitlines() if line.strip()]
+        rows = read_jsonl(args.from_json, "--from-json", "a --raw file")
         if any(r.get("bench") == "step" for r in rows):
             run_models(args, console, [r for r in rows if r.get("bench") == "step"])
     else:

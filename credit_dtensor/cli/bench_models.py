@@ -11,12 +11,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["MODELS", "add_arguments", "run_models", "step_table"]
+__all__ = ["MODELS", "add_model_arguments", "run_models", "step_table"]
 
 MODELS = "models"
 
 
-def add_arguments(p: argparse.ArgumentParser, fields_type) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, fields_type) -> None:
     p.add_argument(
         "--step-fields",
         type=fields_type,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -122,6 +123,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(handler=cmd_check, validate=_validate)
 
 
+def build_model(target: str, kwargs: dict) -> Any:
+    """``load_factory(target)(**kwargs)``; a factory that rejects the arguments or raises is one
+    line naming it (and ``--kwargs`` for argument errors), not a traceback."""
+    factory = load_factory(target)
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise DomainParallelError(
+            f"{target}: {exc}; pass the factory's keyword arguments as --kwargs '{{\"name\": value}}'"
+        ) from exc
+    except ValueError:
+        pass  # no signature to check (a builtin): the call itself will tell
+    try:
+        return factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's code: one line, the traceback at -v
+        logger.info("%s raised", target, exc_info=True)
+        hint = "; check --kwargs against the factory's signature" if isinstance(exc, TypeError) else ""
+        raise DomainParallelError(f"{target}(**{kwargs!r}) raised {type(exc).__name__}: {exc}{hint}") from exc
+
+
 def _domain(args: argparse.Namespace) -> int:
     return args.domain if args.domain is not None else int(os.environ["WORLD_SIZE"])
 
@@ -131,7 +152,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
     from ..audit import plan, render_plan
 
-    model = load_factory(args.target)(**args.kwargs)
+    model = build_model(args.target, args.kwargs)
     p = plan(model, _domain(args), args.input_shape, dtype=getattr(torch, args.dtype))
     render_plan(p, console, show_local=not args.hide_local)
     return 0 if p.ok else EXIT_FAILED
@@ -147,7 +168,7 @@ def _run_check(
 
     manager = DomainParallelManager(domain)
     torch.manual_seed(seed)
-    model = load_factory(target)(**kwargs).to(dtype=getattr(torch, dtype), device=manager.device)
+    model = build_model(target, kwargs).to(dtype=getattr(torch, dtype), device=manager.device)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(shape, generator=gen, dtype=getattr(torch, dtype)).to(manager.device)
     return check(model, manager, x, atol=atol, backward=backward, seed=seed)

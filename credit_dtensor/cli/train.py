@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from ..errors import DomainParallelError
@@ -90,6 +91,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="None: cuda if a GPU is visible, else cpu")
 
 
+def check_checkpoint_dir(path: str) -> None:
+    """Before the first step: ``path`` must be a directory, or creatable as one (no file on the way),
+    and writable -- not a failure at the first save after training."""
+    p = Path(path)
+    for part in (p, *p.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "is a file" if part == p else f"is under {part}, which is a file"
+                raise UsageError(
+                    f"argument --checkpoint-dir: {path} {where}: pass a directory (it is created if missing)"
+                )
+            if not os.access(part, os.W_OK):
+                raise UsageError(f"argument --checkpoint-dir: {part} is not writable")
+            return
+
+
 def validate_train(args: argparse.Namespace) -> None:
     """Checks that span options or need the machine; raise :class:`UsageError`."""
     check_device(args.device)
@@ -99,6 +116,8 @@ def validate_train(args: argparse.Namespace) -> None:
             raise UsageError("argument --checkpoint-every: needs --checkpoint-dir DIR (where checkpoints are written)")
         if args.resume:
             raise UsageError("argument --resume: needs --checkpoint-dir DIR (where checkpoints are found)")
+    else:
+        check_checkpoint_dir(args.checkpoint_dir)
     if args.dp is not None and args.global_batch % args.dp:
         raise UsageError(f"argument --global-batch: {args.global_batch} is not divisible by --dp {args.dp}")
 
