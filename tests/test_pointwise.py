@@ -111,3 +111,39 @@ def test_row_local_ops_match_one_device(world, h):
     for rank, errors in enumerate(get_world(world).run(_task, h)):
         bad = {k: v for k, v in errors.items() if not v <= 1e-10 or math.isnan(v)}
         assert not bad, f"rank {rank}, world {world}, H={h}: {bad}"
+
+
+def _mixed_dtype_task() -> dict[str, float]:
+    """An fp32 bias (plain or ``Replicate``) added to fp64 rows sharded on a batch-like dim (the
+    position bias of window attention on its logits): the bias's gradient is reduced over the rows
+    in fp64 and rounded to fp32 once, as on one device -- bit for bit, not per rank then summed."""
+    import credit_dtensor as cd
+    from credit_dtensor.dtensor import wrap_replicate
+
+    m = manager()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 6, 6, generator=g, dtype=torch.float64) * 1e3
+    gy = torch.randn(13, 6, 6, generator=g, dtype=torch.float64)
+    b0 = torch.randn(6, 6, generator=g, dtype=torch.float32)
+    errors = {}
+    for kind in ("plain", "replicate"):
+        for name, op in (("add", lambda a, b: a + b), ("mul", lambda a, b: b * a)):
+            ref = b0.clone().requires_grad_()
+            y = op(x, ref)
+            y.backward(gy)
+            b = b0.clone().requires_grad_()
+            bd = wrap_replicate(b, m.domain_mesh) if kind == "replicate" else b
+            with cd.gather_policy("raise"):
+                ys = op(cd.shard_tensor(x, m, 0), bd)
+                ys.backward(cd.shard_tensor(gy, m, 0))
+            errors[f"{kind} {name}: out"] = (ys.full_tensor() - y).abs().max().item()
+            errors[f"{kind} {name}: dtype"] = float(ys.dtype != y.dtype)
+            errors[f"{kind} {name}: grad bits"] = (b.grad - ref.grad).abs().max().item()
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_lower_precision_full_operand_gradient_is_rounded_once(world):
+    for rank, errors in enumerate(get_world(world).run(_mixed_dtype_task)):
+        bad = {k: v for k, v in errors.items() if v != 0.0}
+        assert not bad, f"rank {rank}, world {world}: {bad}"

@@ -83,6 +83,30 @@ def _sizes(ins: list[list[str]], operands: list[torch.Tensor]) -> dict[str, int]
     return sizes
 
 
+def relayout_ok(size: int, world: int) -> bool:
+    """Whether operands may be re-laid out onto a free dim of ``size`` entries over ``world`` ranks.
+
+    Each rank holds ``torch.chunk``'s ``ceil(size / world)`` entries of it afterwards and receives
+    their rows from the other ranks: ``ceil(size / world) / size * (1 - 1/world)`` of each operand.
+    The bound is twice its share (``2 / world``), the worst case of a dim with ``world`` or more
+    entries (``world + 1`` entries: two on the first ranks), so fewer entries than ranks are fine
+    when some ranks idle but none receives more than that (2 heads on 3, 4 or 5 ranks, 3 on 6 or 7).
+    A dim of one entry would put the whole product on one rank (a gather): never."""
+    if size >= world:
+        return True
+    return size >= 2 and -(-size // world) * (world - 1) <= 2 * size
+
+
+def min_relayout_size(world: int) -> int:
+    """The fewest entries a free dim needs for :func:`relayout_ok` on ``world`` ranks."""
+    return next(s for s in range(1, world + 1) if relayout_ok(s, world))
+
+
+def relayout_domain_sizes(size: int) -> list[int]:
+    """The domain sizes (2 and up) on which a free dim of ``size`` entries may take a re-layout."""
+    return [n for n in range(2, 2 * size + 2) if relayout_ok(size, n)]
+
+
 def _refuse(equation: str, why: str) -> DomainParallelError:
     from .. import guard
 
@@ -125,12 +149,20 @@ def einsum(equation: str, operands: list[torch.Tensor]) -> Any:
                 "carried by all of them",
             )
         label = out[pick]
-        if sizes[label] < world:
+        if not relayout_ok(sizes[label], world):
+            n = sizes[label]
+            load = (
+                "put the whole product on one rank (a gather)"
+                if n <= 1
+                else f"put the whole product on {n} of the {world} ranks, each receiving more than twice its share "
+                "of the operands"
+            )
             raise _refuse(
                 equation,
                 f"operands are sharded on different labels {sorted(labels)}; the largest label they all share, "
-                f"{label!r}, has {sizes[label]} entries for {world} ranks (re-laying the operands out onto it would "
-                f"put the whole product on {sizes[label]} rank(s))",
+                f"{label!r}, has {n} entries for {world} ranks: re-laying the operands out onto it would {load} "
+                f"(a re-layout needs at least {min_relayout_size(world)} entries on {world} ranks"
+                + (f"; with {n}, domain sizes {relayout_domain_sizes(n)} work)" if n > 1 else ")"),
             )
         operands = list(operands)
         for i in sharded:

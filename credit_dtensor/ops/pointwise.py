@@ -272,6 +272,9 @@ def _pointwise_rule(func, args, kwargs):
         kwargs = {k: _substitute((v,), moved)[0] for k, v in kwargs.items()}
         tensors = _tensors((*args, *kwargs.values()))
         ref = first_sharded(*tensors)
+    if func in _PROMOTING:
+        args = tuple(_promoted(a, ref) for a in args)
+        kwargs = {k: _promoted(v, ref) for k, v in kwargs.items()}
     ref_dim = domain_shard_dim(ref)
     where = getattr(func, "__name__", str(func))
 
@@ -290,6 +293,53 @@ def _pointwise_rule(func, args, kwargs):
         return wrap_outputs(out, ref, lambda t: t.ndim - out_ndim + (out_ndim - ref.ndim + ref_dim))
     except ValueError:
         return NotImplemented
+
+
+#: arithmetic that computes in the promoted dtype of its operands (each upcast exactly first)
+_PROMOTING = frozenset(
+    (
+        *(getattr(torch.Tensor, n) for n in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__")),
+        *(getattr(torch.Tensor, n) for n in ("__truediv__", "__rtruediv__", "add", "sub", "mul", "div")),
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+        torch.true_divide,
+        torch.maximum,
+        torch.minimum,
+    )
+)
+
+
+def _promoted(a: Any, ref: DTensor) -> Any:
+    """A full (plain or ``Replicate``) floating operand of lower precision than the sharded ``ref``,
+    upcast to ``ref``'s dtype before it is cut to the local rows. PyTorch computes in the promoted
+    dtype anyway (the upcast is exact, the forward unchanged); the point is the gradient: on one
+    device the operand's gradient is reduced over the broadcast rows in the promoted dtype and
+    rounded once. Cut first, each rank would round its partial sum to the operand's dtype and the
+    ranks would add rounded partials (an fp32 position bias added to fp64 logits, as in Camulator:
+    its gradient ~1e-7 relative off, then amplified by the cancelling position-bias MLP). Upcast
+    first, the partials are summed over the ranks in the promoted dtype and rounded once, by the
+    upcast's backward, as on one device."""
+    if not isinstance(a, torch.Tensor) or not a.requires_grad or domain_shard_dim(a) is not None:
+        return a
+    dtype = ref.dtype
+    if (
+        a.dtype == dtype
+        or not a.dtype.is_floating_point
+        or not dtype.is_floating_point
+        or torch.promote_types(a.dtype, dtype) != dtype
+    ):
+        return a
+    if isinstance(a, DTensor):
+        if not is_domain_replicate(a) or a.device_mesh != ref.device_mesh:
+            return a
+        # the upcast on the local value, re-wrapped: the Partial gradient is reduced by the wrap's
+        # backward (to Replicate, in the promoted dtype), then cast once; an upcast of the DTensor
+        # itself would carry the Partial through the cast and reduce the rounded partials
+        with intercept.suspended():
+            return wrap_replicate(a.to_local().to(dtype), a.device_mesh)
+    return a.to(dtype)
 
 
 def _replicated_pointwise(func, args, kwargs, tensors):
