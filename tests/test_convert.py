@@ -591,3 +591,27 @@ def test_check_finds_first_divergence():
         assert "Tensor.matmul" not in res["text"], (rank, res["text"])
         ok, path, exc = res["unfold"]
         assert not ok and path == "1" and "UnsupportedShardingError" in exc and "unfold" in exc, (rank, res["unfold"])
+
+
+class _TimeConditioned(nn.Module):
+    """A diffusion-style ``forward(x, t)``: the time embedding is added per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.time = nn.Linear(1, 8)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.time(t[:, None])[:, :, None, None]
+
+
+def test_plan_traces_models_with_extra_inputs():
+    """Issue 18: ``plan`` runs ``forward(x, *extra_inputs)`` (a diffusion model's time step); without
+    them the trace fails and the plan says so."""
+    model = _TimeConditioned()
+    p = plan(model, 3, (2, 3, 13, 8), extra_inputs=(torch.tensor([0.5, 0.25]),))
+    assert p.ok and not p.hazards, str(p)
+    conv = next(r for r in p.rows if r.path.endswith("conv"))
+    assert conv.in_shape == (2, 3, 13, 8) and conv.out_shape == (2, 8, 13, 8), (conv.in_shape, conv.out_shape)
+    missing = plan(model, 3, (2, 3, 13, 8))
+    assert "could not be traced" in str(missing), str(missing)

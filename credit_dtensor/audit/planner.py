@@ -115,11 +115,15 @@ def plan(
     shard_dim: int = -2,
     dtype: torch.dtype = torch.float32,
     custom_converters: dict[type, Any] | None = None,
+    extra_inputs: Sequence[Any] = (),
 ) -> Plan:
     """Audit the plain ``model`` for inputs of ``input_shape`` split over a domain (see module doc).
 
     Returns a :class:`Plan` (``plan.ok``, ``plan.rows``, ``plan.hazards``, ``print(plan)``).
     ``custom_converters`` (the ones you will pass to the converter) mark their modules ``custom``.
+    ``extra_inputs``: the forward's further positional arguments (a diffusion model's time, a
+    static field), passed after the traced input as given (floating tensors in ``dtype``); they
+    are full on every rank, not sharded.
     """
     if not isinstance(model, nn.Module):
         raise DomainParallelError(
@@ -140,7 +144,7 @@ def plan(
     ):
         raise DomainParallelError("plan: the model is already converted; audit the plain model (before conversion)")
     custom = tuple(custom_converters or ())
-    traced, traced_on, trace_error, tracker, order = _trace(model, shape, hdim, dtype, domain)
+    traced, traced_on, trace_error, tracker, order = _trace(model, shape, hdim, dtype, domain, tuple(extra_inputs))
     rows: dict[str, PlanRow] = {}
 
     def row_for(path: str, mod: nn.Module) -> PlanRow:
@@ -286,12 +290,12 @@ def _attach_events(rows, row_for, tracker, opaque, domain, model) -> None:
         rows[owner].notes.append("runs on each shard's rows: " + "; ".join(items))
 
 
-def _trace(model: nn.Module, shape: tuple[int, ...], hdim: int, dtype: torch.dtype, domain: int = 2):
+def _trace(model: nn.Module, shape: tuple[int, ...], hdim: int, dtype: torch.dtype, domain: int = 2, extra: tuple = ()):
     """Run the model once with hooks and the H tracker: on meta first, then on real CPU zeros."""
     last_error = ""
     for device in ("meta", "cpu"):
         try:
-            return _trace_on(model, shape, hdim, dtype, device, domain)
+            return _trace_on(model, shape, hdim, dtype, device, domain, extra)
         except Exception as exc:  # noqa: BLE001 - fall back, then report
             last_error = f"{type(exc).__name__}: {exc}"
             logger.info("plan: tracing on %s failed (%s)", device, last_error)
@@ -302,7 +306,15 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     return next((a for a in tree_flatten(x)[0] if isinstance(a, torch.Tensor)), None)
 
 
-def _trace_on(model: nn.Module, shape: tuple[int, ...], hdim: int, dtype: torch.dtype, device: str, domain: int = 2):
+def _trace_on(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    hdim: int,
+    dtype: torch.dtype,
+    device: str,
+    domain: int = 2,
+    extra: tuple = (),
+):
     m = copy.deepcopy(model).to(device=device, dtype=dtype)
     stack: list[str] = []
     tracker = HTracker(stack, domain)
@@ -339,11 +351,17 @@ def _trace_on(model: nn.Module, shape: tuple[int, ...], hdim: int, dtype: torch.
         handles.append(mod.register_forward_pre_hook(lambda mod_, a, p=path: pre(mod_, a, p)))
         handles.append(mod.register_forward_hook(lambda mod_, a, o, p=path: post(mod_, a, o, p)))
     x = torch.zeros(shape, dtype=dtype, device=device)
+    args = tuple(
+        (a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device=device))
+        if isinstance(a, torch.Tensor)
+        else a
+        for a in extra
+    )
     m.eval()
     try:
         with torch.no_grad(), tracker:
             tracker.mark(x, hdim)
-            m(x)
+            m(x, *args)
     finally:
         for hd in handles:
             hd.remove()
