@@ -21,6 +21,7 @@ quartiles) over repetitions.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -28,8 +29,9 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -198,23 +200,18 @@ def bench_overhead_case(case: str, field: tuple[int, ...], cfg: OverheadConfig, 
     ]
 
 
-def overhead_rows(cfg: OverheadConfig, manager, rank: int, world: int) -> list[dict]:
-    """This rank's rows for every field and case, in an initialised process group (spawned ranks or
-    torchrun)."""
+@contextlib.contextmanager
+def rank_compile_cache(rank: int) -> Iterator[None]:
+    """A private inductor cache for this rank: compiled graphs bake in the rank, so ranks must not
+    share cache entries."""
     import torch._functorch.config
 
-    # per-rank compile caches: the graphs bake in the rank, so ranks must not share cache entries
     cache = tempfile.mkdtemp(prefix=f"credit_dtensor_bench_r{rank}_")
     previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     torch._functorch.config.enable_autograd_cache = False
     try:
-        return [
-            row
-            for field in cfg.fields
-            for case in cfg.cases
-            for row in bench_overhead_case(case, field, cfg, manager, rank, world)
-        ]
+        yield
     finally:
         if previous is None:
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -223,23 +220,41 @@ def overhead_rows(cfg: OverheadConfig, manager, rank: int, world: int) -> list[d
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def _rank_rows(ctx: RankContext, cfg: OverheadConfig) -> list[dict]:
+def overhead_rows(cfg: OverheadConfig, manager, rank: int, world: int) -> list[dict]:
+    """This rank's rows for every field and case, in an initialised process group (spawned ranks or
+    torchrun)."""
+    with rank_compile_cache(rank):
+        return [
+            row
+            for field in cfg.fields
+            for case in cfg.cases
+            for row in bench_overhead_case(case, field, cfg, manager, rank, world)
+        ]
+
+
+def _rank_rows(ctx: RankContext, rows_fn: Callable, cfg: Any) -> list[dict]:
     from ..mesh import DomainParallelManager
 
     manager = DomainParallelManager(ctx.world, device_type="cpu")
     try:
-        return overhead_rows(cfg, manager, ctx.rank, ctx.world)
+        return rows_fn(cfg, manager, ctx.rank, ctx.world)
     finally:
         manager.close()
 
 
-def run_overhead(cfg: OverheadConfig, timeout: float = 3600.0) -> list[dict]:
-    """Spawn one gloo world per domain size; every rank's rows (times of every repetition)."""
+def run_worlds(rows_fn: Callable, cfg: Any, timeout: float = 3600.0) -> list[dict]:
+    """Spawn one gloo world per domain size in ``cfg.worlds`` (``cfg.threads`` torch threads per
+    rank), run ``rows_fn(cfg, manager, rank, world)`` on every rank; every rank's rows."""
     rows: list[dict] = []
     for world in cfg.worlds:
-        for got in run_ranks(_rank_rows, world, (cfg,), threads=cfg.threads, timeout=timeout):
+        for got in run_ranks(_rank_rows, world, (rows_fn, cfg), threads=cfg.threads, timeout=timeout):
             rows.extend(got)
     return rows
+
+
+def run_overhead(cfg: OverheadConfig, timeout: float = 3600.0) -> list[dict]:
+    """Spawn one gloo world per domain size; every rank's rows (times of every repetition)."""
+    return run_worlds(overhead_rows, cfg, timeout)
 
 
 def summarize_overhead(rows: list[dict]) -> list[dict]:

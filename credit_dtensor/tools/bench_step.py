@@ -30,8 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .bench_overhead import _interleaved
-from .launch import RankContext, run_ranks
+from .bench_overhead import _interleaved, rank_compile_cache, run_worlds
 
 __all__ = ["STEP_MODELS", "StepConfig", "build_model", "run_step", "step_rows", "summarize_step"]
 
@@ -222,31 +221,18 @@ def bench_step_case(name: str, field: tuple[int, ...], cfg: StepConfig, manager,
 
 
 def step_rows(cfg: StepConfig, manager, rank: int, world: int) -> list[dict]:
-    return [
-        row
-        for field in cfg.fields
-        for name in cfg.models
-        for row in bench_step_case(name, field, cfg, manager, rank, world)
-    ]
-
-
-def _rank_rows(ctx: RankContext, cfg: StepConfig) -> list[dict]:
-    from ..mesh import DomainParallelManager
-
-    manager = DomainParallelManager(ctx.world, device_type="cpu")
-    try:
-        return step_rows(cfg, manager, ctx.rank, ctx.world)
-    finally:
-        manager.close()
+    with rank_compile_cache(rank):
+        return [
+            row
+            for field in cfg.fields
+            for name in cfg.models
+            for row in bench_step_case(name, field, cfg, manager, rank, world)
+        ]
 
 
 def run_step(cfg: StepConfig, timeout: float = 3600.0) -> list[dict]:
     """Spawn one gloo world per domain size; every rank's rows."""
-    rows: list[dict] = []
-    for world in cfg.worlds:
-        for got in run_ranks(_rank_rows, world, (cfg,), threads=cfg.threads, timeout=timeout):
-            rows.extend(got)
-    return rows
+    return run_worlds(step_rows, cfg, timeout)
 
 
 def summarize_step(rows: list[dict]) -> list[dict]:
