@@ -26,15 +26,14 @@ from ..dtensor import (
     first_sharded,
     full_operand,
     is_domain_replicate,
-    local_replicated,
     wrap_replicate,
     wrap_shard,
 )
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
-from ..intercept import register, register_many
+from ..intercept import register_many
 
-__all__ = ["POINTWISE", "DIMWISE", "local_apply", "wrap_outputs"]
+__all__ = ["POINTWISE", "local_apply", "wrap_outputs"]
 
 _RANDOM = ("rand", "bernoulli", "normal", "dropout", "uniform", "exponential", "geometric", "cauchy", "poisson")
 _NOT_ELEMENTWISE = {"equal", "max", "min"}  # bool result / reductions (max/min: see ops.reduce)
@@ -463,34 +462,6 @@ def _inplace_method_rule(func, args, kwargs):
 register_many(INPLACE_METHODS, _inplace_method_rule)
 
 
-# --- ops along one dim that is not the sharded one ------------------------------------------------------
-
-#: function -> (position of ``dim`` in args, keyword name)
-DIMWISE: dict[Callable, tuple[int, str]] = {
-    F.softmax: (1, "dim"),
-    F.log_softmax: (1, "dim"),
-    F.softmin: (1, "dim"),
-    F.normalize: (2, "dim"),
-    F.glu: (1, "dim"),
-    torch.softmax: (1, "dim"),
-    torch.log_softmax: (1, "dim"),
-    torch.Tensor.softmax: (1, "dim"),
-    torch.Tensor.log_softmax: (1, "dim"),
-    torch.cumsum: (1, "dim"),
-    torch.Tensor.cumsum: (1, "dim"),
-    torch.cumprod: (1, "dim"),
-    torch.Tensor.cumprod: (1, "dim"),
-    torch.logcumsumexp: (1, "dim"),
-    torch.Tensor.logcumsumexp: (1, "dim"),
-    torch.cummax: (1, "dim"),
-    torch.cummin: (1, "dim"),
-    torch.sort: (1, "dim"),
-    torch.Tensor.sort: (1, "dim"),
-    torch.argsort: (1, "dim"),
-    torch.Tensor.argsort: (1, "dim"),
-}
-
-
 def local_apply(func: Callable, args: tuple, kwargs: dict, x: DTensor, out_dim: int) -> Any:
     """``func`` on ``x``'s local tensor (first argument), outputs sharded on ``out_dim``."""
     args = (x.to_local(), *args[1:]) if args and args[0] is x else args
@@ -498,129 +469,6 @@ def local_apply(func: Callable, args: tuple, kwargs: dict, x: DTensor, out_dim: 
     return wrap_outputs(func(*args, **kwargs), x, lambda t: out_dim)
 
 
-def _dimwise_rule(func, args, kwargs):
-    x = args[0] if args else kwargs.get("input")
-    sd = domain_shard_dim(x)
-    if sd is None or any(isinstance(a, DTensor) for a in (*args[1:], *kwargs.values())):
-        return NotImplemented
-    pos, name = DIMWISE[func]
-    dim = kwargs.get(name, args[pos] if len(args) > pos else (1 if func is F.normalize else None))
-    if not isinstance(dim, int):
-        return NotImplemented  # implicit-dim softmax (deprecated) or named dims: PyTorch's own path
-    if dim % x.ndim == sd:
-        if func in _SOFTMAXES:
-            return _softmax_over_shards(func, x, sd, kwargs.get("dtype", args[2] if len(args) > 2 else None))
-        return NotImplemented  # along the sharded dim: another rule, or the gather guard
-    try:
-        return local_apply(func, args, kwargs, x, sd)
-    except ValueError:
-        return NotImplemented
-
-
-register_many(DIMWISE, _dimwise_rule)
-
-_LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
-_SOFTMAXES = {F.softmax, torch.softmax, torch.Tensor.softmax, F.softmin} | _LOG_SOFTMAX
-
-
-def _softmax_over_shards(func: Callable, x: DTensor, sd: int, dtype: Any) -> DTensor:
-    """(log-)softmax / softmin along the sharded dim (attention over tokens that span the ranks, e.g.
-    linear attention's ``k.softmax(dim=-1)``): the global max (one all-reduce, no gradient: it cancels)
-    and the global sum of ``exp`` (one all-reduce whose backward sums the per-rank gradients) of
-    each row; only those per-row statistics cross ranks, never the activation."""
-    from ..comm import all_reduce, sum_over_ranks
-    from ..dtensor import _SumGradOverRanks
-
-    mesh = x.device_mesh
-    group = mesh.get_group()
-    local = x.to_local()
-    if dtype is not None:
-        local = local.to(dtype)
-    if func is F.softmin:
-        local = -local
-    acc = torch.float32 if local.dtype in (torch.float16, torch.bfloat16) else local.dtype
-    z = local.to(acc)
-    part = (
-        z.detach().amax(sd, keepdim=True)
-        if z.shape[sd]
-        else z.new_full([*z.shape[:sd], 1, *z.shape[sd + 1 :]], -torch.inf)
-    )
-    m = all_reduce(part, group, "max")
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(z - m)
-    total = sum_over_ranks(e.sum(sd, keepdim=True), group)
-    if mesh.size() > 1:
-        total = _SumGradOverRanks.apply(total, group)  # used by each rank's rows: gradients summed
-    out = (z - m) - torch.log(total) if func in _LOG_SOFTMAX else e / total
-    return wrap_shard(out.to(local.dtype), mesh, sd, x.shape)
-
-
-# --- linear algebra over a dim that is not the sharded one ---------------------------------------------------
-
-
-def _replicated_local(t: Any, mesh: Any) -> Any:
-    """A weight/bias operand as its local value (DTensor: Replicate only, gradient ``Partial``)."""
-    if isinstance(t, DTensor):
-        if domain_shard_dim(t) is not None or t.device_mesh != mesh:
-            raise ValueError("not a replicated operand")
-        return local_replicated(t)
-    return full_operand(t, mesh) if isinstance(t, torch.Tensor) else t
-
-
-@register(F.linear)
-def _linear_rule(func, args, kwargs):
-    """``F.linear`` over the last dim of a tensor sharded on another dim (tokens, rows): local rows.
-    DTensor's own rule flattens the leading dims and refuses uneven shards."""
-    x = args[0] if args else kwargs.get("input")
-    sd = domain_shard_dim(x)
-    if sd is None:
-        return NotImplemented
-    if sd == x.ndim - 1:  # contracting the sharded dim (channels after heads): move the shards to tokens
-        from .relayout import best_free_dim, reshard
-
-        k = best_free_dim(x.shape, [d for d in range(x.ndim - 1) if x.shape[d] >= x.device_mesh.size()], 0)
-        if k is None:
-            return NotImplemented  # nothing else to shard: DTensor (under the gather guard)
-        x = reshard(x, k)
-        sd = k
-    w = kwargs.get("weight", args[1] if len(args) > 1 else None)
-    b = kwargs.get("bias", args[2] if len(args) > 2 else None)
-    try:
-        wl, bl = _replicated_local(w, x.device_mesh), _replicated_local(b, x.device_mesh)
-    except ValueError:
-        return NotImplemented
-    return wrap_outputs(F.linear(x.to_local(), wl, bl), x, lambda t: sd)
-
-
-@register(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
-def _matmul_rule(func, args, kwargs):
-    """``a @ b`` with ``a`` sharded on a batch or row dim and ``b`` replicated: local rows of ``a``;
-    or both sharded on the same batch dim (window attention ``q @ k.transpose(-2, -1)`` with the
-    windows sharded): local batches. DTensor's own rule flattens the batch dims and refuses uneven
-    shards ("Cannot flatten unevenly sharded tensor"). Everything else with a sharded operand
-    (keys from other shards, a contracted sharded dim): :func:`credit_dtensor.ops.einsum.matmul`."""
-    a = args[0] if args else kwargs.get("input")
-    b = args[1] if len(args) > 1 else kwargs.get("other")
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or kwargs.get("out") is not None:
-        return NotImplemented
-    sd = domain_shard_dim(a)
-    if sd is not None and a.ndim >= 2 and b.ndim >= 2 and sd < a.ndim - 1:
-        sb = domain_shard_dim(b)
-        if sb is not None:
-            same_batch_dim = sd < a.ndim - 2 and sb < b.ndim - 2 and a.ndim - sd == b.ndim - sb
-            if same_batch_dim and a.shape[sd] == b.shape[sb] and a.device_mesh == b.device_mesh:
-                out = torch.matmul(a.to_local(), b.to_local())
-                return wrap_outputs(out, a, lambda t: t.ndim - a.ndim + sd)
-        else:
-            try:
-                bl = _replicated_local(b, a.device_mesh)
-            except ValueError:
-                bl = None
-            if bl is not None:
-                out = torch.matmul(a.to_local(), bl)
-                return wrap_outputs(out, a, lambda t: t.ndim - a.ndim + sd)
-    if domain_shard_dim(a) is None and domain_shard_dim(b) is None:
-        return NotImplemented
-    from .einsum import matmul
-
-    return matmul(a, b)
+# the families that build on this module, registered with it (same order as before the split)
+from . import dimwise as _dimwise  # noqa: E402,F401
+from . import linear as _linear  # noqa: E402,F401

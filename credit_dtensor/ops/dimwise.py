@@ -1,0 +1,103 @@
+"""Ops along one dim that is not the sharded one (softmax, cumsum, sort ... over channels or W):
+local rows; (log-)softmax / softmin along the sharded dim from per-row statistics over the ranks.
+Split out of :mod:`.pointwise` and registered with it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from ..dtensor import domain_shard_dim, wrap_shard
+from ..intercept import register_many
+from .pointwise import local_apply
+
+__all__ = ["DIMWISE"]
+
+
+# --- ops along one dim that is not the sharded one ------------------------------------------------------
+
+#: function -> (position of ``dim`` in args, keyword name)
+DIMWISE: dict[Callable, tuple[int, str]] = {
+    F.softmax: (1, "dim"),
+    F.log_softmax: (1, "dim"),
+    F.softmin: (1, "dim"),
+    F.normalize: (2, "dim"),
+    F.glu: (1, "dim"),
+    torch.softmax: (1, "dim"),
+    torch.log_softmax: (1, "dim"),
+    torch.Tensor.softmax: (1, "dim"),
+    torch.Tensor.log_softmax: (1, "dim"),
+    torch.cumsum: (1, "dim"),
+    torch.Tensor.cumsum: (1, "dim"),
+    torch.cumprod: (1, "dim"),
+    torch.Tensor.cumprod: (1, "dim"),
+    torch.logcumsumexp: (1, "dim"),
+    torch.Tensor.logcumsumexp: (1, "dim"),
+    torch.cummax: (1, "dim"),
+    torch.cummin: (1, "dim"),
+    torch.sort: (1, "dim"),
+    torch.Tensor.sort: (1, "dim"),
+    torch.argsort: (1, "dim"),
+    torch.Tensor.argsort: (1, "dim"),
+}
+
+
+def _dimwise_rule(func, args, kwargs):
+    x = args[0] if args else kwargs.get("input")
+    sd = domain_shard_dim(x)
+    if sd is None or any(isinstance(a, DTensor) for a in (*args[1:], *kwargs.values())):
+        return NotImplemented
+    pos, name = DIMWISE[func]
+    dim = kwargs.get(name, args[pos] if len(args) > pos else (1 if func is F.normalize else None))
+    if not isinstance(dim, int):
+        return NotImplemented  # implicit-dim softmax (deprecated) or named dims: PyTorch's own path
+    if dim % x.ndim == sd:
+        if func in _SOFTMAXES:
+            return _softmax_over_shards(func, x, sd, kwargs.get("dtype", args[2] if len(args) > 2 else None))
+        return NotImplemented  # along the sharded dim: another rule, or the gather guard
+    try:
+        return local_apply(func, args, kwargs, x, sd)
+    except ValueError:
+        return NotImplemented
+
+
+register_many(DIMWISE, _dimwise_rule)
+
+_LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
+_SOFTMAXES = {F.softmax, torch.softmax, torch.Tensor.softmax, F.softmin} | _LOG_SOFTMAX
+
+
+def _softmax_over_shards(func: Callable, x: DTensor, sd: int, dtype: Any) -> DTensor:
+    """(log-)softmax / softmin along the sharded dim (attention over tokens that span the ranks, e.g.
+    linear attention's ``k.softmax(dim=-1)``): the global max (one all-reduce, no gradient: it cancels)
+    and the global sum of ``exp`` (one all-reduce whose backward sums the per-rank gradients) of
+    each row; only those per-row statistics cross ranks, never the activation."""
+    from ..comm import all_reduce, sum_over_ranks
+    from ..dtensor import _SumGradOverRanks
+
+    mesh = x.device_mesh
+    group = mesh.get_group()
+    local = x.to_local()
+    if dtype is not None:
+        local = local.to(dtype)
+    if func is F.softmin:
+        local = -local
+    acc = torch.float32 if local.dtype in (torch.float16, torch.bfloat16) else local.dtype
+    z = local.to(acc)
+    part = (
+        z.detach().amax(sd, keepdim=True)
+        if z.shape[sd]
+        else z.new_full([*z.shape[:sd], 1, *z.shape[sd + 1 :]], -torch.inf)
+    )
+    m = all_reduce(part, group, "max")
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(z - m)
+    total = sum_over_ranks(e.sum(sd, keepdim=True), group)
+    if mesh.size() > 1:
+        total = _SumGradOverRanks.apply(total, group)  # used by each rank's rows: gradients summed
+    out = (z - m) - torch.log(total) if func in _LOG_SOFTMAX else e / total
+    return wrap_shard(out.to(local.dtype), mesh, sd, x.shape)

@@ -1,0 +1,88 @@
+"""``F.linear`` and ``matmul`` over a dim that is not the sharded one: local rows (or local
+batches); everything else with a sharded operand goes to :func:`credit_dtensor.ops.einsum.matmul`.
+Split out of :mod:`.pointwise` and registered with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from ..dtensor import domain_shard_dim, full_operand, local_replicated
+from ..intercept import register
+from .pointwise import wrap_outputs
+
+__all__: list[str] = []
+
+
+# --- linear algebra over a dim that is not the sharded one ---------------------------------------------------
+
+
+def _replicated_local(t: Any, mesh: Any) -> Any:
+    """A weight/bias operand as its local value (DTensor: Replicate only, gradient ``Partial``)."""
+    if isinstance(t, DTensor):
+        if domain_shard_dim(t) is not None or t.device_mesh != mesh:
+            raise ValueError("not a replicated operand")
+        return local_replicated(t)
+    return full_operand(t, mesh) if isinstance(t, torch.Tensor) else t
+
+
+@register(F.linear)
+def _linear_rule(func, args, kwargs):
+    """``F.linear`` over the last dim of a tensor sharded on another dim (tokens, rows): local rows.
+    DTensor's own rule flattens the leading dims and refuses uneven shards."""
+    x = args[0] if args else kwargs.get("input")
+    sd = domain_shard_dim(x)
+    if sd is None:
+        return NotImplemented
+    if sd == x.ndim - 1:  # contracting the sharded dim (channels after heads): move the shards to tokens
+        from .relayout import best_free_dim, reshard
+
+        k = best_free_dim(x.shape, [d for d in range(x.ndim - 1) if x.shape[d] >= x.device_mesh.size()], 0)
+        if k is None:
+            return NotImplemented  # nothing else to shard: DTensor (under the gather guard)
+        x = reshard(x, k)
+        sd = k
+    w = kwargs.get("weight", args[1] if len(args) > 1 else None)
+    b = kwargs.get("bias", args[2] if len(args) > 2 else None)
+    try:
+        wl, bl = _replicated_local(w, x.device_mesh), _replicated_local(b, x.device_mesh)
+    except ValueError:
+        return NotImplemented
+    return wrap_outputs(F.linear(x.to_local(), wl, bl), x, lambda t: sd)
+
+
+@register(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+def _matmul_rule(func, args, kwargs):
+    """``a @ b`` with ``a`` sharded on a batch or row dim and ``b`` replicated: local rows of ``a``;
+    or both sharded on the same batch dim (window attention ``q @ k.transpose(-2, -1)`` with the
+    windows sharded): local batches. DTensor's own rule flattens the batch dims and refuses uneven
+    shards ("Cannot flatten unevenly sharded tensor"). Everything else with a sharded operand
+    (keys from other shards, a contracted sharded dim): :func:`credit_dtensor.ops.einsum.matmul`."""
+    a = args[0] if args else kwargs.get("input")
+    b = args[1] if len(args) > 1 else kwargs.get("other")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or kwargs.get("out") is not None:
+        return NotImplemented
+    sd = domain_shard_dim(a)
+    if sd is not None and a.ndim >= 2 and b.ndim >= 2 and sd < a.ndim - 1:
+        sb = domain_shard_dim(b)
+        if sb is not None:
+            same_batch_dim = sd < a.ndim - 2 and sb < b.ndim - 2 and a.ndim - sd == b.ndim - sb
+            if same_batch_dim and a.shape[sd] == b.shape[sb] and a.device_mesh == b.device_mesh:
+                out = torch.matmul(a.to_local(), b.to_local())
+                return wrap_outputs(out, a, lambda t: t.ndim - a.ndim + sd)
+        else:
+            try:
+                bl = _replicated_local(b, a.device_mesh)
+            except ValueError:
+                bl = None
+            if bl is not None:
+                out = torch.matmul(a.to_local(), bl)
+                return wrap_outputs(out, a, lambda t: t.ndim - a.ndim + sd)
+    if domain_shard_dim(a) is None and domain_shard_dim(b) is None:
+        return NotImplemented
+    from .einsum import matmul
+
+    return matmul(a, b)
