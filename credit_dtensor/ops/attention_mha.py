@@ -28,11 +28,10 @@ from .attention import (
     _check_mask,
     _dropout_error,
     _kind,
-    _row_attention,
     _token_sharded,
-    _unit_attention,
 )
 from .refuse import refuse
+from .ulysses import _row_attention, _unit_attention
 
 __all__ = ["multi_head_attention_forward"]
 
