@@ -1,19 +1,15 @@
 """The converter registry: which wrapper converts which torch module class.
 
-Every op family contributes without editing this file: each ``credit_dtensor/nn/<family>.py``
-exposes ``*_WRAPPERS`` (a dict, or pairs, ``{torch class: wrapper factory}``) and optionally a
-predicate (``needs_conversion`` or its family name, e.g. ``module_needs_halo``) saying whether a
-given instance needs its wrapper; families are discovered on each call, so a family that lands
-later is picked up. Users add their own types with :func:`register_converter` (process-wide).
+The built-in tables come from the op-family descriptors (:mod:`credit_dtensor.ops.family`): a
+family names its wrapper module (``nn=``), and that module declares its table explicitly with
+``FAMILY.converts({torch class: wrapper}, needs=predicate)``. Users add their own types with
+:func:`register_converter` (process-wide), which takes precedence.
 :func:`credit_dtensor.convert.convert_to_domain_parallel` and :func:`credit_dtensor.audit.plan`
 read it through :func:`converter_for`.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +18,7 @@ from torch import nn
 
 from .errors import DomainParallelError
 from .nn._base import DomainParallelModule
+from .ops.family import families
 
 __all__ = [
     "Converter",
@@ -30,13 +27,6 @@ __all__ = [
     "registered_converters",
     "lookup",
 ]
-
-logger = logging.getLogger(__name__)
-
-#: Names a family module may give its "does this instance need the wrapper?" predicate.
-PREDICATE_NAMES = ("needs_conversion", "module_needs_halo", "needs_distributed_norm", "needs_domain_parallel")
-#: Preferred lookup order of families for the same torch class (most specific type wins first).
-FAMILY_ORDER = ("conv", "norm", "pad", "resample", "local")
 
 
 @dataclass(frozen=True)
@@ -54,7 +44,6 @@ class Converter:
 
 
 _USER: dict[type, Converter] = {}
-_FAMILIES: dict[str, dict[type, Converter]] = {}
 
 
 def register_converter(
@@ -76,50 +65,13 @@ def register_converter(
     _USER[torch_type] = Converter(torch_type, factory, needs, family)
 
 
-def _family_table(mod: Any, family: str) -> dict[type, Converter]:
-    """``{torch class: Converter}`` from a family module's ``*_WRAPPERS`` (or, if it has none, from
-    the ``DomainParallelModule`` classes it defines)."""
-    needs = next((getattr(mod, n) for n in PREDICATE_NAMES if callable(getattr(mod, n, None))), None)
-    pairs: list[tuple[type, Any]] = []
-    for name in sorted(vars(mod)):
-        if name == "WRAPPERS" or name.endswith("_WRAPPERS"):
-            table = getattr(mod, name)
-            items = table.items() if isinstance(table, Mapping) else table
-            try:
-                pairs += [(t, f) for t, f in items]
-            except (TypeError, ValueError):
-                logger.warning("credit_dtensor.nn.%s.%s is not a {type: wrapper} table; ignored", family, name)
-    if not pairs:  # no table: derive one from the wrapper classes themselves
-        for obj in vars(mod).values():
-            if (
-                isinstance(obj, type)
-                and issubclass(obj, DomainParallelModule)
-                and obj.__module__ == mod.__name__
-                and obj.wraps is not nn.Module
-            ):
-                pairs.append((obj.wraps, obj))
-    return {t: Converter(t, f, needs, family) for t, f in pairs if isinstance(t, type)}
-
-
-def _load_families() -> None:
-    """Import every ``credit_dtensor.nn`` family not loaded yet (a broken one is an import error)."""
-    import credit_dtensor.nn as nn_pkg
-
-    for info in pkgutil.iter_modules(nn_pkg.__path__):
-        name = info.name
-        if name.startswith("_") or name in _FAMILIES:
-            continue
-        mod = importlib.import_module(f"{nn_pkg.__name__}.{name}")
-        _FAMILIES[name] = _family_table(mod, name)
-
-
 def registered_converters() -> dict[type, Converter]:
-    """Every known ``{torch class: Converter}`` (families, then user registrations on top)."""
-    _load_families()
+    """Every known ``{torch class: Converter}`` (families in their registration order, the first
+    family to claim a class keeps it; user registrations on top)."""
     out: dict[type, Converter] = {}
-    for fam in sorted(_FAMILIES, key=lambda f: FAMILY_ORDER.index(f) if f in FAMILY_ORDER else len(FAMILY_ORDER)):
-        for t, c in _FAMILIES[fam].items():
-            out.setdefault(t, c)
+    for fam in families():
+        for t, (factory, needs) in fam.load_converters().items():
+            out.setdefault(t, Converter(t, factory, needs, fam.name))
     out.update(_USER)
     return out
 

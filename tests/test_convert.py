@@ -167,7 +167,7 @@ def test_registry_families():
         nn.GroupNorm(1, 2): "norm",
         nn.ZeroPad2d(1): "pad",
         nn.CircularPad3d(1): "pad",
-        nn.Linear(2, 2): "local",
+        nn.Linear(2, 2): "linear",
         WindowAttention(4, 2, (1, 2)): "models",
     }
     for mod, family in fam.items():

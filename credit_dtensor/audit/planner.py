@@ -171,7 +171,7 @@ def plan(
         if conv is None and list(mod.children()):
             continue
         row = row_for(path, mod)
-        if needed and not _is_shard_local(conv) and conv.family != "local":
+        if needed and not _is_shard_local(conv) and conv.family != "linear":
             opaque[path] = -1  # the wrapper replaces its forward: what torch's forward does inside is moot
         if conv is not None and conv.family == "conv":
             _conv_row(row, mod, domain, needed)
@@ -194,7 +194,7 @@ def plan(
                         f"windows of {block} rows do not fit the shards {chunk_sizes(n, domain)} of H={n} here: "
                         f"every shard needs a multiple of {block} rows"
                     )
-        elif conv is not None and needed and conv.family != "local":
+        elif conv is not None and needed and conv.family != "linear":
             row.rule = "custom"
             row.notes.append(f"converted by {getattr(conv.factory, '__name__', conv.factory)} ({conv.family})")
         elif isinstance(mod, nn.SyncBatchNorm):

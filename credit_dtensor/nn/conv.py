@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
-from ..ops.conv import ConvSpec, conv, conv_spec_from_module, module_spec, needs_halo
+from ..ops.conv import FAMILY, ConvSpec, conv, conv_spec_from_module, module_spec, needs_halo
 from ._base import DomainParallelModule
 
 __all__ = [
@@ -112,3 +112,6 @@ def module_needs_halo(module: nn.Module, spatial_index: int | None = None) -> bo
     spec: ConvSpec = conv_spec_from_module(module)
     i = spatial_index if spatial_index is not None else max(spec.nd - 2, 0)
     return needs_halo(spec, i)
+
+
+FAMILY.converts(CONV_WRAPPERS, needs=module_needs_halo)

@@ -32,6 +32,7 @@ from ..dtensor import domain_shard_dim, full_operand, is_sharded, local_replicat
 from ..errors import DomainParallelError, MeshMismatchError
 from ..geometry import chunk_sizes
 from ..geometry.window import window_height
+from ..ops.linear import FAMILY
 from ._base import DomainParallelModule, module_label
 
 __all__ = [
@@ -247,3 +248,4 @@ def needs_conversion(module: nn.Module) -> bool:
 
 #: torch class -> wrapper factory ``(module, manager) -> module`` (read by the converter).
 LOCAL_WRAPPERS: dict[type[nn.Module], Callable[..., nn.Module]] = {nn.Linear: DomainParallelLinear}
+FAMILY.converts(LOCAL_WRAPPERS, needs=needs_conversion)

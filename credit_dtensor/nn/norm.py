@@ -162,4 +162,6 @@ def needs_distributed_norm(module: nn.Module, *, input_ndim: int | None = None, 
     return False
 
 
+ops.FAMILY.converts(NORM_WRAPPERS, needs=needs_distributed_norm)
+
 __all__ = [*wrapper_names(NORM_WRAPPERS), "NORM_WRAPPERS", "needs_distributed_norm", "norm_wrapper_for"]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.padding import _CircularPadNd, _ConstantPadNd, _ReflectionPadNd, _ReplicationPadNd
 
-from ..ops.pad import pad
+from ..ops.pad import FAMILY, pad
 from ._base import DomainParallelModule, wrapper_class, wrapper_for, wrapper_names
 
 
@@ -60,6 +60,8 @@ def needs_domain_parallel(module: nn.Module) -> bool:
     remote rows when it pads the sharded dim), which PyTorch's DTensor rules do not do exactly."""
     return pad_wrapper_for(module) is not None
 
+
+FAMILY.converts(PAD_WRAPPERS, needs=needs_domain_parallel)
 
 __all__ = [
     *wrapper_names(PAD_WRAPPERS),

@@ -131,4 +131,6 @@ def needs_domain_parallel(module: nn.Module) -> bool:
     return resample_wrapper_for(module) is not None
 
 
+R.FAMILY.converts(RESAMPLE_WRAPPERS, needs=needs_domain_parallel)
+
 __all__ = [*wrapper_names(RESAMPLE_WRAPPERS), "RESAMPLE_WRAPPERS", "resample_wrapper_for", "needs_domain_parallel"]

@@ -1,5 +1,7 @@
 """Exact rules for H-sharded DTensors, one module per op family. Importing a module registers
-its aten rules; :func:`_register_all` imports every family (``import credit_dtensor`` calls it)."""
+its rules through its descriptor (:mod:`.family`); :func:`_register_all` imports every family, in
+the order of :data:`FAMILIES` (``import credit_dtensor`` calls it), which is also the order in
+which ``credit-dtensor info`` and the docs list them."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ FAMILIES = (
     "reduce",
     "loss",
     "pointwise",
+    "dimwise",
+    "linear",
     "move",
     "assign",
     "index_write",

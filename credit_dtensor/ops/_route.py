@@ -14,18 +14,17 @@ from typing import Any
 from torch.distributed.tensor import DTensor
 
 from ..dtensor import is_sharded, spatial_shard_dim
-from ..intercept import register
 from .relayout import to_spatial
 
-__all__ = ["Route", "register_routes"]
+__all__ = ["Route", "route_rule"]
 
 #: (public function, spatial dims or None, keyword arguments the torch function implies)
 Route = tuple[Callable[..., Any], "int | None", Mapping[str, Any]]
 
 
-def register_routes(name: str, table: Mapping[Any, Route]) -> Callable:
-    """Register one rule, named ``name`` (``credit-dtensor info`` lists it), for every function of
-    ``table``."""
+def route_rule(name: str, table: Mapping[Any, Route]) -> Callable:
+    """One rule, named ``name`` (``credit-dtensor info`` lists it), for every function of ``table``
+    (the family registers it: ``FAMILY.rule(table, h=...)(route_rule(name, table))``)."""
 
     def rule(func: Any, args: tuple, kwargs: dict) -> Any:
         public, nd, fixed = table[func]
@@ -43,4 +42,4 @@ def register_routes(name: str, table: Mapping[Any, Route]) -> Callable:
         return public(*args, **{**kwargs, **fixed})
 
     rule.__name__ = rule.__qualname__ = name
-    return register(*table)(rule)
+    return rule

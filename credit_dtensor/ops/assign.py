@@ -34,10 +34,15 @@ from ..dtensor import domain_shard_dim, full_operand, is_domain_replicate, local
 from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_offsets, chunk_range
 from ..geometry.index import Entry, local_selection, owner_runs, result_position
-from ..intercept import register
 from . import alias
+from .family import family
 from .move import parse_index
 from .rechunk import fetch_rows, repartition_local
+
+FAMILY = family(
+    "assign",
+    "writes into an H-sharded tensor (setitem, masked_fill_, index_put_, masked_scatter_): each rank writes its rows",
+)
 
 __all__ = ["assign"]
 
@@ -290,7 +295,7 @@ def assign(x: DTensor, idx: Any, value: Any, where: str = "Tensor.__setitem__") 
         x.copy_(wrap_shard(newl, x.device_mesh, sel.sd, x.shape))
 
 
-@register(torch.Tensor.__setitem__)
+@FAMILY.rule(torch.Tensor.__setitem__, h="local")
 def _setitem_rule(func, args, kwargs):
     x, idx, value = args
     if domain_shard_dim(x) is not None:
@@ -328,7 +333,7 @@ def _replicate_setitem(x: DTensor, idx: Any, value: Any) -> Any:
 # --- in-place writes spelled as methods ----------------------------------------------------------------------
 
 
-@register(torch.Tensor.masked_fill_)
+@FAMILY.rule(torch.Tensor.masked_fill_, h="local")
 def _masked_fill_rule(func, args, kwargs):
     """``x.masked_fill_(mask, v)``: ``x[mask] = v`` with the mask broadcast to ``x``'s shape."""
     x = args[0]
@@ -344,7 +349,7 @@ def _masked_fill_rule(func, args, kwargs):
     return x
 
 
-@register(torch.Tensor.index_put_)
+@FAMILY.rule(torch.Tensor.index_put_, h="local")
 def _index_put_rule(func, args, kwargs):
     x = args[0]
     indices = args[1] if len(args) > 1 else kwargs.get("indices")
@@ -363,7 +368,7 @@ def _index_put_rule(func, args, kwargs):
     return x
 
 
-@register(torch.Tensor.masked_scatter_)
+@FAMILY.rule(torch.Tensor.masked_scatter_, h="local")
 def _masked_scatter_rule(func, args, kwargs):
     """``x.masked_scatter_(mask, source)``: the True elements of the mask, in row-major order, take
     ``source``'s first elements: ``x[mask] = source.reshape(-1)[:count]``."""
@@ -384,7 +389,7 @@ def _masked_scatter_rule(func, args, kwargs):
     return x
 
 
-@register(torch.Tensor.__getitem__)
+@FAMILY.rule(torch.Tensor.__getitem__, h="refused")
 def _mask_read_rule(func, args, kwargs):
     """``x[mask]`` with a boolean mask over H: the result is a 1-D tensor whose length depends on the
     data, sharded nowhere; refused with the fix instead of DTensor's sharding-propagation error."""

@@ -49,9 +49,11 @@ from torch.distributed.tensor import DTensor, Replicate
 from ..dtensor import align_operand, domain_shard_dim, full_operand, wrap_shard
 from ..errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
 from ..geometry import chunk_offsets, chunk_sizes
-from ..intercept import register
+from .family import family
 from .refuse import refuse
 from .ulysses import _row_attention, _unit_attention, unit_sizes
+
+FAMILY = family("attention", "scaled_dot_product_attention over H tokens: Ulysses all-to-all (heads to ranks)")
 
 __all__ = ["scaled_dot_product_attention", "unit_sizes"]
 
@@ -238,7 +240,7 @@ def _batch_sharded_attention(a: dict) -> Any:
     return wrap_shard(out, q.device_mesh, d, shape)
 
 
-@register(F.scaled_dot_product_attention)
+@FAMILY.rule(F.scaled_dot_product_attention, h="relayout")
 def _sdpa_rule(func, args, kwargs):
     a = _bind(_SDPA_ARGS, _SDPA_DEFAULTS, args, kwargs)
     q = a["query"]

@@ -20,7 +20,6 @@ from torch.distributed.tensor import DTensor, Replicate
 from ..dtensor import full_operand, wrap_shard
 from ..errors import MeshMismatchError, UnsupportedShardingError
 from ..geometry import chunk_offsets
-from ..intercept import register
 from .attention import (
     _bind,
     _check_like_torch,
@@ -30,8 +29,11 @@ from .attention import (
     _kind,
     _token_sharded,
 )
+from .family import family
 from .refuse import refuse
 from .ulysses import _row_attention, _unit_attention
+
+FAMILY = family("attention_mha", "nn.MultiheadAttention / F.multi_head_attention_forward over H tokens")
 
 __all__ = ["multi_head_attention_forward"]
 
@@ -229,7 +231,7 @@ def multi_head_attention_forward(**a: Any) -> tuple[DTensor, DTensor | None]:
     return result, wrap_shard(w, mesh, w_dim, w_shape)
 
 
-@register(F.multi_head_attention_forward)
+@FAMILY.rule(F.multi_head_attention_forward, h="relayout")
 def _mha_rule(func, args, kwargs):
     a = _bind(_MHA_ARGS, _MHA_DEFAULTS, args, kwargs)
     q = a["query"]

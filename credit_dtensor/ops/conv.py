@@ -27,7 +27,6 @@ from torch.distributed.tensor import DTensor, Shard
 from .. import comm, intercept
 from ..dtensor import check_replicated, full_operand, local_replicated, wrap_shard
 from ..errors import DomainParallelError, UnsupportedShardingError
-from ..intercept import register
 from . import _groups
 from ._autocast import cast_inputs
 from .conv_ops import HaloConvDTensor, HaloConvEager, encode, halo_conv
@@ -39,7 +38,14 @@ from .conv_spec import (
     needs_halo,
     validate,
 )
+from .family import Signature, family
 from .relayout import to_spatial
+
+FAMILY = family(
+    "conv",
+    "convolution and transposed convolution, any stride, dilation, padding mode and groups: output-driven halo",
+    nn="credit_dtensor.nn.conv",
+)
 
 __all__ = ["ConvSpec", "conv", "conv_spec_from_module", "module_spec", "needs_halo", "halo_rows", "conv_out_shape"]
 
@@ -232,14 +238,8 @@ def _builtin(x, weight, bias, spec: ConvSpec):
 # Functional path: F.conv* / F.conv_transpose* as users call them (torch-function rules)
 # ---------------------------------------------------------------------------------------------
 
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_TCONV_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-
-
-def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
-    vals = dict(zip(names, args))
-    vals.update(kwargs)
-    return vals
+_CONV_ARGS = Signature(("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
+_TCONV_ARGS = Signature(("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"))
 
 
 def _batch_local(func, a: dict, x: DTensor):
@@ -257,10 +257,10 @@ def _batch_local(func, a: dict, x: DTensor):
 
 
 def _functional_rule(nd: int, transposed: bool):
-    names = _TCONV_ARGS if transposed else _CONV_ARGS
+    sig = _TCONV_ARGS if transposed else _CONV_ARGS
 
     def rule(func, args, kwargs):
-        a = _bind(names, args, kwargs)
+        a = sig.bind(args, kwargs)
         x = a.get("input")
         if not isinstance(x, DTensor) or x.ndim not in (nd + 1, nd + 2):
             return NotImplemented
@@ -299,5 +299,9 @@ for _nd, (_f, _tf) in {
     2: (F.conv2d, F.conv_transpose2d),
     3: (F.conv3d, F.conv_transpose3d),
 }.items():
-    register(_f)(_functional_rule(_nd, False))
-    register(_tf)(_functional_rule(_nd, True))
+    FAMILY.rule(_f, h="halo", note="halo rows from the output chunk", signature=_CONV_ARGS)(
+        _functional_rule(_nd, False)
+    )
+    FAMILY.rule(_tf, h="halo", note="halo rows from the output chunk", signature=_TCONV_ARGS)(
+        _functional_rule(_nd, True)
+    )

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ..dtensor import domain_shard_dim, wrap_shard
-from ..intercept import register_many
+from .family import family
 from .pointwise import local_apply
+
+FAMILY = family("dimwise", "softmax, cumsum, sort ... along one dim: local along other dims, softmax over H exact")
 
 __all__ = ["DIMWISE"]
 
@@ -65,7 +67,9 @@ def _dimwise_rule(func, args, kwargs):
         return NotImplemented
 
 
-register_many(DIMWISE, _dimwise_rule)
+FAMILY.rule(DIMWISE, h="stats", note="softmax over H from per-row statistics; others along H left to other rules")(
+    _dimwise_rule
+)
 
 _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
 _SOFTMAXES = {F.softmax, torch.softmax, torch.Tensor.softmax, F.softmin} | _LOG_SOFTMAX

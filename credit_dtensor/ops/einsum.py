@@ -29,8 +29,12 @@ from .. import comm, intercept
 from ..dtensor import domain_shard_dim, full_operand, is_domain_replicate, wrap_replicate, wrap_shard
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
-from ..intercept import register
+from .family import family
 from .relayout import best_free_dim, reshard
+
+FAMILY = family(
+    "einsum", "einsum and bmm contracting over H (partial sums, one all-reduce) or re-laid out for attention"
+)
 
 __all__ = ["parse", "einsum"]
 
@@ -193,7 +197,7 @@ def einsum(equation: str, operands: list[torch.Tensor]) -> Any:
         return wrap_replicate(comm.sum_over_ranks(y, mesh.get_group()), mesh)
 
 
-@register(torch.einsum)
+@FAMILY.rule(torch.einsum, h="reduce")
 def _einsum_rule(func, args, kwargs):
     if not args or not isinstance(args[0], str):
         return NotImplemented  # sublist format: DTensor's own path
@@ -226,7 +230,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> Any:
     return NotImplemented if eq is None else einsum(eq, [a, b])
 
 
-@register(torch.bmm, torch.Tensor.bmm)
+@FAMILY.rule(torch.bmm, torch.Tensor.bmm, h="reduce")
 def _bmm_rule(func, args, kwargs):
     a = args[0] if args else kwargs.get("input")
     b = args[1] if len(args) > 1 else kwargs.get("mat2")

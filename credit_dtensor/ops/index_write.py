@@ -13,9 +13,11 @@ from .. import intercept
 from ..dtensor import domain_shard_dim, full_operand, is_domain_replicate, local_replicated, wrap_shard
 from ..geometry import chunk_range
 from ..geometry.index import local_selection
-from ..intercept import register
 from .assign import _FIX, _refuse
+from .family import family
 from .rechunk import fetch_rows
+
+FAMILY = family("index_write", "index_add/copy/fill along H on owned rows; scatter/gather along H refused")
 
 __all__: list[str] = []
 
@@ -101,7 +103,7 @@ def _index_rule(func, args, kwargs):
     return x
 
 
-register(*_INDEX_OPS)(_index_rule)
+FAMILY.rule(*_INDEX_OPS, h="local")(_index_rule)
 
 
 # --- scatter / gather: local along other dims, refused along the sharded one -----------------------------------
@@ -177,4 +179,4 @@ def _scatter_rule(func, args, kwargs):
     return x
 
 
-register(*_SCATTER_OPS)(_scatter_rule)
+FAMILY.rule(*_SCATTER_OPS, h="refused", note="along H; local along other dims")(_scatter_rule)

@@ -22,9 +22,12 @@ from torch.distributed.tensor import DTensor
 from ..dtensor import spatial_shard_dim, wrap_shard
 from ..errors import DomainParallelError
 from ..geometry.resample import interp_taps, nearest_is_local, nearest_uses_shortcuts
-from ._route import register_routes
+from ._route import route_rule
 from ._rows import RowOpRef, SeparableOp, Taps, apply_row_op, domain_info, meta_like, register_row_ops, row_op_ref
+from .family import family
 from .pool import AdaptiveAvgPoolOp
+
+FAMILY = family("resample")
 
 aten = torch.ops.aten
 
@@ -206,4 +209,7 @@ def interpolate(
 
 upsample = interpolate
 
-register_routes("interpolate_rule", {F.interpolate: (interpolate, None, {})})
+_ROUTES = {F.interpolate: (interpolate, None, {})}
+FAMILY.rule(_ROUTES, h="halo", note="every mode but antialiased ones; nearest 2x is local when chunks align")(
+    route_rule("interpolate_rule", _ROUTES)
+)

@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ..dtensor import domain_shard_dim, full_operand, local_replicated
-from ..intercept import register
+from .family import family
 from .pointwise import wrap_outputs
+
+FAMILY = family(
+    "linear",
+    "F.linear and matmul: local, or over H with partial sums / re-layout; nn.Linear and shard-local modules",
+    nn="credit_dtensor.nn.local",
+)
 
 __all__: list[str] = []
 
@@ -29,7 +35,7 @@ def _replicated_local(t: Any, mesh: Any) -> Any:
     return full_operand(t, mesh) if isinstance(t, torch.Tensor) else t
 
 
-@register(F.linear)
+@FAMILY.rule(F.linear, h="local")
 def _linear_rule(func, args, kwargs):
     """``F.linear`` over the last dim of a tensor sharded on another dim (tokens, rows): local rows.
     DTensor's own rule flattens the leading dims and refuses uneven shards."""
@@ -54,7 +60,7 @@ def _linear_rule(func, args, kwargs):
     return wrap_outputs(F.linear(x.to_local(), wl, bl), x, lambda t: sd)
 
 
-@register(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+@FAMILY.rule(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, h="reduce")
 def _matmul_rule(func, args, kwargs):
     """``a @ b`` with ``a`` sharded on a batch or row dim and ``b`` replicated: local rows of ``a``;
     or both sharded on the same batch dim (window attention ``q @ k.transpose(-2, -1)`` with the

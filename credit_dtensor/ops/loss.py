@@ -13,7 +13,6 @@ Results are ``Replicate``; ``reduction='none'`` stays ``Shard(H)``.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +25,9 @@ from .. import comm, stats
 from ..dtensor import align_operand, domain_shard_dim, first_sharded, full_operand, wrap_replicate, wrap_shard
 from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_range
-from ..intercept import register
+from .family import Signature, family
+
+FAMILY = family("loss", "losses with mean/sum reductions over uneven shards: local sums, one all-reduce")
 
 __all__ = ["ELEMENTWISE_LOSSES"]
 
@@ -45,27 +46,14 @@ ELEMENTWISE_LOSSES: dict[Callable, tuple[str, ...]] = {
 }
 
 
-def _signature(func: Callable) -> tuple[tuple[str, ...], dict[str, Any]]:
-    """Parameter names (positional order) and defaults, read once at import: binding a call is
-    then plain dict work (``inspect.Signature.bind`` is not traceable by ``torch.compile``)."""
-    params = inspect.signature(func).parameters
-    names = tuple(params)
-    defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
-    return names, defaults
-
-
-_SIGNATURES: dict[Callable, tuple[tuple[str, ...], dict[str, Any]]] = {}
+#: every loss's signature, bound once per call (:class:`.family.Signature`)
+_SIGNATURES: dict[Callable, Signature] = {
+    f: Signature.of(f) for f in (*ELEMENTWISE_LOSSES, F.cross_entropy, F.nll_loss)
+}
 
 
 def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
-    names, defaults = _SIGNATURES[func]
-    if len(args) > len(names) or any(k not in names for k in kwargs):
-        raise TypeError(f"{func.__name__}() got unexpected arguments")
-    bound = dict(defaults)
-    for name, value in zip(names, args):
-        bound[name] = value
-    bound.update(kwargs)
-    return bound
+    return _SIGNATURES[func].bind(args, kwargs)
 
 
 def _reduction(a: dict[str, Any]) -> str:
@@ -130,10 +118,7 @@ def _elementwise_rule(func, args, kwargs):
 
 
 for _f in ELEMENTWISE_LOSSES:
-    _SIGNATURES[_f] = _signature(_f)
-    register(_f)(_elementwise_rule)
-for _f in (F.cross_entropy, F.nll_loss):
-    _SIGNATURES[_f] = _signature(_f)
+    FAMILY.rule(_f, h="reduce", signature=_SIGNATURES[_f])(_elementwise_rule)
 
 
 # --- cross entropy / nll (class dim = 1, spatial targets) -------------------------------------------------
@@ -163,7 +148,7 @@ def _align_target(t: Any, ref: DTensor, ref_dim: int, class_dim: int, where: str
     return t.narrow(t_dim, a, b - a)
 
 
-@register(F.cross_entropy, F.nll_loss)
+@FAMILY.rule(F.cross_entropy, F.nll_loss, h="reduce")
 def _class_rule(func, args, kwargs):
     a = _bind(func, args, kwargs)
     x, target = a["input"], a["target"]

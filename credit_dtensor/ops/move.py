@@ -25,11 +25,16 @@ from ..dtensor import align_operand, domain_shard_dim, full_operand, wrap_replic
 from ..geometry import chunk_range, owner_of
 from ..geometry.index import Entry, expand_index, result_position
 from ..halo import cached_plan, halo_gather, halo_scatter_add
-from ..intercept import register
 from . import _groups, alias, opaque
 from ._rows import ROW_FACTORIES, RowOp, apply_row_op, chunk_needs, domain_info, row_op_ref
+from .family import family
 from .pointwise import local_apply
 from .rechunk import fetch_rows, repartition_local  # noqa: F401 - re-exported
+
+FAMILY = family(
+    "move",
+    "moving rows: roll, flip, slicing, narrow, index_select, split/chunk, cat along H; only the rows that change owner move",
+)
 
 __all__ = ["RowMapOp", "row_map", "roll_sources", "slice_sources", "repartition_local", "fetch_rows"]
 
@@ -92,7 +97,7 @@ def _dims(dims: Any, ndim: int) -> list[int]:
 # --- roll / flip -------------------------------------------------------------------------------------
 
 
-@register(torch.roll, torch.Tensor.roll)
+@FAMILY.rule(torch.roll, torch.Tensor.roll, h="relayout")
 def _roll_rule(func, args, kwargs):
     x = args[0] if args else kwargs["input"]
     shifts = kwargs.get("shifts", args[1] if len(args) > 1 else None)
@@ -114,7 +119,7 @@ def _roll_rule(func, args, kwargs):
     return y if y is not x else local_apply(torch.Tensor.clone, (x,), {}, x, sd)
 
 
-@register(torch.flip, torch.Tensor.flip)
+@FAMILY.rule(torch.flip, torch.Tensor.flip, h="relayout")
 def _flip_rule(func, args, kwargs):
     x = args[0] if args else kwargs["input"]
     sd = domain_shard_dim(x)
@@ -167,7 +172,7 @@ def _entries_item(entries: list[Entry]) -> tuple:
     return tuple(e.value if e.kind != "none" else None for e in entries)
 
 
-@register(torch.Tensor.__getitem__)
+@FAMILY.rule(torch.Tensor.__getitem__, h="relayout")
 def _getitem_rule(func, args, kwargs):
     """``x[idx]`` of an H-sharded ``x``: the H entry moves only the rows it selects (a slice or an
     index tensor: re-chunked rows; one row: a ``Replicate`` row from its owner), the rest of the
@@ -288,7 +293,7 @@ def _assign_back(idx: Any):
     return write
 
 
-@register(torch.narrow, torch.Tensor.narrow)
+@FAMILY.rule(torch.narrow, torch.Tensor.narrow, h="relayout")
 def _narrow_rule(func, args, kwargs):
     x = args[0] if args else kwargs["input"]
     dim, start, length = (list(args[1:]) + [kwargs.get(k) for k in ("dim", "start", "length")][len(args) - 1 :])[:3]
@@ -318,7 +323,7 @@ def _track_slices(out: Any, x: DTensor, dim: int, pieces: list[tuple[int, Any, i
     return alias.track(out, x, tuple(idxs), write, shares_memory=shares)
 
 
-@register(torch.index_select, torch.Tensor.index_select)
+@FAMILY.rule(torch.index_select, torch.Tensor.index_select, h="relayout")
 def _index_select_rule(func, args, kwargs):
     x = args[0] if args else kwargs["input"]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
@@ -344,7 +349,7 @@ def _split_sizes(n: int, split: Any) -> list[int]:
     return list(split)
 
 
-@register(torch.split, torch.Tensor.split)
+@FAMILY.rule(torch.split, torch.Tensor.split, h="relayout")
 def _split_rule(func, args, kwargs):
     x = args[0] if args else kwargs["tensor"]
     split = kwargs.get("split_size_or_sections", kwargs.get("split_size", args[1] if len(args) > 1 else None))
@@ -377,7 +382,7 @@ def _along_other_dim(func, args, kwargs, x: DTensor, sd: int):
         return NotImplemented
 
 
-@register(torch.chunk, torch.Tensor.chunk)
+@FAMILY.rule(torch.chunk, torch.Tensor.chunk, h="relayout")
 def _chunk_rule(func, args, kwargs):
     x = args[0] if args else kwargs["input"]
     chunks = kwargs.get("chunks", args[1] if len(args) > 1 else None)
@@ -414,7 +419,7 @@ def _native_cat(tensors, ref: DTensor, dim: int) -> bool:
     return True
 
 
-@register(torch.cat, torch.concat, torch.concatenate)
+@FAMILY.rule(torch.cat, torch.concat, torch.concatenate, h="relayout")
 def _cat_rule(func, args, kwargs):
     tensors = args[0] if args else kwargs.get("tensors")
     dim = kwargs.get("dim", kwargs.get("axis", args[1] if len(args) > 1 else 0))

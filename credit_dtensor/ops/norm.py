@@ -29,9 +29,16 @@ from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_range
 from ..geometry.norm import NormLayout
 from ._autocast import cast_inputs
-from ._route import register_routes
+from ._route import route_rule
+from .family import family
 from .norm_kernels import channel_norm, layer_xhat
 from .relayout import to_spatial
+
+FAMILY = family(
+    "norm",
+    "group, instance, batch and layer norm over sharded dims: per-rank statistics merged exactly",
+    nn="credit_dtensor.nn.norm",
+)
 
 __all__ = ["group_norm", "instance_norm", "batch_norm", "layer_norm", "NormPlan", "plan_norm"]
 
@@ -332,12 +339,12 @@ def layer_norm(
     return _wrap(y, plan, shape)
 
 
-register_routes(
-    "norm_rule",
-    {
-        F.group_norm: (group_norm, None, {}),
-        F.batch_norm: (batch_norm, None, {}),
-        F.instance_norm: (instance_norm, None, {}),
-        F.layer_norm: (layer_norm, None, {}),
-    },
+_NORM_ROUTES = {
+    F.group_norm: (group_norm, None, {}),
+    F.batch_norm: (batch_norm, None, {}),
+    F.instance_norm: (instance_norm, None, {}),
+    F.layer_norm: (layer_norm, None, {}),
+}
+FAMILY.rule(_NORM_ROUTES, h="stats", note="statistics merged exactly over the ranks (Chan)")(
+    route_rule("norm_rule", _NORM_ROUTES)
 )

@@ -24,9 +24,15 @@ from ..dtensor import domain_shard_dim
 from ..errors import DomainParallelError
 from ..geometry.pad import check_pad, normalize_pad_mode, pad_sources, split_pad
 from ..halo import cached_plan, halo_gather, halo_scatter_add
-from ..intercept import register
 from ._autocast import cast_inputs
 from ._rows import RowOp, apply_row_op, chunk_needs, domain_info, register_row_ops, row_op_ref
+from .family import family
+
+FAMILY = family(
+    "pad",
+    "F.pad and padding modules in every mode: halo rows (circular wraps across ranks)",
+    nn="credit_dtensor.nn.pad",
+)
 
 __all__ = ["pad", "PadOp", "pad_args"]
 
@@ -165,7 +171,7 @@ def pad(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: floa
 # ---------------------------------------------------------------------------------------------
 
 
-@register(F.pad)
+@FAMILY.rule(F.pad, h="halo")
 def _pad_rule(func, args, kwargs):
     x = args[0] if args else kwargs.get("input")
     if domain_shard_dim(x) is None:

@@ -10,24 +10,27 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.experimental import register_sharding
+
+from .family import family
 
 aten = torch.ops.aten
 
 __all__ = ["REPLICATED_PARAM_OPS"]
 
+FAMILY = family("params", "parameter-side ops DTensor lacks (weight norm): all-Replicate strategies; DDP refused")
 
-@register_sharding(aten._weight_norm_interface.default)
+
+@FAMILY.sharding(aten._weight_norm_interface.default)
 def _weight_norm_sharding(v, g, dim=0):
     return [([Replicate(), Replicate()], [Replicate(), Replicate(), None])]
 
 
-@register_sharding(aten._weight_norm_interface_backward.default)
+@FAMILY.sharding(aten._weight_norm_interface_backward.default)
 def _weight_norm_backward_sharding(grad_w, saved_v, saved_g, saved_norms, dim):
     return [([Replicate(), Replicate()], [Replicate(), Replicate(), Replicate(), Replicate(), None])]
 
 
-REPLICATED_PARAM_OPS = ("aten._weight_norm_interface", "aten._weight_norm_interface_backward")
+REPLICATED_PARAM_OPS = tuple(FAMILY.aten)
 
 
 def _refuse_ddp(*args, **kwargs):
@@ -44,4 +47,4 @@ def _refuse_ddp(*args, **kwargs):
 # DDP's first collective on the parameters (its initial broadcast): a clear error instead of
 # "c10d.broadcast_.default does not have a sharding strategy registered"
 if hasattr(torch.ops, "c10d") and hasattr(torch.ops.c10d, "broadcast_"):
-    register_sharding(torch.ops.c10d.broadcast_.default)(_refuse_ddp)
+    FAMILY.sharding(torch.ops.c10d.broadcast_.default)(_refuse_ddp)

@@ -19,8 +19,11 @@ from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_range
 from ..geometry.resample import pixel_shuffle_rows, pixel_unshuffle_rows
 from ..halo import cached_plan, halo_gather, halo_scatter_add
-from ._route import register_routes
+from ._route import route_rule
 from ._rows import RowOp, apply_row_op, chunk_needs, domain_info, meta_like, register_row_ops, row_op_ref
+from .family import family
+
+FAMILY = family("resample")
 
 
 class PixelShuffleOp(RowOp):
@@ -125,6 +128,5 @@ def pixel_unshuffle(input: torch.Tensor, downscale_factor: int) -> torch.Tensor:
     return _pixel(input, downscale_factor, False)
 
 
-register_routes(
-    "pixel_shuffle_rule", {F.pixel_shuffle: (pixel_shuffle, None, {}), F.pixel_unshuffle: (pixel_unshuffle, None, {})}
-)
+_ROUTES = {F.pixel_shuffle: (pixel_shuffle, None, {}), F.pixel_unshuffle: (pixel_unshuffle, None, {})}
+FAMILY.rule(_ROUTES, h="halo")(route_rule("pixel_shuffle_rule", _ROUTES))

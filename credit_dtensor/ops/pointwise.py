@@ -31,9 +31,11 @@ from ..dtensor import (
 )
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
-from ..intercept import register_many
+from .family import family
 
 __all__ = ["POINTWISE", "local_apply", "wrap_outputs"]
+
+FAMILY = family("pointwise", "elementwise ops and activations: local rows; full operands cut to the local rows")
 
 _RANDOM = ("rand", "bernoulli", "normal", "dropout", "uniform", "exponential", "geometric", "cauchy", "poisson")
 _NOT_ELEMENTWISE = {"equal", "max", "min"}  # bool result / reductions (max/min: see ops.reduce)
@@ -391,7 +393,7 @@ _NATIVE = frozenset(
     )
     if f in POINTWISE
 )
-register_many(POINTWISE, _pointwise_rule)
+FAMILY.rule(POINTWISE, h="local")(_pointwise_rule)
 
 
 # --- in-place methods: x.mul_(v), x += v, x.copy_(v) on a sharded x ------------------------------------------
@@ -459,7 +461,7 @@ def _inplace_method_rule(func, args, kwargs):
         return func(*new_args, **new_kwargs)
 
 
-register_many(INPLACE_METHODS, _inplace_method_rule)
+FAMILY.rule(INPLACE_METHODS, h="local")(_inplace_method_rule)
 
 
 def local_apply(func: Callable, args: tuple, kwargs: dict, x: DTensor, out_dim: int) -> Any:

@@ -21,9 +21,12 @@ from ..dtensor import spatial_shard_dim, wrap_replicate
 from ..geometry import chunk_range
 from ..geometry.resample import adaptive_range, avg_pool_taps, pool_out_len
 from ._autocast import cast_inputs
-from ._route import register_routes
+from ._route import route_rule
 from ._rows import SeparableOp, apply_row_op, domain_info, local_shape, meta_like, register_row_ops, row_op_ref
+from .family import family
 from .max_pool import AdaptiveMaxPoolOp, MaxPoolOp
+
+FAMILY = family("resample")
 
 aten = torch.ops.aten
 
@@ -343,4 +346,7 @@ def _routes() -> dict:
     return table
 
 
-register_routes("pool_rule", _routes())
+_POOL_ROUTES = _routes()
+FAMILY.rule(_POOL_ROUTES, h="halo", note="input rows of each output row gathered")(
+    route_rule("pool_rule", _POOL_ROUTES)
+)

@@ -37,8 +37,10 @@ from torch.distributed.tensor import DTensor
 from .. import intercept
 from ..dtensor import align_operand, domain_shard_dim, first_sharded, wrap_shard
 from ..geometry import chunk_range
-from ..intercept import register
+from .family import family
 from .pointwise import local_apply
+
+FAMILY = family("random", "dropout and random fills: one stream per global row, so no mask repeats across ranks")
 
 __all__ = ["row_seed", "ELEMENTWISE", "FEATURE", "INPLACE"]
 
@@ -176,6 +178,6 @@ INPLACE: tuple[Callable, ...] = tuple(
 )
 FEATURE: tuple[Callable, ...] = (F.dropout1d, F.dropout2d, F.dropout3d, F.feature_alpha_dropout)
 
-register(*ELEMENTWISE)(_elementwise_rule)
-register(*INPLACE)(_inplace_rule)
-register(*FEATURE)(_feature_rule)
+FAMILY.rule(*ELEMENTWISE, h="random")(_elementwise_rule)
+FAMILY.rule(*INPLACE, h="random")(_inplace_rule)
+FAMILY.rule(*FEATURE, h="random")(_feature_rule)

@@ -16,10 +16,12 @@ from ..dtensor import domain_shard_dim, wrap_shard
 from ..geometry import chunk_range
 from ..geometry.window import repartition as repartition_plan
 from ..halo import cached_plan, halo_gather, halo_scatter_add
-from ..intercept import register
 from . import _groups, opaque
 from ._rows import domain_info
+from .family import family
 from .pointwise import local_apply
+
+FAMILY = family("move")
 
 __all__ = ["fetch_rows", "repartition_local"]
 
@@ -151,7 +153,7 @@ def repartition_local(
 # --- Tensor.unfold: sliding windows along a dim ----------------------------------------------------------------
 
 
-@register(torch.Tensor.unfold)
+@FAMILY.rule(torch.Tensor.unfold, h="halo")
 def _unfold_rule(func, args, kwargs):
     """``x.unfold(dim, size, step)``: window ``i`` holds rows ``[i*step, i*step + size)`` and becomes
     a new last dim. Along the sharded dim each rank owns a ``torch.chunk`` slice of the windows and

@@ -23,8 +23,13 @@ from .. import comm, stats
 from ..dtensor import domain_shard_dim, wrap_replicate
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
-from ..intercept import register
+from .family import family
 from .pointwise import local_apply
+
+FAMILY = family(
+    "reduce",
+    "reductions (sum, mean, var, max, norm, logsumexp ...) over the sharded dim: per-rank partials, one all-reduce",
+)
 
 __all__ = ["reduced_dims"]
 
@@ -136,7 +141,7 @@ def _local_reduce(func, args: tuple, kwargs: dict, dim: Any, keepdim: bool) -> A
 # --- sum / mean / nansum / nanmean -------------------------------------------------------------------
 
 
-@register(torch.sum, torch.Tensor.sum, torch.nansum, torch.Tensor.nansum)
+@FAMILY.rule(torch.sum, torch.Tensor.sum, torch.nansum, torch.Tensor.nansum, h="reduce")
 def _sum_rule(func, args, kwargs):
     p = _parse(args, kwargs, ("dim", "keepdim"), (None, False))
     if p is None:
@@ -149,7 +154,7 @@ def _sum_rule(func, args, kwargs):
     return c.out(c.total(local))
 
 
-@register(torch.mean, torch.Tensor.mean, torch.nanmean, torch.Tensor.nanmean)
+@FAMILY.rule(torch.mean, torch.Tensor.mean, torch.nanmean, torch.Tensor.nanmean, h="reduce")
 def _mean_rule(func, args, kwargs):
     p = _parse(args, kwargs, ("dim", "keepdim"), (None, False))
     if p is None:
@@ -211,7 +216,7 @@ def _variance(c: _Call) -> tuple[torch.Tensor, torch.Tensor, float]:
     return mean, m2, c.count
 
 
-@register(torch.var, torch.Tensor.var, torch.std, torch.Tensor.std, torch.var_mean, torch.std_mean)
+@FAMILY.rule(torch.var, torch.Tensor.var, torch.std, torch.Tensor.std, torch.var_mean, torch.std_mean, h="reduce")
 def _var_rule(func, args, kwargs):
     parsed = _var_args(args, kwargs)
     if parsed is None:
@@ -251,7 +256,7 @@ class _EvenExtreme(torch.autograd.Function):
         return mask.to(g.dtype) * g / count, None, None
 
 
-@register(torch.amax, torch.Tensor.amax, torch.amin, torch.Tensor.amin)
+@FAMILY.rule(torch.amax, torch.Tensor.amax, torch.amin, torch.Tensor.amin, h="reduce")
 def _amax_rule(func, args, kwargs):
     p = _parse(args, kwargs, ("dim", "keepdim"), ((), False))
     if p is None:
@@ -328,7 +333,7 @@ class _SelectAt(torch.autograd.Function):
         return out, None, None, None, None
 
 
-@register(torch.max, torch.Tensor.max, torch.min, torch.Tensor.min)
+@FAMILY.rule(torch.max, torch.Tensor.max, torch.min, torch.Tensor.min, h="reduce")
 def _max_rule(func, args, kwargs):
     x = args[0] if args else kwargs.get("input")
     sd = domain_shard_dim(x)
@@ -354,7 +359,7 @@ def _max_rule(func, args, kwargs):
     return ret((c.out(values), c.out(idx)))
 
 
-@register(torch.argmax, torch.Tensor.argmax, torch.argmin, torch.Tensor.argmin)
+@FAMILY.rule(torch.argmax, torch.Tensor.argmax, torch.argmin, torch.Tensor.argmin, h="reduce")
 def _argmax_rule(func, args, kwargs):
     p = _parse(args, kwargs, ("dim", "keepdim"), (None, False))
     x = args[0] if args else kwargs.get("input")
@@ -378,7 +383,7 @@ def _argmax_rule(func, args, kwargs):
 # --- logsumexp ----------------------------------------------------------------------------------------
 
 
-@register(torch.logsumexp, torch.Tensor.logsumexp)
+@FAMILY.rule(torch.logsumexp, torch.Tensor.logsumexp, h="reduce")
 def _logsumexp_rule(func, args, kwargs):
     p = _parse(args, kwargs, ("dim", "keepdim"), ((), False))
     if p is None:
@@ -444,7 +449,7 @@ def _vector_norm(c: _Call, ord: Any, dtype: torch.dtype | None) -> DTensor:
     return c.out(_PNorm.apply(x, c, float(ord)))
 
 
-@register(torch.linalg.vector_norm)
+@FAMILY.rule(torch.linalg.vector_norm, h="reduce")
 def _vector_norm_rule(func, args, kwargs):
     p = _parse(args, kwargs, ("ord", "dim", "keepdim"), (2, None, False))
     if p is None:
@@ -455,7 +460,7 @@ def _vector_norm_rule(func, args, kwargs):
     return _vector_norm(c, p["ord"], p.get("dtype"))
 
 
-@register(torch.norm, torch.Tensor.norm)
+@FAMILY.rule(torch.norm, torch.Tensor.norm, h="reduce")
 def _norm_rule(func, args, kwargs):
     p = _parse(args, kwargs, ("p", "dim", "keepdim"), ("fro", None, False))
     if p is None:
@@ -471,7 +476,7 @@ def _norm_rule(func, args, kwargs):
 # --- boolean / counting ---------------------------------------------------------------------------------
 
 
-@register(torch.count_nonzero, torch.Tensor.count_nonzero)
+@FAMILY.rule(torch.count_nonzero, torch.Tensor.count_nonzero, h="reduce")
 def _count_rule(func, args, kwargs):
     p = _parse(args, kwargs, ("dim",), (None,))
     if p is None:
@@ -482,7 +487,7 @@ def _count_rule(func, args, kwargs):
     return c.out(comm.all_reduce((c.local != 0).sum(c.dims, keepdim=True), c.group, "sum"))
 
 
-@register(torch.all, torch.Tensor.all, torch.any, torch.Tensor.any)
+@FAMILY.rule(torch.all, torch.Tensor.all, torch.any, torch.Tensor.any, h="reduce")
 def _all_rule(func, args, kwargs):
     p = _parse(args, kwargs, ("dim", "keepdim"), (None, False))
     if p is None:

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from ..dtensor import domain_shard_dim, is_domain_replicate
 from ..errors import UnsupportedShardingError
 from ..guard import _op_name, module_path
-from ..intercept import register
+from .family import family
+
+FAMILY = family("refuse", "ops with no exact rule yet, refused with the fix instead of PyTorch's gather or error")
 
 __all__ = ["refuse"]
 
@@ -34,7 +36,7 @@ _GATHER_FIX = (
 )
 
 
-@register(F.unfold, F.fold)
+@FAMILY.rule(F.unfold, F.fold, h="refused")
 def _unfold_rule(func, args, kwargs):
     x = args[0] if args else kwargs.get("input")
     if domain_shard_dim(x) is None:
@@ -47,7 +49,7 @@ def _unfold_rule(func, args, kwargs):
     )
 
 
-@register(F.grid_sample)
+@FAMILY.rule(F.grid_sample, h="refused")
 def _grid_sample_rule(func, args, kwargs):
     x = args[0] if args else kwargs.get("input")
     if domain_shard_dim(x) is None:
@@ -76,4 +78,4 @@ def _host_rule(func, args, kwargs):
     )
 
 
-register(torch.Tensor.numpy, torch.Tensor.tolist)(_host_rule)
+FAMILY.rule(torch.Tensor.numpy, torch.Tensor.tolist, h="refused")(_host_rule)

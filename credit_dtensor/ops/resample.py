@@ -19,6 +19,7 @@ rules, registered when each module is imported) all run the same ops.
 
 from __future__ import annotations
 
+from .family import family
 from .interpolate import InterpOp, interpolate, upsample
 from .max_pool import AdaptiveMaxPoolOp, MaxPoolOp
 from .pixel_shuffle import PixelShuffleOp, pixel_shuffle, pixel_unshuffle
@@ -37,6 +38,12 @@ from .pool import (
     max_pool1d,
     max_pool2d,
     max_pool3d,
+)
+
+FAMILY = family(
+    "resample",
+    "interpolate, pooling and pixel (un)shuffle: the input rows of each output row, gathered by halo",
+    nn="credit_dtensor.nn.resample",
 )
 
 __all__ = [

@@ -36,10 +36,12 @@ from ..dtensor import domain_shard_dim, wrap_shard
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
 from ..geometry.window import ViewPlan, valid_domain_sizes, view_groups, view_plan, window_height
-from ..intercept import register
 from . import alias
+from .family import family
 from .rechunk import repartition_local
 from .relayout import best_free_dim, reshard
+
+FAMILY = family("reshape", "view/reshape/flatten/unflatten that split or merge H: re-chunked to whole windows")
 
 __all__ = ["FUNCS", "target_shape", "reshape_sharded"]
 
@@ -175,7 +177,7 @@ def _spread(out: Any, in_shape: tuple[int, ...], shape: list[int], plan: ViewPla
     return reshard(out, 0)
 
 
-@register(*FUNCS)
+@FAMILY.rule(*FUNCS, h="relayout")
 def _reshape_rule(func, args, kwargs):
     x = args[0] if args else kwargs.get("input", kwargs.get("self"))
     if domain_shard_dim(x) is None:
