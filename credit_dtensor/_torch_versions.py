@@ -260,11 +260,14 @@ def install() -> None:
     """
     if at_least(2, 13) or _INSTALLED:
         return
-    from . import intercept
+    from .ops.family import family
 
-    intercept.register(torch.Tensor.requires_grad_)(_leaf_gradient_rule)
+    compat = family(
+        "compat", f"back-fills for torch {torch.__version__} (< 2.13): leaf-gradient strides, Replicate conv"
+    )
+    compat.rule(torch.Tensor.requires_grad_, h="local", note="leaf-gradient stride fix")(_leaf_gradient_rule)
     _INSTALLED.append("leaf_gradient_stride")
     F = torch.nn.functional
     convs = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-    intercept.register(*convs)(_replicated_conv_rule)
+    compat.rule(*convs, h="local", note="Replicate input: one weight gradient, not N")(_replicated_conv_rule)
     _INSTALLED.append("replicated_conv_backward")

@@ -14,6 +14,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from credit_dtensor._torch_versions import at_least
@@ -270,8 +271,8 @@ def test_plan_hazard_catalogue():
     for path, h in p.hazards:
         by.setdefault(path, []).append(h)
     assert "over_h" not in by  # Linear over H: the shards move to another dim first (a note)
-    root = " ".join(by[""])
-    assert "softmax over H" in root, root
+    root = " ".join(by.get("", []))
+    assert "softmax over H" not in root, root  # exact: per-row statistics over the ranks (a note)
     assert "indexing H" not in root  # one row: broadcast from its owner (a note)
     assert "merges H" not in root  # flatten(2) keeps H outermost: exact through the reshape rules
     assert any("MultiheadAttention" in h for h in by["mha"])
@@ -280,6 +281,21 @@ def test_plan_hazard_catalogue():
     notes = " ".join(n for r in p.rows for n in r.notes)
     assert "global pooling over H" in notes and "mean over H: exact" in notes
     assert "Linear over the sharded dim: exact" in notes and "indexing H with 1: exact" in notes
+    assert "softmax over H: exact" in notes
+
+
+class _Refused(nn.Module):
+    def forward(self, x):
+        patches = F.unfold(x, 3, padding=1)  # refused on H shards: flagged by plan
+        windows = x.unfold(2, 2, 2)  # Tensor.unfold along H: exact (same name, other function)
+        return patches.sum() + windows.sum()
+
+
+def test_plan_reads_refusals_from_the_descriptors():
+    p = plan(_Refused(), 2, (1, 2, 8, 4))
+    hazards = " ".join(h for _, h in p.hazards)
+    assert "unfold on an H-sharded tensor is refused (patches flatten (H, W) into one dim)" in hazards, hazards
+    assert hazards.count("refused") == 1, hazards
 
 
 def test_plan_window_constraint_error_names_the_fix():

@@ -263,3 +263,14 @@ def test_shard_dim_is_deprecated_as_documented():
     assert len(messages) == 1 and "shard_dim" in messages[0] and "deprecated and ignored" in messages[0]
     assert (old, new) == (-3, -2)
     assert "`DomainParallelManager(shard_dim=...)` is deprecated" in (DOCS / "usage.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(
+    not __import__("torch").__version__.startswith("2.13."),
+    reason="docs/families.md lists the functions found on the pinned torch (2.13); other versions name a few more",
+)
+def test_families_page_is_generated_from_the_descriptors():
+    from credit_dtensor.catalog import markdown
+
+    page = (DOCS / "families.md").read_text()
+    assert page == markdown(), "docs/families.md is stale: run `python scripts/gen_families.py`"

@@ -109,3 +109,46 @@ def test_rules_never_import_the_converter_or_the_wrappers():
                 names = [node.module or ""] + ([a.name for a in node.names] if not node.module else [])
                 bad += [f"{path.name}: from ..{n}" for n in names if n.split(".")[0] in ("convert", "nn", "converters")]
     assert not bad, bad
+
+
+def test_one_registration_style():
+    """Every rule is registered through its family's descriptor (``FAMILY.rule`` / ``.sharding`` /
+    ``.converts``, issue 20): no ops or nn module registers with ``intercept`` or ``register_sharding``
+    itself, and the converter discovers nothing by name (no pkgutil scan, no ``*_WRAPPERS`` suffix)."""
+    import ast
+    from pathlib import Path
+
+    import credit_dtensor
+
+    root = Path(credit_dtensor.__file__).parent
+    bad = []
+    for path in [*(root / "ops").glob("*.py"), *(root / "nn").glob("*.py")]:
+        if path.name == "family.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = {a.name for a in node.names}
+                if names & {"register", "register_many", "register_sharding", "register_routes"}:
+                    bad.append(f"{path.parent.name}/{path.name}: imports {sorted(names)} from {node.module}")
+    assert not bad, bad
+    text = (root / "converters.py").read_text()
+    assert "pkgutil" not in text and "_WRAPPERS" not in text
+
+
+def test_every_rule_belongs_to_a_family():
+    """The descriptors and the interception agree: every torch function with a rule is in exactly
+    the families that registered it, and every family entry's functions have its rule."""
+    from credit_dtensor import intercept
+    from credit_dtensor.ops.family import families
+
+    declared: dict = {}
+    for fam in families():
+        for e in fam.entries:
+            if e.rule is None:  # declared without a rule: PyTorch's own (under the gather guard)
+                assert all(f not in intercept._RULES for f in e.funcs), (fam.name, e.names)
+                continue
+            for f in e.funcs:
+                declared.setdefault(f, []).append(e.rule)
+    assert set(declared) == set(intercept._RULES)
+    for f, rules in intercept._RULES.items():
+        assert rules == declared[f], f

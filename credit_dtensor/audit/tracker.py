@@ -4,7 +4,9 @@ notes, window partitions, merges) for :func:`credit_dtensor.audit.plan`."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -23,57 +25,24 @@ def _name(func: Any) -> str:
     return getattr(func, "__name__", None) or str(func)
 
 
-_SOFTMAX = {
-    "softmax",
-    "log_softmax",
-    "cumsum",
-    "cumprod",
-    "cummax",
-    "cummin",
-    "logcumsumexp",
-    "sort",
-    "argsort",
-    "topk",
-    "normalize",
-}
-_REDUCE = {
-    "sum",
-    "mean",
-    "amax",
-    "amin",
-    "max",
-    "min",
-    "std",
-    "var",
-    "prod",
-    "norm",
-    "logsumexp",
-    "argmax",
-    "argmin",
-    "all",
-    "any",
-    "count_nonzero",
-    "var_mean",
-    "std_mean",
-    "median",
-    "nanmean",
-    "nansum",
-}
-#: reductions over H that credit_dtensor computes exactly (per-rank partials, one all-reduce)
-_EXACT_REDUCE = _REDUCE - {"prod", "median"}
-_SPATIAL_FUNCS = (
-    {f"{op}{nd}d" for op in ("conv", "conv_transpose", "max_pool", "avg_pool") for nd in (1, 2, 3)}
-    | {f"max_pool{nd}d_with_indices" for nd in (1, 2, 3)}
-    | {
-        "group_norm",
-        "instance_norm",
-        "batch_norm",
-        "layer_norm",
-        "pixel_shuffle",
-        "pixel_unshuffle",
-    }
-)
-_VIEWS = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "_unsafe_view"}
+@functools.cache
+def _names() -> SimpleNamespace:
+    """The function names the tracker follows, read from the op-family descriptors
+    (:mod:`credit_dtensor.ops.family`), so ``plan`` says what the rules do."""
+    from ..ops.family import families, function_names
+
+    # by function, not name: F.unfold is refused, Tensor.unfold is exact
+    refused = {f: e.note for fam in families() if fam.name == "refuse" for e in fam.entries for f in e.funcs}
+    return SimpleNamespace(
+        dimwise=function_names(families_=("dimwise",)),
+        dimwise_exact=function_names("stats", families_=("dimwise",)),
+        reduce=function_names(families_=("reduce",)),
+        reduce_exact=function_names("reduce", families_=("reduce",)),
+        spatial=function_names(families_=("conv", "norm", "resample")),
+        views=function_names(families_=("reshape",)),
+        attention=bool(function_names(families_=("attention",))),
+        refused=refused,
+    )
 
 
 def _dims_arg(args: tuple, kwargs: dict, pos: int = 1, key: str = "dim") -> Any:
@@ -159,7 +128,11 @@ class HTracker(TorchFunctionMode):
     ) -> None:
         if name in ("__get__", "size", "dim", "numel", "__len__", "item", "tolist"):
             return
-        if name in _VIEWS:
+        names = _names()
+        if func in names.refused:
+            self.event("hazard", f"{name} on an H-sharded tensor is refused ({names.refused[func]})")
+            return
+        if name in names.views:
             return self._view(t, h, outs[0], name)
         if name in ("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"):
             return self._permute(t, h, outs[0], name, args, kwargs)
@@ -180,7 +153,7 @@ class HTracker(TorchFunctionMode):
             q = args[0]
             hq = self.get(q)
             qkv = [a for a in args[:3] if isinstance(a, torch.Tensor)]
-            if hq == q.ndim - 2 and all(self.get(a) in (None, a.ndim - 2) for a in qkv) and attention_rules_loaded():
+            if hq == q.ndim - 2 and all(self.get(a) in (None, a.ndim - 2) for a in qkv) and names.attention:
                 self.event("note", "attention over H tokens (scaled_dot_product_attention): exact, Ulysses all-to-all")
                 return self.mark(outs[0], hq)
             if any(self.get(a) in (a.ndim - 2, a.ndim - 1) for a in qkv):
@@ -195,18 +168,21 @@ class HTracker(TorchFunctionMode):
             if dims is None or h in dims:
                 self.event("note", "flip along H: exact, rows exchanged between mirrored ranks")
             return self.mark(outs[0], h)
-        if name in _SOFTMAX:
+        if name in names.dimwise:
             dims = _norm_dims(_dims_arg(args, kwargs), nd)
             if dims is None and name in ("normalize",):
                 dims = [1]
             if dims is None or h in dims:
+                if name in names.dimwise_exact:
+                    self.event("note", f"{name} over H: exact (per-row statistics over the ranks)")
+                    return self.mark(outs[0], h)
                 self.event("hazard", f"{name} over H: mixes the rows of every shard")
                 return
             return self.mark(outs[0], h)
-        if name in _REDUCE:
+        if name in names.reduce:
             dims = _norm_dims(_dims_arg(args, kwargs), nd)
             if dims is None or h in dims:
-                if name in _EXACT_REDUCE:
+                if name in names.reduce_exact:
                     self.event("note", f"{name} over H: exact (per-rank partials, one all-reduce); result Replicate")
                 else:
                     self.event("hazard", f"{name} over H: no exact rule, PyTorch gathers the tensor")
@@ -271,7 +247,7 @@ class HTracker(TorchFunctionMode):
         if name in ("interpolate", "upsample", "upsample_bilinear", "upsample_nearest"):
             self.event("note", "F.interpolate: exact resample rule (halo rows)")
             return self.mark(outs[0], h)
-        if name in _SPATIAL_FUNCS:
+        if name in names.spatial:
             return self.mark(outs[0], h)
         if name in ("repeat", "tile"):
             self.event("hazard", f"{name}: repeats along H change the shard layout")
@@ -423,9 +399,3 @@ class HTracker(TorchFunctionMode):
                 return
             din += 1
             dout += isinstance(i, slice)
-
-
-def attention_rules_loaded() -> bool:
-    from ..intercept import registered_functions
-
-    return any(k.endswith("scaled_dot_product_attention") for k in registered_functions())

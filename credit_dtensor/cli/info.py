@@ -1,8 +1,7 @@
 """``credit-dtensor info``: what this installation can do.
 
-Torch version, distributed backends, CUDA, the mesh layout when launched under torchrun, and which
-op rules are registered. Importing every ``credit_dtensor.ops`` module is part of the report: a
-family that fails to import is listed, so ``info`` is the place to see it.
+Torch version, distributed backends, CUDA, the mesh layout when launched under torchrun, and the
+op families with what each does to H, read from their descriptors (:mod:`credit_dtensor.catalog`).
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="domain-parallel size under torchrun (None: the whole world)",
     )
+    p.add_argument("--functions", action="store_true", help="list every torch function of each op family")
     p.set_defaults(handler=cmd_info, validate=_validate)
 
 
@@ -87,18 +87,21 @@ def _mesh_rows(domain: int | None):
     return rows, manager
 
 
-def _rules_table(ops: dict[str, list[str]]) -> Table:
-    """One row per rule: how many torch functions it serves, and a few of them."""
-    by_rule: dict[str, list[str]] = {}
-    for fn, rules in ops.items():
-        for r in rules:
-            by_rule.setdefault(r, []).append(fn)
-    table = Table(title="registered op rules (torch functions routed on DTensors)")
-    table.add_column("rule")
-    table.add_column("functions", overflow="fold")
-    for rule, fns in sorted(by_rule.items()):
-        shown = ", ".join(sorted(fns)[:6]) + (f", ... ({len(fns)} in all)" if len(fns) > 6 else "")
-        table.add_row(rule, shown)
+def _families_table(all_functions: bool) -> Table:
+    """One row per op family, from its descriptor (:mod:`credit_dtensor.catalog`)."""
+    from ..catalog import family_rows
+
+    table = Table(title="op families (credit_dtensor/ops/<family>.py descriptors; docs/families.md)")
+    table.add_column("family", style="bold")
+    table.add_column("effect on H")
+    table.add_column("torch functions", overflow="fold")
+    table.add_column("modules converted", overflow="fold")
+    for r in family_rows():
+        names = [*r.functions, *r.aten]
+        shown = ", ".join(names if all_functions else names[:4])
+        if not all_functions and len(names) > 4:
+            shown += f", ... ({len(names)} in all)"
+        table.add_row(r.name, ", ".join(r.effects) or "params", shown, ", ".join(r.modules) or "-")
     return table
 
 
@@ -128,7 +131,7 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
         if manager is None or manager.mesh.get_rank() == 0:
             console.print(table)
             if ops:
-                console.print(_rules_table(ops))
+                console.print(_families_table(args.functions))
     finally:
         if manager is not None:
             manager.close()

@@ -46,6 +46,9 @@ DIMWISE: dict[Callable, tuple[int, str]] = {
     torch.argsort: (1, "dim"),
     torch.Tensor.argsort: (1, "dim"),
 }
+_LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
+#: the ones exact along the sharded dim (from per-row statistics)
+_SOFTMAXES = [F.softmax, torch.softmax, torch.Tensor.softmax, F.softmin, *_LOG_SOFTMAX]
 
 
 def _dimwise_rule(func, args, kwargs):
@@ -67,12 +70,9 @@ def _dimwise_rule(func, args, kwargs):
         return NotImplemented
 
 
-FAMILY.rule(DIMWISE, h="stats", note="softmax over H from per-row statistics; others along H left to other rules")(
-    _dimwise_rule
-)
-
-_LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
-_SOFTMAXES = {F.softmax, torch.softmax, torch.Tensor.softmax, F.softmin} | _LOG_SOFTMAX
+FAMILY.rule(_SOFTMAXES, h="stats", note="along H from per-row statistics over the ranks")(_dimwise_rule)
+FAMILY.rule([f for f in DIMWISE if f not in _SOFTMAXES], h="gathers", note="local along other dims")(_dimwise_rule)
+FAMILY.unsupported(torch.topk, torch.Tensor.topk, note="along H")
 
 
 def _softmax_over_shards(func: Callable, x: DTensor, sd: int, dtype: Any) -> DTensor:

@@ -42,6 +42,7 @@ H_EFFECTS = {
     "stats": "exact; per-row statistics reduced over the ranks",
     "random": "exact; each global row draws from its own stream",
     "refused": "raises a DomainParallelError that names the fix",
+    "gathers": "no exact rule along H: PyTorch's own rule all-gathers (the gather guard warns or raises)",
     "params": "parameter-side op; runs on the replicated parameters",
 }
 
@@ -86,7 +87,7 @@ class OpEntry:
     """One rule of a family: the torch functions it takes, what it does to H and a one-line note."""
 
     funcs: tuple[Any, ...]
-    rule: Callable
+    rule: Callable | None  # None: recorded without a rule (:meth:`OpFamily.unsupported`)
     h: str
     note: str = ""
     signature: Signature | None = None
@@ -131,6 +132,11 @@ class OpFamily:
             return fn
 
         return deco
+
+    def unsupported(self, *funcs: Any, note: str = "") -> None:
+        """Functions of this family with no exact rule along H (recorded, no rule registered): along
+        H, PyTorch's own rule runs under the gather guard; ``plan`` flags them."""
+        self.entries.append(OpEntry(tuple(funcs), None, "gathers", note))
 
     def sharding(self, op: Any, note: str = "") -> Callable[[Callable], Callable]:
         """An aten-level sharding strategy (``torch.distributed.tensor.experimental.register_sharding``)
@@ -186,13 +192,15 @@ def families() -> list[OpFamily]:
 
 
 def _func_name(func: Any) -> str:
-    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
-    mod = getattr(func, "__module__", None) or ""
-    if mod.startswith("torch.nn.functional"):
-        return f"F.{qual}"
-    if qual.startswith(("Tensor.", "TensorBase.")):
-        return "Tensor." + qual.split(".", 1)[1]
-    return f"torch.{qual}" if not qual.startswith("torch.") else qual
+    """How users write ``func``: ``F.pad``, ``torch.sum``, ``Tensor.sum``, ``torch.linalg.vector_norm``."""
+    import torch
+    import torch.nn.functional as F
+
+    name = getattr(func, "__name__", None) or str(func)
+    for prefix, space in (("F.", F), ("torch.", torch), ("Tensor.", torch.Tensor), ("torch.linalg.", torch.linalg)):
+        if getattr(space, name, None) is func:
+            return prefix + name
+    return getattr(func, "__qualname__", name)
 
 
 def function_names(*effects: str, families_: Iterable[str] | None = None) -> set[str]:

@@ -499,3 +499,6 @@ def _all_rule(func, args, kwargs):
     b = c.local != 0
     local = (b.logical_not().sum(c.dims, keepdim=True) == 0) if is_all else (b.sum(c.dims, keepdim=True) > 0)
     return c.out(comm.all_reduce(local, c.group, "min" if is_all else "max"))
+
+
+FAMILY.unsupported(torch.prod, torch.Tensor.prod, torch.median, torch.Tensor.median, note="over H")

@@ -36,7 +36,7 @@ _GATHER_FIX = (
 )
 
 
-@FAMILY.rule(F.unfold, F.fold, h="refused")
+@FAMILY.rule(F.unfold, F.fold, h="refused", note="patches flatten (H, W) into one dim")
 def _unfold_rule(func, args, kwargs):
     x = args[0] if args else kwargs.get("input")
     if domain_shard_dim(x) is None:
@@ -49,7 +49,7 @@ def _unfold_rule(func, args, kwargs):
     )
 
 
-@FAMILY.rule(F.grid_sample, h="refused")
+@FAMILY.rule(F.grid_sample, h="refused", note="any output pixel may sample any input row")
 def _grid_sample_rule(func, args, kwargs):
     x = args[0] if args else kwargs.get("input")
     if domain_shard_dim(x) is None:
@@ -78,4 +78,4 @@ def _host_rule(func, args, kwargs):
     )
 
 
-FAMILY.rule(torch.Tensor.numpy, torch.Tensor.tolist, h="refused")(_host_rule)
+FAMILY.rule(torch.Tensor.numpy, torch.Tensor.tolist, h="refused", note="a rank holds only its rows")(_host_rule)
