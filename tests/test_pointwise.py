@@ -41,6 +41,9 @@ def _cases():
         "where_clamp": lambda x, p: torch.where(x > 0, x, x.clamp(min=-0.5) * p["w"]),
         "softmax_channels": lambda x, p: F.softmax(x * p["w"], dim=1),
         "log_softmax_w": lambda x, p: F.log_softmax(x, dim=-1) * p["w"],
+        # along H itself: per-row statistics over the ranks (dimwise), never the activation
+        "softmax_h": lambda x, p: F.softmax(x * p["w"], dim=2),
+        "log_softmax_h": lambda x, p: torch.log_softmax(x, dim=-2) * p["w"],
         "normalize_channels": lambda x, p: F.normalize(x, dim=1) * p["w"],
         "tokens_linear": lambda x, p: F.linear(x.flatten(3).transpose(2, 3).flatten(0, 1)[:, :, :2], p["lin"]),
         "channels_last_linear": lambda x, p: F.linear(x.permute(0, 2, 3, 1), p["lin5"], p["b"]),

@@ -34,8 +34,9 @@ def _names() -> SimpleNamespace:
     # by function, not name: F.unfold is refused, Tensor.unfold is exact
     refused = {f: e.note for fam in families() if fam.name == "refuse" for e in fam.entries for f in e.funcs}
     return SimpleNamespace(
-        dimwise=function_names(families_=("dimwise",)),
-        dimwise_exact=function_names("stats", families_=("dimwise",)),
+        dimwise=function_names(families_=("dimwise", "scan")),
+        # exact along H in some family (softmax: per-row statistics; cumsum: the scan family)
+        dimwise_exact=function_names("stats", "reduce"),
         reduce=function_names(families_=("reduce",)),
         reduce_exact=function_names("reduce", families_=("reduce",)),
         spatial=function_names(families_=("conv", "norm", "resample")),
@@ -174,7 +175,7 @@ class HTracker(TorchFunctionMode):
                 dims = [1]
             if dims is None or h in dims:
                 if name in names.dimwise_exact:
-                    self.event("note", f"{name} over H: exact (per-row statistics over the ranks)")
+                    self.event("note", f"{name} over H: exact (per-row statistics or shard totals over the ranks)")
                     return self.mark(outs[0], h)
                 self.event("hazard", f"{name} over H: mixes the rows of every shard")
                 return

@@ -190,3 +190,22 @@ def read_jsonl(path: str, flag: str, what: str) -> list[dict]:
             raise UsageError(f"{flag} {path}: line {n} is not a JSON object: expected {what}")
         rows.append(row)
     return rows
+
+
+def config_from(cls: type, args: argparse.Namespace, defaults: tuple[str, ...] = (), **overrides: Any) -> Any:
+    """``cls(...)`` (a config dataclass) from the parsed flags: every field takes the flag of the
+    same name (``--global-batch`` -> ``global_batch``), ``overrides`` the ones named otherwise or
+    computed; a field with neither, or named in ``defaults`` (a flag of that name means something
+    else for this command), keeps its default. So a new config field is one flag, not a
+    hand-written copy per command."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in defaults:
+            continue
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)

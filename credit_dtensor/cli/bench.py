@@ -28,6 +28,7 @@ from ._args import (
     UsageError,
     check_torchrun_env,
     choices_list,
+    config_from,
     existing_file,
     int_list,
     nonneg_int,
@@ -172,29 +173,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace):
     from ..tools.bench import BenchConfig
 
-    return BenchConfig(
-        worlds=args.worlds,
-        resolutions=args.resolutions,
-        cases=args.cases,
-        batch=args.batch,
-        channels=args.channels,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        threads=args.threads,
-        dtype=args.dtype,
-    )
+    return config_from(BenchConfig, args)
 
 
 def _overhead_config(args: argparse.Namespace):
     from ..tools.bench_overhead import OverheadConfig
 
-    return OverheadConfig(
-        worlds=args.worlds,
-        fields=args.fields,
-        backends=args.backends,
-        repeats=args.overhead_repeats,
-        warmup=max(args.warmup, 3),
-        threads=args.threads,
+    # --cases picks the benchmarks; the overhead benchmark runs its own cases
+    return config_from(
+        OverheadConfig, args, defaults=("cases",), repeats=args.overhead_repeats, warmup=max(args.warmup, 3)
     )
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ._args import config_from
+
 __all__ = ["MODELS", "add_model_arguments", "run_models", "step_table"]
 
 MODELS = "models"
@@ -73,15 +75,8 @@ def run_models(args: argparse.Namespace, console: Console, rows: list[dict] | No
     from ..tools.bench_step import StepConfig, run_step, summarize_step
 
     if rows is None:
-        cfg = StepConfig(
-            worlds=tuple(n for n in args.worlds if n > 1) or (2,),
-            fields=args.step_fields,
-            width=args.width,
-            backends=args.backends,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            threads=args.threads,
-        )
+        worlds = tuple(n for n in args.worlds if n > 1) or (2,)
+        cfg = config_from(StepConfig, args, defaults=("models",), worlds=worlds, fields=args.step_fields)
         rows = run_step(cfg)
         if args.raw:
             with Path(args.raw).open("w") as f:

@@ -22,6 +22,7 @@ from ._args import (
     UsageError,
     check_device,
     check_torchrun_env,
+    config_from,
     existing_dir,
     nonneg_int,
     positive_float,
@@ -208,23 +209,13 @@ def _config(args: argparse.Namespace):
 
     h, w = args.resolution
     every = args.checkpoint_every if args.checkpoint_every is not None else args.steps
-    return TrainConfig(
-        steps=args.steps,
-        model=args.model,
+    return config_from(
+        TrainConfig,
+        args,
         nlat=h,
         nlon=w,
-        channels=args.channels,
-        width=args.width,
-        global_batch=args.global_batch,
-        lr=args.lr,
-        seed=args.seed,
-        dtype=args.dtype,
         fsdp=not args.no_fsdp,
-        activation_checkpointing=args.activation_checkpointing,
-        compile=args.compile,
-        checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=every if args.checkpoint_dir else 0,
-        resume=args.resume,
         resume_from=str(args.resume_from) if args.resume_from else None,
     )
 

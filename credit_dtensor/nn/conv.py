@@ -15,18 +15,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
 from ..ops.conv import FAMILY, ConvSpec, conv, conv_spec_from_module, module_spec, needs_halo
-from ._base import DomainParallelModule
-
-__all__ = [
-    "DomainParallelConv1d",
-    "DomainParallelConv2d",
-    "DomainParallelConv3d",
-    "DomainParallelConvTranspose1d",
-    "DomainParallelConvTranspose2d",
-    "DomainParallelConvTranspose3d",
-    "CONV_WRAPPERS",
-    "module_needs_halo",
-]
+from ._base import DomainParallelModule, wrapper_class, wrapper_names
 
 
 def _params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -69,30 +58,18 @@ class _DomainParallelConvTransposeNd(DomainParallelModule):
         return conv(x, weight, bias, module_spec(self, output_padding=output_padding))
 
 
-class DomainParallelConv1d(_DomainParallelConvNd, nn.Conv1d):
-    wraps = nn.Conv1d
-    _shard_dim = -1
+def _conv_wrapper(mixin: type, torch_cls: type) -> type:
+    attrs = {"_shard_dim": -1} if torch_cls.__name__.endswith("1d") else {}  # 1-D: the only spatial dim
+    return wrapper_class(mixin, torch_cls, __name__, **attrs)
 
 
-class DomainParallelConv2d(_DomainParallelConvNd, nn.Conv2d):
-    wraps = nn.Conv2d
-
-
-class DomainParallelConv3d(_DomainParallelConvNd, nn.Conv3d):
-    wraps = nn.Conv3d
-
-
-class DomainParallelConvTranspose1d(_DomainParallelConvTransposeNd, nn.ConvTranspose1d):
-    wraps = nn.ConvTranspose1d
-    _shard_dim = -1
-
-
-class DomainParallelConvTranspose2d(_DomainParallelConvTransposeNd, nn.ConvTranspose2d):
-    wraps = nn.ConvTranspose2d
-
-
-class DomainParallelConvTranspose3d(_DomainParallelConvTransposeNd, nn.ConvTranspose3d):
-    wraps = nn.ConvTranspose3d
+DomainParallelConv1d, DomainParallelConv2d, DomainParallelConv3d = (
+    _conv_wrapper(_DomainParallelConvNd, t) for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+)
+DomainParallelConvTranspose1d, DomainParallelConvTranspose2d, DomainParallelConvTranspose3d = (
+    _conv_wrapper(_DomainParallelConvTransposeNd, t)
+    for t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+)
 
 
 #: torch class -> wrapper class (subclasses first, so ConvTranspose is not matched as Conv).
@@ -115,3 +92,5 @@ def module_needs_halo(module: nn.Module, spatial_index: int | None = None) -> bo
 
 
 FAMILY.converts(CONV_WRAPPERS, needs=module_needs_halo)
+
+__all__ = [*wrapper_names(CONV_WRAPPERS), "CONV_WRAPPERS", "module_needs_halo"]

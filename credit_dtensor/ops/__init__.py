@@ -21,6 +21,7 @@ FAMILIES = (
     "pointwise",
     "dimwise",
     "linear",
+    "scan",
     "move",
     "assign",
     "index_write",

@@ -173,20 +173,27 @@ def _stale_message(t: DTensor) -> str:
     )
 
 
+def _live(t: Any) -> tuple[Any, DTensor] | None:
+    """``(record, base)`` of a tracked result whose base is alive (a dead base's record is dropped)."""
+    rec = _TRACKED.get(t) if isinstance(t, DTensor) else None
+    if rec is None:
+        return None
+    base = rec.base()
+    if base is None:
+        del _TRACKED[t]
+        return None
+    return rec, base
+
+
 def _before(func: Any, args: tuple, kwargs: dict) -> None:
     """Refuse a tracked result whose base changed in place since it was taken."""
     for a in (*args, *kwargs.values()):
         cands = a if isinstance(a, (list, tuple)) else (a,)
         for t in cands:
-            if not isinstance(t, DTensor):
+            live = _live(t)
+            if live is None:
                 continue
-            rec = _TRACKED.get(t)
-            if rec is None:
-                continue
-            base = rec.base()
-            if base is None:
-                del _TRACKED[t]
-                continue
+            rec, base = live
             if base._version != rec.base_version and (not rec.shares_memory or _records_grad(rec, t, base)):
                 raise DomainParallelError(_stale_message(t))
 
@@ -194,13 +201,10 @@ def _before(func: Any, args: tuple, kwargs: dict) -> None:
 def _write_back(t: DTensor) -> None:
     """After an in-place change of ``t``: write it into its base (and the base into its own ...)."""
     while True:
-        rec = _TRACKED.get(t)
-        if rec is None:
+        live = _live(t)
+        if live is None:
             return
-        base = rec.base()
-        if base is None:
-            del _TRACKED[t]
-            return
+        rec, base = live
         if rec.shares_memory and not _records_grad(rec, t, base):
             rec.version, rec.base_version = t._version, base._version  # memory is shared: values are there
             return

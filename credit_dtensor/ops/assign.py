@@ -35,7 +35,7 @@ from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_offsets, chunk_range
 from ..geometry.index import Entry, local_selection, owner_runs, result_position
 from . import alias
-from .family import family
+from .family import Signature, family
 from .move import parse_index
 from .rechunk import fetch_rows, repartition_local
 
@@ -333,12 +333,10 @@ def _replicate_setitem(x: DTensor, idx: Any, value: Any) -> Any:
 # --- in-place writes spelled as methods ----------------------------------------------------------------------
 
 
-@FAMILY.rule(torch.Tensor.masked_fill_, h="local")
-def _masked_fill_rule(func, args, kwargs):
+@FAMILY.rule(torch.Tensor.masked_fill_, h="local", signature=Signature(("self", "mask", "value")))
+def _masked_fill_rule(func, a):
     """``x.masked_fill_(mask, v)``: ``x[mask] = v`` with the mask broadcast to ``x``'s shape."""
-    x = args[0]
-    mask = args[1] if len(args) > 1 else kwargs.get("mask")
-    value = args[2] if len(args) > 2 else kwargs.get("value")
+    x, mask, value = a["self"], a.get("mask"), a.get("value")
     if domain_shard_dim(x) is None or not isinstance(mask, torch.Tensor):
         return NotImplemented
     if mask.ndim > x.ndim or any(m not in (1, s) for m, s in zip(mask.shape[::-1], x.shape[::-1])):
@@ -349,12 +347,13 @@ def _masked_fill_rule(func, args, kwargs):
     return x
 
 
-@FAMILY.rule(torch.Tensor.index_put_, h="local")
-def _index_put_rule(func, args, kwargs):
-    x = args[0]
-    indices = args[1] if len(args) > 1 else kwargs.get("indices")
-    values = args[2] if len(args) > 2 else kwargs.get("values")
-    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+@FAMILY.rule(
+    torch.Tensor.index_put_,
+    h="local",
+    signature=Signature(("self", "indices", "values", "accumulate"), {"accumulate": False}),
+)
+def _index_put_rule(func, a):
+    x, indices, values, accumulate = a["self"], a.get("indices"), a.get("values"), a["accumulate"]
     if domain_shard_dim(x) is None:
         return NotImplemented
     idx = tuple(slice(None) if i is None else i for i in indices)  # None: the whole dim
@@ -368,13 +367,11 @@ def _index_put_rule(func, args, kwargs):
     return x
 
 
-@FAMILY.rule(torch.Tensor.masked_scatter_, h="local")
-def _masked_scatter_rule(func, args, kwargs):
+@FAMILY.rule(torch.Tensor.masked_scatter_, h="local", signature=Signature(("self", "mask", "source")))
+def _masked_scatter_rule(func, a):
     """``x.masked_scatter_(mask, source)``: the True elements of the mask, in row-major order, take
     ``source``'s first elements: ``x[mask] = source.reshape(-1)[:count]``."""
-    x = args[0]
-    mask = args[1] if len(args) > 1 else kwargs.get("mask")
-    source = args[2] if len(args) > 2 else kwargs.get("source")
+    x, mask, source = a["self"], a.get("mask"), a.get("source")
     if domain_shard_dim(x) is None or not isinstance(mask, torch.Tensor):
         return NotImplemented
     if isinstance(source, DTensor) and not is_domain_replicate(source):

@@ -49,7 +49,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from ..dtensor import align_operand, domain_shard_dim, full_operand, wrap_shard
 from ..errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
 from ..geometry import chunk_offsets, chunk_sizes
-from .family import family
+from .family import Signature, family
 from .refuse import refuse
 from .ulysses import _row_attention, _unit_attention, unit_sizes
 
@@ -198,15 +198,10 @@ def scaled_dot_product_attention(
     return wrap_shard(out, mesh, tdim, out_shape)
 
 
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-
-
-def _bind(names: Sequence[str], defaults: dict, args: tuple, kwargs: dict) -> dict:
-    bound = dict(defaults)
-    bound.update(zip(names, args))
-    bound.update(kwargs)
-    return bound
+_SDPA_ARGS = Signature(
+    ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+    {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False},
+)
 
 
 def _token_sharded(t: Any, token_dim: int) -> bool:
@@ -240,9 +235,8 @@ def _batch_sharded_attention(a: dict) -> Any:
     return wrap_shard(out, q.device_mesh, d, shape)
 
 
-@FAMILY.rule(F.scaled_dot_product_attention, h="relayout")
-def _sdpa_rule(func, args, kwargs):
-    a = _bind(_SDPA_ARGS, _SDPA_DEFAULTS, args, kwargs)
+@FAMILY.rule(F.scaled_dot_product_attention, h="relayout", signature=_SDPA_ARGS)
+def _sdpa_rule(func, a):
     q = a["query"]
     if not isinstance(q, DTensor) or q.ndim < 2:
         return NotImplemented

@@ -21,7 +21,6 @@ from ..dtensor import full_operand, wrap_shard
 from ..errors import MeshMismatchError, UnsupportedShardingError
 from ..geometry import chunk_offsets
 from .attention import (
-    _bind,
     _check_like_torch,
     _check_local_rows,
     _check_mask,
@@ -29,7 +28,7 @@ from .attention import (
     _kind,
     _token_sharded,
 )
-from .family import family
+from .family import Signature, family
 from .refuse import refuse
 from .ulysses import _row_attention, _unit_attention
 
@@ -231,9 +230,8 @@ def multi_head_attention_forward(**a: Any) -> tuple[DTensor, DTensor | None]:
     return result, wrap_shard(w, mesh, w_dim, w_shape)
 
 
-@FAMILY.rule(F.multi_head_attention_forward, h="relayout")
-def _mha_rule(func, args, kwargs):
-    a = _bind(_MHA_ARGS, _MHA_DEFAULTS, args, kwargs)
+@FAMILY.rule(F.multi_head_attention_forward, h="relayout", signature=Signature(_MHA_ARGS, _MHA_DEFAULTS))
+def _mha_rule(func, a):
     q = a["query"]
     if not isinstance(q, DTensor) or q.ndim not in (2, 3) or not _token_sharded(q, 0):
         return NotImplemented

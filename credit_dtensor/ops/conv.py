@@ -257,10 +257,7 @@ def _batch_local(func, a: dict, x: DTensor):
 
 
 def _functional_rule(nd: int, transposed: bool):
-    sig = _TCONV_ARGS if transposed else _CONV_ARGS
-
-    def rule(func, args, kwargs):
-        a = sig.bind(args, kwargs)
+    def rule(func, a):
         x = a.get("input")
         if not isinstance(x, DTensor) or x.ndim not in (nd + 1, nd + 2):
             return NotImplemented

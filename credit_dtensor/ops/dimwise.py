@@ -1,4 +1,4 @@
-"""Ops along one dim that is not the sharded one (softmax, cumsum, sort ... over channels or W):
+"""Ops along one dim that is not the sharded one (softmax, cumprod, sort ... over channels or W):
 local rows; (log-)softmax / softmin along the sharded dim from per-row statistics over the ranks.
 Split out of :mod:`.pointwise` and registered with it."""
 
@@ -15,7 +15,7 @@ from ..dtensor import domain_shard_dim, wrap_shard
 from .family import family
 from .pointwise import local_apply
 
-FAMILY = family("dimwise", "softmax, cumsum, sort ... along one dim: local along other dims, softmax over H exact")
+FAMILY = family("dimwise", "softmax, cumprod, sort ... along one dim: local along other dims, softmax over H exact")
 
 __all__ = ["DIMWISE"]
 
@@ -33,8 +33,6 @@ DIMWISE: dict[Callable, tuple[int, str]] = {
     torch.log_softmax: (1, "dim"),
     torch.Tensor.softmax: (1, "dim"),
     torch.Tensor.log_softmax: (1, "dim"),
-    torch.cumsum: (1, "dim"),
-    torch.Tensor.cumsum: (1, "dim"),
     torch.cumprod: (1, "dim"),
     torch.Tensor.cumprod: (1, "dim"),
     torch.logcumsumexp: (1, "dim"),

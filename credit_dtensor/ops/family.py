@@ -26,6 +26,7 @@ __all__ = [
     "OpFamily",
     "OpEntry",
     "Signature",
+    "Bound",
     "family",
     "families",
     "function_names",
@@ -45,6 +46,13 @@ H_EFFECTS = {
     "gathers": "no exact rule along H: PyTorch's own rule all-gathers (the gather guard warns or raises)",
     "params": "parameter-side op; runs on the replicated parameters",
 }
+
+
+class Bound(dict):
+    """Named arguments of one call (defaults filled in), and the call as written (``args``,
+    ``kwargs``) for a rule that hands it on unchanged (PyTorch's own rule, a local apply)."""
+
+    __slots__ = ("args", "kwargs")
 
 
 class Signature:
@@ -70,12 +78,13 @@ class Signature:
         defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
         return cls(params, defaults, strict, getattr(func, "__name__", ""))
 
-    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+    def bind(self, args: tuple, kwargs: dict) -> Bound:
         if self.strict and (len(args) > len(self.names) or any(k not in self.names for k in kwargs)):
             raise TypeError(f"{self.name}() got unexpected arguments")
-        bound = dict(self.defaults)
+        bound = Bound(self.defaults)
         bound.update(zip(self.names, args))
         bound.update(kwargs)
+        bound.args, bound.kwargs = args, kwargs
         return bound
 
     def __repr__(self) -> str:
@@ -90,7 +99,7 @@ class OpEntry:
     rule: Callable | None  # None: recorded without a rule (:meth:`OpFamily.unsupported`)
     h: str
     note: str = ""
-    signature: Signature | None = None
+    signature: Signature | Mapping[Any, Signature] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -113,12 +122,14 @@ class OpFamily:
         *funcs: Any,
         h: str,
         note: str = "",
-        signature: Signature | None = None,
+        signature: Signature | Mapping[Any, Signature] | None = None,
         name: str | None = None,
     ) -> Callable[[Callable], Callable]:
         """Decorator: ``rule(func, args, kwargs)`` takes calls of ``funcs`` on DTensors (returning
         ``NotImplemented`` when a call is not its business); ``h`` is its effect on H
-        (:data:`H_EFFECTS`), ``note`` what ``plan`` and the docs say of it."""
+        (:data:`H_EFFECTS`), ``note`` what ``plan`` and the docs say of it. With ``signature`` (one,
+        or one per function) the call is bound where it enters: ``rule(func, a)`` gets the named
+        arguments ``a`` (defaults filled in) and parses nothing itself."""
         if h not in H_EFFECTS:
             raise ValueError(f"{self.name}: unknown H effect {h!r} (one of {', '.join(H_EFFECTS)})")
         if len(funcs) == 1 and isinstance(funcs[0], (Mapping, list, tuple, set, frozenset)):
@@ -127,9 +138,10 @@ class OpFamily:
         def deco(fn: Callable) -> Callable:
             if name is not None:
                 fn.__name__ = fn.__qualname__ = name
-            register(*funcs)(fn)
-            self.entries.append(OpEntry(tuple(funcs), fn, h, note, signature))
-            return fn
+            entry = fn if signature is None else _bound(fn, signature)
+            register(*funcs)(entry)
+            self.entries.append(OpEntry(tuple(funcs), entry, h, note, signature))
+            return entry  # the rule as registered: callable as ``rule(func, args, kwargs)`` everywhere
 
         return deco
 
@@ -164,6 +176,22 @@ class OpFamily:
 
     def functions(self, h: str | None = None) -> list[Any]:
         return [f for e in self.entries if h is None or e.h == h for f in e.funcs]
+
+
+def _bound(fn: Callable, signature: Signature | Mapping[Any, Signature]) -> Callable:
+    """The registered form of a rule that takes bound arguments: ``fn(func, signature.bind(...))``."""
+    if isinstance(signature, Signature):
+
+        def rule(func: Any, args: tuple, kwargs: dict) -> Any:
+            return fn(func, signature.bind(args, kwargs))
+
+    else:
+
+        def rule(func: Any, args: tuple, kwargs: dict) -> Any:
+            return fn(func, signature[func].bind(args, kwargs))
+
+    rule.__name__, rule.__qualname__ = fn.__name__, fn.__qualname__
+    return rule
 
 
 _FAMILIES: dict[str, OpFamily] = {}

@@ -52,10 +52,6 @@ _SIGNATURES: dict[Callable, Signature] = {
 }
 
 
-def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
-    return _SIGNATURES[func].bind(args, kwargs)
-
-
 def _reduction(a: dict[str, Any]) -> str:
     if a.get("size_average") is not None or a.get("reduce") is not None:
         from torch.nn import _reduction as legacy
@@ -88,9 +84,8 @@ def _finish(
     raise DomainParallelError(f"{where}: reduction={reduction!r} is not one of 'none', 'mean', 'sum'")
 
 
-def _elementwise_rule(func, args, kwargs):
+def _elementwise_rule(func, a):
     names = ELEMENTWISE_LOSSES[func]
-    a = _bind(func, args, kwargs)
     ref = first_sharded(*(a.get(n) for n in names))
     if ref is None:
         return NotImplemented
@@ -148,9 +143,8 @@ def _align_target(t: Any, ref: DTensor, ref_dim: int, class_dim: int, where: str
     return t.narrow(t_dim, a, b - a)
 
 
-@FAMILY.rule(F.cross_entropy, F.nll_loss, h="reduce")
-def _class_rule(func, args, kwargs):
-    a = _bind(func, args, kwargs)
+@FAMILY.rule(F.cross_entropy, F.nll_loss, h="reduce", signature=_SIGNATURES)
+def _class_rule(func, a):
     x, target = a["input"], a["target"]
     ref_dim = domain_shard_dim(x)
     if ref_dim is None:

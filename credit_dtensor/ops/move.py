@@ -27,7 +27,7 @@ from ..geometry.index import Entry, expand_index, result_position
 from ..halo import cached_plan, halo_gather, halo_scatter_add
 from . import _groups, alias, opaque
 from ._rows import ROW_FACTORIES, RowOp, apply_row_op, chunk_needs, domain_info, row_op_ref
-from .family import family
+from .family import Signature, family
 from .pointwise import local_apply
 from .rechunk import fetch_rows, repartition_local  # noqa: F401 - re-exported
 
@@ -97,11 +97,11 @@ def _dims(dims: Any, ndim: int) -> list[int]:
 # --- roll / flip -------------------------------------------------------------------------------------
 
 
-@FAMILY.rule(torch.roll, torch.Tensor.roll, h="relayout")
-def _roll_rule(func, args, kwargs):
-    x = args[0] if args else kwargs["input"]
-    shifts = kwargs.get("shifts", args[1] if len(args) > 1 else None)
-    dims = kwargs.get("dims", args[2] if len(args) > 2 else None)
+@FAMILY.rule(
+    torch.roll, torch.Tensor.roll, h="relayout", signature=Signature(("input", "shifts", "dims"), {"dims": None})
+)
+def _roll_rule(func, a):
+    x, shifts, dims = a["input"], a.get("shifts"), a["dims"]
     sd = domain_shard_dim(x)
     if sd is None or dims is None or shifts is None:
         return NotImplemented
@@ -293,10 +293,9 @@ def _assign_back(idx: Any):
     return write
 
 
-@FAMILY.rule(torch.narrow, torch.Tensor.narrow, h="relayout")
-def _narrow_rule(func, args, kwargs):
-    x = args[0] if args else kwargs["input"]
-    dim, start, length = (list(args[1:]) + [kwargs.get(k) for k in ("dim", "start", "length")][len(args) - 1 :])[:3]
+@FAMILY.rule(torch.narrow, torch.Tensor.narrow, h="relayout", signature=Signature(("input", "dim", "start", "length")))
+def _narrow_rule(func, a):
+    x, dim, start, length = a["input"], a.get("dim"), a.get("start"), a.get("length")
     sd = domain_shard_dim(x)
     if sd is None or not all(isinstance(v, int) for v in (dim, start, length)):
         return NotImplemented
@@ -323,11 +322,11 @@ def _track_slices(out: Any, x: DTensor, dim: int, pieces: list[tuple[int, Any, i
     return alias.track(out, x, tuple(idxs), write, shares_memory=shares)
 
 
-@FAMILY.rule(torch.index_select, torch.Tensor.index_select, h="relayout")
-def _index_select_rule(func, args, kwargs):
-    x = args[0] if args else kwargs["input"]
-    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-    index = kwargs.get("index", args[2] if len(args) > 2 else None)
+@FAMILY.rule(
+    torch.index_select, torch.Tensor.index_select, h="relayout", signature=Signature(("input", "dim", "index"))
+)
+def _index_select_rule(func, a):
+    x, dim, index = a["input"], a.get("dim"), a.get("index")
     sd = domain_shard_dim(x)
     if sd is None or not isinstance(dim, int) or not isinstance(index, torch.Tensor):
         return NotImplemented
@@ -349,11 +348,15 @@ def _split_sizes(n: int, split: Any) -> list[int]:
     return list(split)
 
 
-@FAMILY.rule(torch.split, torch.Tensor.split, h="relayout")
-def _split_rule(func, args, kwargs):
-    x = args[0] if args else kwargs["tensor"]
-    split = kwargs.get("split_size_or_sections", kwargs.get("split_size", args[1] if len(args) > 1 else None))
-    dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+@FAMILY.rule(
+    torch.split,
+    torch.Tensor.split,
+    h="relayout",
+    signature=Signature(("tensor", "split_size_or_sections", "dim"), {"dim": 0}),
+)
+def _split_rule(func, a):
+    args, kwargs = a.args, a.kwargs
+    x, split, dim = a["tensor"], a.get("split_size_or_sections", a.get("split_size")), a["dim"]
     sd = domain_shard_dim(x)
     if sd is None or split is None or not isinstance(dim, int):
         return NotImplemented
@@ -382,11 +385,10 @@ def _along_other_dim(func, args, kwargs, x: DTensor, sd: int):
         return NotImplemented
 
 
-@FAMILY.rule(torch.chunk, torch.Tensor.chunk, h="relayout")
-def _chunk_rule(func, args, kwargs):
-    x = args[0] if args else kwargs["input"]
-    chunks = kwargs.get("chunks", args[1] if len(args) > 1 else None)
-    dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+@FAMILY.rule(torch.chunk, torch.Tensor.chunk, h="relayout", signature=Signature(("input", "chunks", "dim"), {"dim": 0}))
+def _chunk_rule(func, a):
+    args, kwargs = a.args, a.kwargs
+    x, chunks, dim = a["input"], a.get("chunks"), a["dim"]
     sd = domain_shard_dim(x)
     if sd is None or not isinstance(chunks, int) or chunks < 1 or not isinstance(dim, int):
         return NotImplemented
@@ -419,10 +421,12 @@ def _native_cat(tensors, ref: DTensor, dim: int) -> bool:
     return True
 
 
-@FAMILY.rule(torch.cat, torch.concat, torch.concatenate, h="relayout")
-def _cat_rule(func, args, kwargs):
-    tensors = args[0] if args else kwargs.get("tensors")
-    dim = kwargs.get("dim", kwargs.get("axis", args[1] if len(args) > 1 else 0))
+@FAMILY.rule(
+    torch.cat, torch.concat, torch.concatenate, h="relayout", signature=Signature(("tensors", "dim"), {"dim": 0})
+)
+def _cat_rule(func, a):
+    args, kwargs = a.args, a.kwargs
+    tensors, dim = a.get("tensors"), a.get("axis", a["dim"])
     if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int):
         return NotImplemented
     ref = next((t for t in tensors if domain_shard_dim(t) is not None), None)

@@ -13,7 +13,7 @@ ranks too). Reductions that keep the sharded dim are left to DTensor (they are l
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -138,30 +138,42 @@ def _local_reduce(func, args: tuple, kwargs: dict, dim: Any, keepdim: bool) -> A
         return NotImplemented
 
 
+def _over_h(names: Sequence[str] = ("dim", "keepdim"), defaults: Sequence[Any] = (None, False)) -> Callable:
+    """The opening every reduction rule shares: bind the arguments after the input (an unexpected
+    call: ``NotImplemented``), reduce locally when the sharded dim is not reduced, else call
+    ``body(func, p, c)`` with the bound arguments ``p`` and the :class:`_Call` ``c``."""
+
+    def deco(body: Callable) -> Callable:
+        def rule(func, args, kwargs):
+            p = _parse(args, kwargs, names, defaults)
+            if p is None:
+                return NotImplemented
+            keepdim = p.get("keepdim", False)
+            c = _sharded_call(args, kwargs, p["dim"], keepdim)
+            if c is None:
+                return _local_reduce(func, args, kwargs, p["dim"], keepdim)
+            return body(func, p, c)
+
+        rule.__name__ = rule.__qualname__ = body.__name__
+        return rule
+
+    return deco
+
+
 # --- sum / mean / nansum / nanmean -------------------------------------------------------------------
 
 
 @FAMILY.rule(torch.sum, torch.Tensor.sum, torch.nansum, torch.Tensor.nansum, h="reduce")
-def _sum_rule(func, args, kwargs):
-    p = _parse(args, kwargs, ("dim", "keepdim"), (None, False))
-    if p is None:
-        return NotImplemented
-    c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
-    if c is None:
-        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
+@_over_h()
+def _sum_rule(func, p, c):
     nan = func in (torch.nansum, torch.Tensor.nansum)
     local = (c.local.nansum if nan else c.local.sum)(c.dims, keepdim=True, dtype=p.get("dtype"))
     return c.out(c.total(local))
 
 
 @FAMILY.rule(torch.mean, torch.Tensor.mean, torch.nanmean, torch.Tensor.nanmean, h="reduce")
-def _mean_rule(func, args, kwargs):
-    p = _parse(args, kwargs, ("dim", "keepdim"), (None, False))
-    if p is None:
-        return NotImplemented
-    c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
-    if c is None:
-        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
+@_over_h()
+def _mean_rule(func, p, c):
     x = c.local if p.get("dtype") is None else c.local.to(p["dtype"])
     if not (x.is_floating_point() or x.is_complex()):
         raise DomainParallelError(f"mean(): input dtype {x.dtype} is not floating point (PyTorch rejects it too)")
@@ -257,13 +269,8 @@ class _EvenExtreme(torch.autograd.Function):
 
 
 @FAMILY.rule(torch.amax, torch.Tensor.amax, torch.amin, torch.Tensor.amin, h="reduce")
-def _amax_rule(func, args, kwargs):
-    p = _parse(args, kwargs, ("dim", "keepdim"), ((), False))
-    if p is None:
-        return NotImplemented
-    c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
-    if c is None:
-        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
+@_over_h(("dim", "keepdim"), ((), False))
+def _amax_rule(func, p, c):
     op = "max" if func in (torch.amax, torch.Tensor.amax) else "min"
     return c.out(_EvenExtreme.apply(c.local, c, op))
 
@@ -384,13 +391,8 @@ def _argmax_rule(func, args, kwargs):
 
 
 @FAMILY.rule(torch.logsumexp, torch.Tensor.logsumexp, h="reduce")
-def _logsumexp_rule(func, args, kwargs):
-    p = _parse(args, kwargs, ("dim", "keepdim"), ((), False))
-    if p is None:
-        return NotImplemented
-    c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
-    if c is None:
-        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
+@_over_h(("dim", "keepdim"), ((), False))
+def _logsumexp_rule(func, p, c):
     x = c.local if c.local.is_floating_point() else c.local.to(torch.get_default_dtype())
     m = c.extreme(x, "max")
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -450,24 +452,14 @@ def _vector_norm(c: _Call, ord: Any, dtype: torch.dtype | None) -> DTensor:
 
 
 @FAMILY.rule(torch.linalg.vector_norm, h="reduce")
-def _vector_norm_rule(func, args, kwargs):
-    p = _parse(args, kwargs, ("ord", "dim", "keepdim"), (2, None, False))
-    if p is None:
-        return NotImplemented
-    c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
-    if c is None:
-        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
+@_over_h(("ord", "dim", "keepdim"), (2, None, False))
+def _vector_norm_rule(func, p, c):
     return _vector_norm(c, p["ord"], p.get("dtype"))
 
 
 @FAMILY.rule(torch.norm, torch.Tensor.norm, h="reduce")
-def _norm_rule(func, args, kwargs):
-    p = _parse(args, kwargs, ("p", "dim", "keepdim"), ("fro", None, False))
-    if p is None:
-        return NotImplemented
-    c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
-    if c is None:
-        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
+@_over_h(("p", "dim", "keepdim"), ("fro", None, False))
+def _norm_rule(func, p, c):
     if p["p"] == "nuc":
         raise DomainParallelError("norm(p='nuc') over the sharded dim is not supported: gather explicitly")
     return _vector_norm(c, p["p"], p.get("dtype"))
@@ -477,24 +469,14 @@ def _norm_rule(func, args, kwargs):
 
 
 @FAMILY.rule(torch.count_nonzero, torch.Tensor.count_nonzero, h="reduce")
-def _count_rule(func, args, kwargs):
-    p = _parse(args, kwargs, ("dim",), (None,))
-    if p is None:
-        return NotImplemented
-    c = _sharded_call(args, kwargs, p["dim"], False)
-    if c is None:
-        return _local_reduce(func, args, kwargs, p["dim"], False)
+@_over_h(("dim",), (None,))
+def _count_rule(func, p, c):
     return c.out(comm.all_reduce((c.local != 0).sum(c.dims, keepdim=True), c.group, "sum"))
 
 
 @FAMILY.rule(torch.all, torch.Tensor.all, torch.any, torch.Tensor.any, h="reduce")
-def _all_rule(func, args, kwargs):
-    p = _parse(args, kwargs, ("dim", "keepdim"), (None, False))
-    if p is None:
-        return NotImplemented
-    c = _sharded_call(args, kwargs, p["dim"], p["keepdim"])
-    if c is None:
-        return _local_reduce(func, args, kwargs, p["dim"], p["keepdim"])
+@_over_h()
+def _all_rule(func, p, c):
     is_all = func in (torch.all, torch.Tensor.all)
     b = c.local != 0
     local = (b.logical_not().sum(c.dims, keepdim=True) == 0) if is_all else (b.sum(c.dims, keepdim=True) > 0)

@@ -36,29 +36,32 @@ _GATHER_FIX = (
 )
 
 
-@FAMILY.rule(F.unfold, F.fold, h="refused", note="patches flatten (H, W) into one dim")
-def _unfold_rule(func, args, kwargs):
-    x = args[0] if args else kwargs.get("input")
-    if domain_shard_dim(x) is None:
-        return NotImplemented
-    raise refuse(
-        func,
+def refusing(why: str, fix: str) -> Callable:
+    """A rule that refuses calls whose input is H-sharded with ``why`` and ``fix`` (and leaves the
+    others to PyTorch)."""
+
+    def rule(func, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if domain_shard_dim(x) is None:
+            return NotImplemented
+        raise refuse(func, why, fix)
+
+    return rule
+
+
+FAMILY.rule(F.unfold, F.fold, h="refused", note="patches flatten (H, W) into one dim", name="unfold_rule")(
+    refusing(
         "its output flattens every (H, W) patch position into one dim, which no H-sharding can describe",
         "express the patch extraction as a convolution (e.g. nn.Conv2d with stride = kernel for patch embedding, "
         "which credit_dtensor runs exactly), or " + _GATHER_FIX,
     )
-
-
-@FAMILY.rule(F.grid_sample, h="refused", note="any output pixel may sample any input row")
-def _grid_sample_rule(func, args, kwargs):
-    x = args[0] if args else kwargs.get("input")
-    if domain_shard_dim(x) is None:
-        return NotImplemented
-    raise refuse(
-        func,
+)
+FAMILY.rule(F.grid_sample, h="refused", note="any output pixel may sample any input row", name="grid_sample_rule")(
+    refusing(
         "each output pixel may sample any input row, so the rows it needs are only known from the grid's values",
         _GATHER_FIX,
     )
+)
 
 
 def _host_rule(func, args, kwargs):

@@ -72,18 +72,8 @@ class _Geometry:
             return []
         specs = [self.spec(w) for w in which]
         sends = [[t[self.uoff[s] : self.uoff[s + 1]] for t in tensors] for s in range(self.world)]
-        recv = [sum(self.n * g * sizes[r] * w for g, sizes, _, w in specs) for r in range(self.world)]
-        ref = tensors[0]
-        with stats.op_label(LABEL):
-            got = comm.all_to_all(sends, recv, _groups.resolve(group), dtype=ref.dtype, device=ref.device)
-        out: list[list[torch.Tensor]] = [[] for _ in tensors]
-        for r, flat in enumerate(got):
-            pos = 0
-            for i, (g, sizes, _, w) in enumerate(specs):
-                numel = self.n * g * sizes[r] * w
-                out[i].append(flat[pos : pos + numel].view(self.n, g, sizes[r], w))
-                pos += numel
-        return [torch.cat(parts, 2) for parts in out]
+        shapes = [[(self.n, g, sizes[r], w) for g, sizes, _, w in specs] for r in range(self.world)]
+        return self._swap(tensors, sends, shapes, group, 2)
 
     def to_tokens(self, tensors: Sequence[torch.Tensor], which: Sequence[str], group: str) -> list[torch.Tensor]:
         """Adjoint of :meth:`to_units`: ``(n, G, T, W)`` -> ``(P, G, T_me, W)``."""
@@ -93,18 +83,24 @@ class _Geometry:
         sends = [
             [t[:, :, offs[r] : offs[r + 1]] for t, (_, _, offs, _) in zip(tensors, specs)] for r in range(self.world)
         ]
-        recv = [sum(self.units[s] * g * sizes[self.rank] * w for g, sizes, _, w in specs) for s in range(self.world)]
+        shapes = [[(self.units[s], g, sizes[self.rank], w) for g, sizes, _, w in specs] for s in range(self.world)]
+        return self._swap(tensors, sends, shapes, group, 0)
+
+    def _swap(self, tensors, sends, shapes, group: str, cat_dim: int) -> list[torch.Tensor]:
+        """One all-to-all of ``sends``; the flat piece from rank ``r`` holds one block per tensor, of
+        shape ``shapes[r][i]``; the blocks of each tensor are concatenated along ``cat_dim``."""
+        recv = [sum(math.prod(shape) for shape in shapes[r]) for r in range(self.world)]
         ref = tensors[0]
         with stats.op_label(LABEL):
             got = comm.all_to_all(sends, recv, _groups.resolve(group), dtype=ref.dtype, device=ref.device)
         out: list[list[torch.Tensor]] = [[] for _ in tensors]
-        for s, flat in enumerate(got):
+        for r, flat in enumerate(got):
             pos = 0
-            for i, (g, sizes, _, w) in enumerate(specs):
-                numel = self.units[s] * g * sizes[self.rank] * w
-                out[i].append(flat[pos : pos + numel].view(self.units[s], g, sizes[self.rank], w))
+            for i, shape in enumerate(shapes[r]):
+                numel = math.prod(shape)
+                out[i].append(flat[pos : pos + numel].view(shape))
                 pos += numel
-        return [torch.cat(parts, 0) for parts in out]
+        return [torch.cat(parts, cat_dim) for parts in out]
 
     def local_q_shape(self, width: int | None = None) -> tuple[int, ...]:
         return (*self.lead, self.l_sizes[self.rank], self.E if width is None else width)

@@ -174,6 +174,27 @@ def _interleaved(steps: dict[str, Callable], repeats: int, warmup: int):
     return wall, cpu
 
 
+def timed_rows(bench: str, what: dict, field, world: int, rank: int, threads: int, steps, cfg, compile_s) -> dict:
+    """``{variant: record}``: the keys every benchmark row shares (what, where, the timings of
+    :func:`_interleaved` over ``steps``); each benchmark adds its own measurements."""
+    times, cpu = _interleaved(steps, cfg.repeats, cfg.warmup)
+    return {
+        n: {
+            "bench": bench,
+            **what,
+            "field": list(field),
+            "world": world,
+            "rank": rank,
+            "variant": n,
+            "threads": threads,
+            "times_s": times[n],
+            "cpu_s": cpu[n],
+            "compile_s": compile_s.get(n),
+        }
+        for n in steps
+    }
+
+
 def bench_overhead_case(case: str, field: tuple[int, ...], cfg: OverheadConfig, manager, rank: int, world: int):
     steps, compile_s = _steps(case, field, cfg, manager, rank, world)
     ref_y, ref_gx = steps["eager"]()
@@ -181,23 +202,8 @@ def bench_overhead_case(case: str, field: tuple[int, ...], cfg: OverheadConfig, 
     for n, step in steps.items():
         y, gx = step()
         diffs[n] = max(_max_diff(y, ref_y), _max_diff(gx, ref_gx))
-    times, cpu = _interleaved(steps, cfg.repeats, cfg.warmup)
-    return [
-        {
-            "bench": "overhead",
-            "case": case,
-            "field": list(field),
-            "world": world,
-            "rank": rank,
-            "variant": n,
-            "threads": cfg.threads,
-            "times_s": times[n],
-            "cpu_s": cpu[n],
-            "compile_s": compile_s.get(n),
-            "max_abs_diff_vs_eager": diffs[n],
-        }
-        for n in steps
-    ]
+    rows = timed_rows("overhead", {"case": case}, field, world, rank, cfg.threads, steps, cfg, compile_s)
+    return [{**r, "max_abs_diff_vs_eager": diffs[n]} for n, r in rows.items()]
 
 
 @contextlib.contextmanager

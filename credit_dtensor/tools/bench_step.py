@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .bench_overhead import _interleaved, rank_compile_cache, run_worlds
+from .bench_overhead import rank_compile_cache, run_worlds, timed_rows
 
 __all__ = ["STEP_MODELS", "StepConfig", "build_model", "run_step", "step_rows", "summarize_step"]
 
@@ -197,26 +197,18 @@ def bench_step_case(name: str, field: tuple[int, ...], cfg: StepConfig, manager,
             diffs[n] = float((y.detach() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         counts[n] = (0, 0) if n == "one" else _count_collectives(step)
         saved[n] = _saved_bytes(step, params) if n in ("one", "plain", "eager") else None  # compiled: inside the graph
-    times, cpu = _interleaved(steps, cfg.repeats, cfg.warmup)
+    what = {"model": name}
+    rows = timed_rows("step", what, field, world, rank, cfg.threads, steps, cfg, compile_s)
     return [
         {
-            "bench": "step",
-            "model": name,
-            "field": list(field),
+            **r,
             "width": cfg.width,
-            "world": world,
-            "rank": rank,
-            "variant": n,
-            "threads": cfg.threads,
-            "times_s": times[n],
-            "cpu_s": cpu[n],
-            "compile_s": compile_s.get(n),
             "collectives": counts[n][0],
             "sent_bytes": counts[n][1],
             "saved_bytes": saved[n],
             "max_rel_diff_vs_one": diffs.get(n),
         }
-        for n in steps
+        for n, r in rows.items()
     ]
 
 
