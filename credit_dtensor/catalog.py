@@ -22,6 +22,7 @@ class FamilyRow:
     modules: tuple[str, ...]  # torch module classes its wrappers convert
     aten: tuple[str, ...]  # aten-level sharding strategies
     entries: tuple[tuple[tuple[str, ...], str, str], ...]  # (function names, effect, note) per rule
+    refused_modules: tuple[tuple[str, str], ...] = ()  # (torch module class, why)
 
 
 def family_rows() -> list[FamilyRow]:
@@ -36,7 +37,10 @@ def family_rows() -> list[FamilyRow]:
                 effects.append(e.h)
         mods = tuple(t.__name__.lstrip("_") for t, c in convs.items() if c.family == fam.name)
         entries = tuple((tuple(sorted(set(e.names))), e.h, e.note) for e in fam.entries)
-        rows.append(FamilyRow(fam.name, fam.summary, tuple(funcs), tuple(effects), mods, tuple(fam.aten), entries))
+        refused = tuple((t.__name__.lstrip("_"), why) for t, why in fam.refused_modules.items())
+        rows.append(
+            FamilyRow(fam.name, fam.summary, tuple(funcs), tuple(effects), mods, tuple(fam.aten), entries, refused)
+        )
     return rows
 
 
@@ -75,4 +79,6 @@ def markdown() -> str:
             out.append("- **params**: aten sharding strategies " + ", ".join(f"`{a}`" for a in r.aten))
         if r.modules:
             out.append("- converts modules: " + ", ".join(f"`{m}`" for m in r.modules))
+        for m, why in r.refused_modules:
+            out.append(f"- **refused** module `{m}`: {why}")
     return "\n".join(out) + "\n"

@@ -8,38 +8,25 @@ the model's strides (in registration order) and warns where windows would stradd
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any
 
 from torch import nn
 
 from .errors import DomainParallelError
 from .geometry.window import local_rows_fit
 from .nn.local import DomainParallelShardLocal, shard_local, window_height
+from .ops.family import families
 
 __all__ = ["validate_sharding_constraints"]
 
 
 def _h_scale(mod: nn.Module) -> Fraction:
-    """How much a module divides H by (stride along H); <1 for up-sampling modules."""
-
-    def h_of(v: Any) -> Any:
-        if isinstance(v, (tuple, list)):
-            return v[-2] if len(v) >= 2 else v[0]
-        return v
-
-    if isinstance(mod, nn.modules.conv._ConvTransposeNd):
-        return Fraction(1, int(h_of(mod.stride)))
-    if isinstance(mod, nn.modules.conv._ConvNd):
-        return Fraction(int(h_of(mod.stride)))
-    if isinstance(mod, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
-        s = mod.stride if mod.stride is not None else mod.kernel_size
-        return Fraction(int(h_of(s)))
-    if isinstance(mod, nn.Upsample) and mod.scale_factor is not None:
-        return 1 / Fraction(h_of(mod.scale_factor)).limit_denominator(1000)
-    if isinstance(mod, nn.PixelShuffle):
-        return Fraction(1, mod.upscale_factor)
-    if isinstance(mod, nn.PixelUnshuffle):
-        return Fraction(mod.downscale_factor)
+    """How much a module divides H by (stride along H); <1 for up-sampling modules. Each family
+    that rescales H says so in its descriptor (``FAMILY.converts(..., h_scale=...)``)."""
+    for fam in families():
+        fam.load_converters()
+        f = fam.h_scale(mod) if fam.h_scale is not None else None
+        if f is not None:
+            return f
     return Fraction(1)
 
 

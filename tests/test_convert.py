@@ -631,3 +631,9 @@ def test_plan_traces_models_with_extra_inputs():
     assert conv.in_shape == (2, 3, 13, 8) and conv.out_shape == (2, 8, 13, 8), (conv.in_shape, conv.out_shape)
     missing = plan(model, 3, (2, 3, 13, 8))
     assert "could not be traced" in str(missing), str(missing)
+
+
+def test_plan_flags_modules_the_descriptors_refuse():
+    p = plan(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.LPPool2d(2, 2), nn.Unfold(2)), 2, (1, 2, 8, 8))
+    assert p.row("1").rule == "unsupported" and "LP pooling" in " ".join(p.row("1").hazards)
+    assert p.row("2").rule == "unsupported" and "F.unfold is refused" in " ".join(p.row("2").hazards)

@@ -18,6 +18,7 @@ from ..geometry import chunk_range, chunk_sizes
 from ..mesh import DomainParallelManager
 from ..nn._base import DomainParallelModule
 from ..nn.local import block_fits, window_height
+from ..ops.family import families
 from .report import Plan, PlanRow
 from .tracker import HTracker
 
@@ -25,21 +26,8 @@ __all__ = ["plan"]
 
 logger = logging.getLogger("credit_dtensor.audit")
 
+
 #: Spatial modules that mix rows along H and need an exact rule (refused when none is loaded).
-_SPATIAL = (
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.pooling._LPPoolNd,
-    nn.Upsample,
-    nn.PixelShuffle,
-    nn.PixelUnshuffle,
-    nn.Fold,
-    nn.Unfold,
-)
-
-
 def _halo_counts(needs: Sequence[Sequence[int | None]], n: int, world: int) -> tuple[int, int]:
     up = down = 0
     for r, rows in enumerate(needs):
@@ -200,9 +188,9 @@ def plan(
         elif isinstance(mod, nn.SyncBatchNorm):
             row.rule = "unsupported"
             row.errors.append("nn.SyncBatchNorm has no domain-parallel wrapper: use nn.BatchNorm2d")
-        elif isinstance(mod, _SPATIAL):
+        elif (why := _refused_module(mod)) is not None:
             row.rule = "unsupported"
-            row.hazards.append(f"{type(mod).__name__} mixes rows along H and no exact rule is loaded for it")
+            row.hazards.append(f"{type(mod).__name__} mixes rows along H and has no exact rule ({why})")
         else:
             row.rule = "local"
         _global_pool_hazard(row, mod)
@@ -235,6 +223,15 @@ def _global_pool_hazard(row: PlanRow, mod: nn.Module) -> None:
                 f"global pooling over H ({type(mod).__name__} to 1 row): exact, one all-reduce of the pooled "
                 "tensor; the output is Replicate (flatten + Linear heads and gates work on it)"
             )
+
+
+def _refused_module(mod: nn.Module) -> str | None:
+    """Why ``mod``'s class has no exact rule, from the op-family descriptors (``None``: it has one)."""
+    for fam in families():
+        for t, why in fam.refused_modules.items():
+            if isinstance(mod, t):
+                return why
+    return None
 
 
 def _is_shard_local(conv: Converter) -> bool:

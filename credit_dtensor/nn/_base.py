@@ -172,6 +172,14 @@ def wrapper_class(mixin: type, torch_cls: type, module: str, *, name: str = "", 
     return type(name, (mixin, torch_cls), {**body, **attrs})
 
 
+def h_entry(v: Any) -> Any:
+    """The H entry of a module's per-dim argument (stride, scale): the second-to-last of a tuple
+    (``(H, W)``, ``(T, H, W)``), the only one of a 1-D or scalar argument."""
+    if isinstance(v, (tuple, list)):
+        return v[-2] if len(v) >= 2 else v[0]
+    return v
+
+
 def wrapper_for(module: nn.Module, table: dict[type, type]) -> type | None:
     """The wrapper class for ``module`` from a family's ``{torch class: wrapper}`` table (first
     match, so more specific classes come first); ``None`` if none or already converted."""

@@ -9,13 +9,15 @@ parametrizations (weight norm, spectral norm) still run because only ``_conv_for
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
 from ..ops.conv import FAMILY, ConvSpec, conv, conv_spec_from_module, module_spec, needs_halo
-from ._base import DomainParallelModule, wrapper_class, wrapper_names
+from ._base import DomainParallelModule, h_entry, wrapper_class, wrapper_names
 
 
 def _params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,6 +93,15 @@ def module_needs_halo(module: nn.Module, spatial_index: int | None = None) -> bo
     return needs_halo(spec, i)
 
 
-FAMILY.converts(CONV_WRAPPERS, needs=module_needs_halo)
+def conv_h_scale(module: nn.Module) -> Fraction | None:
+    """How much a conv divides H by: its stride, or 1/stride for a transposed conv."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return Fraction(1, int(h_entry(module.stride)))
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return Fraction(int(h_entry(module.stride)))
+    return None
+
+
+FAMILY.converts(CONV_WRAPPERS, needs=module_needs_halo, h_scale=conv_h_scale)
 
 __all__ = [*wrapper_names(CONV_WRAPPERS), "CONV_WRAPPERS", "module_needs_halo"]

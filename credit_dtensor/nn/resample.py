@@ -10,12 +10,14 @@ length (see :mod:`credit_dtensor.ops.resample`). ``return_indices=True`` returns
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 from torch import nn
 from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd
 
 from ..ops import resample as R
-from ._base import DomainParallelModule, wrapper_for, wrapper_names
+from ._base import DomainParallelModule, h_entry, wrapper_for, wrapper_names
 from .pad import default_shard_dim
 
 
@@ -131,6 +133,20 @@ def needs_domain_parallel(module: nn.Module) -> bool:
     return resample_wrapper_for(module) is not None
 
 
-R.FAMILY.converts(RESAMPLE_WRAPPERS, needs=needs_domain_parallel)
+def resample_h_scale(module: nn.Module) -> Fraction | None:
+    """How much a pooling or resampling module divides H by (< 1: up-sampling)."""
+    if isinstance(module, (_MaxPoolNd, _AvgPoolNd)):
+        s = module.stride if module.stride is not None else module.kernel_size
+        return Fraction(int(h_entry(s)))
+    if isinstance(module, nn.Upsample) and module.scale_factor is not None:
+        return 1 / Fraction(h_entry(module.scale_factor)).limit_denominator(1000)
+    if isinstance(module, nn.PixelShuffle):
+        return Fraction(1, module.upscale_factor)
+    if isinstance(module, nn.PixelUnshuffle):
+        return Fraction(module.downscale_factor)
+    return None
+
+
+R.FAMILY.converts(RESAMPLE_WRAPPERS, needs=needs_domain_parallel, h_scale=resample_h_scale)
 
 __all__ = [*wrapper_names(RESAMPLE_WRAPPERS), "RESAMPLE_WRAPPERS", "resample_wrapper_for", "needs_domain_parallel"]

@@ -18,6 +18,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from ..intercept import register
@@ -116,6 +117,8 @@ class OpFamily:
     entries: list[OpEntry] = field(default_factory=list)
     converters: dict[type, tuple[Callable, Callable | None]] = field(default_factory=dict)
     aten: list[str] = field(default_factory=list)
+    h_scale: Callable[[Any], Fraction | None] | None = None  # module -> factor it divides H by
+    refused_modules: dict[type, str] = field(default_factory=dict)  # torch module class -> why
 
     def rule(
         self,
@@ -162,11 +165,24 @@ class OpFamily:
 
         return deco
 
-    def converts(self, table: Mapping[type, Callable], needs: Callable | None = None) -> None:
+    def converts(
+        self,
+        table: Mapping[type, Callable],
+        needs: Callable | None = None,
+        h_scale: Callable[[Any], Fraction | None] | None = None,
+    ) -> None:
         """The family's module wrappers: ``{torch module class: factory(module, manager)}``;
-        ``needs(module)`` says whether an instance needs its wrapper (``None``: always)."""
+        ``needs(module)`` says whether an instance needs its wrapper (``None``: always);
+        ``h_scale(module)`` how much the module divides H by (its stride; ``None``: not one of the
+        family's), for the static window check (:func:`credit_dtensor.validate_sharding_constraints`)."""
         for t, f in table.items():
             self.converters[t] = (f, needs)
+        if h_scale is not None:
+            self.h_scale = h_scale
+
+    def refuses_modules(self, table: Mapping[type, str]) -> None:
+        """Module classes of this family with no exact rule (``plan`` flags them with ``why``)."""
+        self.refused_modules.update(table)
 
     def load_converters(self) -> dict[type, tuple[Callable, Callable | None]]:
         """Import the family's wrapper module (declared by ``nn=``) and return its table."""

@@ -30,6 +30,13 @@ def refuse(func: Callable, why: str, fix: str) -> UnsupportedShardingError:
     return UnsupportedShardingError(f"{prefix}{_op_name(func)} on an H-sharded tensor: {why}. Fix: {fix}")
 
 
+FAMILY.refuses_modules(
+    {
+        torch.nn.Unfold: "F.unfold is refused on H shards: use a strided conv for patch embedding",
+        torch.nn.Fold: "F.fold is refused on H shards",
+    }
+)
+
 _GATHER_FIX = (
     "gather the activation explicitly (credit_dtensor.gather_tensor) before this op and re-shard after it "
     "(credit_dtensor.shard_tensor), or run the model with domain size 1 for this part"

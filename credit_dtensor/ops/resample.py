@@ -19,6 +19,8 @@ rules, registered when each module is imported) all run the same ops.
 
 from __future__ import annotations
 
+from torch.nn.modules.pooling import _LPPoolNd
+
 from .family import family
 from .interpolate import InterpOp, interpolate, upsample
 from .max_pool import AdaptiveMaxPoolOp, MaxPoolOp
@@ -45,6 +47,7 @@ FAMILY = family(
     "interpolate, pooling and pixel (un)shuffle: the input rows of each output row, gathered by halo",
     nn="credit_dtensor.nn.resample",
 )
+FAMILY.refuses_modules({_LPPoolNd: "LP pooling has no exact rule yet: gather explicitly, or use AvgPool of x**p"})
 
 __all__ = [
     "interpolate",
