@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ..dtensor import domain_shard_dim, wrap_shard
-from .family import family
+from .family import Signature, family
 from .pointwise import local_apply
 
 FAMILY = family("dimwise", "softmax, cumprod, sort ... along one dim: local along other dims, softmax over H exact")
@@ -22,45 +22,52 @@ __all__ = ["DIMWISE"]
 
 # --- ops along one dim that is not the sharded one ------------------------------------------------------
 
-#: function -> (position of ``dim`` in args, keyword name)
-DIMWISE: dict[Callable, tuple[int, str]] = {
-    F.softmax: (1, "dim"),
-    F.log_softmax: (1, "dim"),
-    F.softmin: (1, "dim"),
-    F.normalize: (2, "dim"),
-    F.glu: (1, "dim"),
-    torch.softmax: (1, "dim"),
-    torch.log_softmax: (1, "dim"),
-    torch.Tensor.softmax: (1, "dim"),
-    torch.Tensor.log_softmax: (1, "dim"),
-    torch.cumprod: (1, "dim"),
-    torch.Tensor.cumprod: (1, "dim"),
-    torch.logcumsumexp: (1, "dim"),
-    torch.Tensor.logcumsumexp: (1, "dim"),
-    torch.cummax: (1, "dim"),
-    torch.cummin: (1, "dim"),
-    torch.sort: (1, "dim"),
-    torch.Tensor.sort: (1, "dim"),
-    torch.argsort: (1, "dim"),
-    torch.Tensor.argsort: (1, "dim"),
-}
+#: ops along one dim: local along any dim but the sharded one
+DIMWISE: tuple[Callable, ...] = (
+    F.softmax,
+    F.log_softmax,
+    F.softmin,
+    F.normalize,
+    F.glu,
+    torch.softmax,
+    torch.log_softmax,
+    torch.Tensor.softmax,
+    torch.Tensor.log_softmax,
+    torch.cumprod,
+    torch.Tensor.cumprod,
+    torch.logcumsumexp,
+    torch.Tensor.logcumsumexp,
+    torch.cummax,
+    torch.cummin,
+    torch.sort,
+    torch.Tensor.sort,
+    torch.argsort,
+    torch.Tensor.argsort,
+)
 _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
 #: the ones exact along the sharded dim (from per-row statistics)
 _SOFTMAXES = [F.softmax, torch.softmax, torch.Tensor.softmax, F.softmin, *_LOG_SOFTMAX]
 
 
-def _dimwise_rule(func, args, kwargs):
-    x = args[0] if args else kwargs.get("input")
+def _signature(func: Callable) -> Signature:
+    """``F.*`` from their own signatures (``F.softmax(input, dim, _stacklevel, dtype)``); the torch
+    and Tensor forms take ``(input, dim, dtype)`` (softmaxes) or ``(input, dim, ...)``."""
+    if getattr(func, "__module__", "") == "torch.nn.functional":
+        return Signature.of(func, strict=False)
+    return Signature(("input", "dim", "dtype") if func in _SOFTMAXES else ("input", "dim"), {"dtype": None})
+
+
+def _dimwise_rule(func, a):
+    args, kwargs = a.args, a.kwargs
+    x, dim = a.get("input"), a.get("dim")
     sd = domain_shard_dim(x)
-    if sd is None or any(isinstance(a, DTensor) for a in (*args[1:], *kwargs.values())):
+    if sd is None or any(isinstance(v, DTensor) for v in (*args[1:], *kwargs.values())):
         return NotImplemented
-    pos, name = DIMWISE[func]
-    dim = kwargs.get(name, args[pos] if len(args) > pos else (1 if func is F.normalize else None))
     if not isinstance(dim, int):
         return NotImplemented  # implicit-dim softmax (deprecated) or named dims: PyTorch's own path
     if dim % x.ndim == sd:
         if func in _SOFTMAXES:
-            return _softmax_over_shards(func, x, sd, kwargs.get("dtype", args[2] if len(args) > 2 else None))
+            return _softmax_over_shards(func, x, sd, a.get("dtype"))
         return NotImplemented  # along the sharded dim: another rule, or the gather guard
     try:
         return local_apply(func, args, kwargs, x, sd)
@@ -68,8 +75,13 @@ def _dimwise_rule(func, args, kwargs):
         return NotImplemented
 
 
-FAMILY.rule(_SOFTMAXES, h="stats", note="along H from per-row statistics over the ranks")(_dimwise_rule)
-FAMILY.rule([f for f in DIMWISE if f not in _SOFTMAXES], h="gathers", note="local along other dims")(_dimwise_rule)
+_SIGNATURES = {f: _signature(f) for f in DIMWISE}
+FAMILY.rule(_SOFTMAXES, h="stats", note="along H from per-row statistics over the ranks", signature=_SIGNATURES)(
+    _dimwise_rule
+)
+FAMILY.rule(
+    [f for f in DIMWISE if f not in _SOFTMAXES], h="gathers", note="local along other dims", signature=_SIGNATURES
+)(_dimwise_rule)
 FAMILY.unsupported(torch.topk, torch.Tensor.topk, note="along H")
 
 

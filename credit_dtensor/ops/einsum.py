@@ -29,7 +29,7 @@ from .. import comm, intercept
 from ..dtensor import domain_shard_dim, full_operand, is_domain_replicate, wrap_replicate, wrap_shard
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
-from .family import family
+from .family import Signature, family
 from .relayout import best_free_dim, reshard
 
 FAMILY = family(
@@ -230,11 +230,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> Any:
     return NotImplemented if eq is None else einsum(eq, [a, b])
 
 
-@FAMILY.rule(torch.bmm, torch.Tensor.bmm, h="reduce")
-def _bmm_rule(func, args, kwargs):
-    a = args[0] if args else kwargs.get("input")
-    b = args[1] if len(args) > 1 else kwargs.get("mat2")
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or kwargs.get("out") is not None:
+@FAMILY.rule(torch.bmm, torch.Tensor.bmm, h="reduce", signature=Signature(("input", "mat2")))
+def _bmm_rule(func, bound):
+    a, b = bound.get("input"), bound.get("mat2")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or bound.get("out") is not None:
         return NotImplemented
     if domain_shard_dim(a) is None and domain_shard_dim(b) is None:
         return NotImplemented

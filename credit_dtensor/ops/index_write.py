@@ -14,7 +14,7 @@ from ..dtensor import domain_shard_dim, full_operand, is_domain_replicate, local
 from ..geometry import chunk_range
 from ..geometry.index import local_selection
 from .assign import _FIX, _refuse
-from .family import family
+from .family import Signature, family
 from .rechunk import fetch_rows
 
 FAMILY = family("index_write", "index_add/copy/fill along H on owned rows; scatter/gather along H refused")
@@ -37,21 +37,24 @@ _INDEX_OPS = {
 }
 
 
-def _index_rule(func, args, kwargs):
+_INDEX_SIGNATURES = {
+    f: Signature(("input", "dim", "index", "value" if kind == "fill" else "source"), {"alpha": 1})
+    for f, (kind, _) in _INDEX_OPS.items()
+}
+
+
+def _index_rule(func, a):
     """``x.index_add_(dim, index, source, alpha=)`` / ``index_copy_`` / ``index_fill_`` (and their
     out-of-place forms) on a sharded ``x``: along the sharded dim each rank applies the entries of
     ``index`` that fall on its rows (repeated rows accumulate, as on one device), taking the
     matching rows of ``source`` (cut from a full source, fetched from a sharded one); along another
     dim it is local. In place: out of place on the local tensor, then one DTensor ``copy_``."""
     kind, inplace = _INDEX_OPS[func]
-    x = args[0] if args else kwargs.get("input")
+    x = a.get("input")
     sd = domain_shard_dim(x)
     if sd is None:
         return NotImplemented
-    names = ("dim", "index", "value" if kind == "fill" else "source")
-    vals = dict(zip(names, args[1:]))
-    vals.update({k: v for k, v in kwargs.items() if k in (*names, "alpha")})
-    dim, index, other = vals.get("dim"), vals.get("index"), vals.get(names[2])
+    dim, index, other = a.get("dim"), a.get("index"), a.get("value" if kind == "fill" else "source")
     if not isinstance(dim, int) or not isinstance(index, torch.Tensor) or isinstance(index, DTensor):
         return NotImplemented
     if index.ndim > 1:
@@ -91,7 +94,7 @@ def _index_rule(func, args, kwargs):
     with intercept.suspended():
         xl = x.to_local()
         if kind == "add":
-            newl = xl.index_add(dim, idx, src_local, alpha=vals.get("alpha", 1))
+            newl = xl.index_add(dim, idx, src_local, alpha=a["alpha"])
         elif kind == "copy":
             newl = xl.index_copy(dim, idx, src_local)
         else:
@@ -103,7 +106,7 @@ def _index_rule(func, args, kwargs):
     return x
 
 
-FAMILY.rule(*_INDEX_OPS, h="local")(_index_rule)
+FAMILY.rule(*_INDEX_OPS, h="local", signature=_INDEX_SIGNATURES)(_index_rule)
 
 
 # --- scatter / gather: local along other dims, refused along the sharded one -----------------------------------
@@ -123,16 +126,16 @@ _SCATTER_OPS = {
 }
 
 
-def _scatter_rule(func, args, kwargs):
+def _scatter_rule(func, a):
     """``scatter*`` / ``gather`` along a dim that is not sharded, with ``index`` (and ``src``) shaped
     like ``x``: each rank handles its own rows (operands sharded like ``x``, or full ones cut to the
     local rows). Along the sharded dim the rows an element reaches are only known from the index
     values: refused with the fix."""
-    x = args[0] if args else kwargs.get("input")
+    args, kwargs = a.args, a.kwargs
+    x, dim = a.get("input"), a.get("dim")
     sd = domain_shard_dim(x)
     if sd is None:
         return NotImplemented
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
     if not isinstance(dim, int):
         return NotImplemented
     name = getattr(func, "__name__", "scatter")
@@ -179,4 +182,6 @@ def _scatter_rule(func, args, kwargs):
     return x
 
 
-FAMILY.rule(*_SCATTER_OPS, h="refused", note="along H; local along other dims")(_scatter_rule)
+FAMILY.rule(*_SCATTER_OPS, h="refused", note="along H; local along other dims", signature=Signature(("input", "dim")))(
+    _scatter_rule
+)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ..dtensor import domain_shard_dim, full_operand, local_replicated
-from .family import family
+from .family import Signature, family
 from .pointwise import wrap_outputs
 
 FAMILY = family(
@@ -35,11 +35,11 @@ def _replicated_local(t: Any, mesh: Any) -> Any:
     return full_operand(t, mesh) if isinstance(t, torch.Tensor) else t
 
 
-@FAMILY.rule(F.linear, h="local")
-def _linear_rule(func, args, kwargs):
+@FAMILY.rule(F.linear, h="local", signature=Signature(("input", "weight", "bias"), {"bias": None}))
+def _linear_rule(func, a):
     """``F.linear`` over the last dim of a tensor sharded on another dim (tokens, rows): local rows.
     DTensor's own rule flattens the leading dims and refuses uneven shards."""
-    x = args[0] if args else kwargs.get("input")
+    x = a.get("input")
     sd = domain_shard_dim(x)
     if sd is None:
         return NotImplemented
@@ -51,8 +51,7 @@ def _linear_rule(func, args, kwargs):
             return NotImplemented  # nothing else to shard: DTensor (under the gather guard)
         x = reshard(x, k)
         sd = k
-    w = kwargs.get("weight", args[1] if len(args) > 1 else None)
-    b = kwargs.get("bias", args[2] if len(args) > 2 else None)
+    w, b = a.get("weight"), a["bias"]
     try:
         wl, bl = _replicated_local(w, x.device_mesh), _replicated_local(b, x.device_mesh)
     except ValueError:
@@ -60,16 +59,17 @@ def _linear_rule(func, args, kwargs):
     return wrap_outputs(F.linear(x.to_local(), wl, bl), x, lambda t: sd)
 
 
-@FAMILY.rule(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, h="reduce")
-def _matmul_rule(func, args, kwargs):
+@FAMILY.rule(
+    torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, h="reduce", signature=Signature(("input", "other"))
+)
+def _matmul_rule(func, bound):
     """``a @ b`` with ``a`` sharded on a batch or row dim and ``b`` replicated: local rows of ``a``;
     or both sharded on the same batch dim (window attention ``q @ k.transpose(-2, -1)`` with the
     windows sharded): local batches. DTensor's own rule flattens the batch dims and refuses uneven
     shards ("Cannot flatten unevenly sharded tensor"). Everything else with a sharded operand
     (keys from other shards, a contracted sharded dim): :func:`credit_dtensor.ops.einsum.matmul`."""
-    a = args[0] if args else kwargs.get("input")
-    b = args[1] if len(args) > 1 else kwargs.get("other")
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or kwargs.get("out") is not None:
+    a, b = bound.get("input"), bound.get("other")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or bound.get("out") is not None:
         return NotImplemented
     sd = domain_shard_dim(a)
     if sd is not None and a.ndim >= 2 and b.ndim >= 2 and sd < a.ndim - 1:

@@ -26,7 +26,7 @@ from ..geometry.pad import check_pad, normalize_pad_mode, pad_sources, split_pad
 from ..halo import cached_plan, halo_gather, halo_scatter_add
 from ._autocast import cast_inputs
 from ._rows import RowOp, apply_row_op, chunk_needs, domain_info, register_row_ops, row_op_ref
-from .family import family
+from .family import Signature, family
 
 FAMILY = family(
     "pad",
@@ -171,12 +171,11 @@ def pad(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: floa
 # ---------------------------------------------------------------------------------------------
 
 
-@FAMILY.rule(F.pad, h="halo")
-def _pad_rule(func, args, kwargs):
-    x = args[0] if args else kwargs.get("input")
+@FAMILY.rule(
+    F.pad, h="halo", signature=Signature(("input", "pad", "mode", "value"), {"mode": "constant", "value": None})
+)
+def _pad_rule(func, a):
+    x = a.get("input")
     if domain_shard_dim(x) is None:
         return NotImplemented
-    pad_ = kwargs.get("pad", args[1] if len(args) > 1 else None)
-    mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
-    value = kwargs.get("value", args[3] if len(args) > 3 else None)
-    return pad(x, pad_, mode=mode, value=value)
+    return pad(x, a.get("pad"), mode=a["mode"], value=a["value"])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..dtensor import domain_shard_dim, is_domain_replicate
 from ..errors import UnsupportedShardingError
 from ..guard import _op_name, module_path
-from .family import family
+from .family import Signature, family
 
 FAMILY = family("refuse", "ops with no exact rule yet, refused with the fix instead of PyTorch's gather or error")
 
@@ -47,23 +47,31 @@ def refusing(why: str, fix: str) -> Callable:
     """A rule that refuses calls whose input is H-sharded with ``why`` and ``fix`` (and leaves the
     others to PyTorch)."""
 
-    def rule(func, args, kwargs):
-        x = args[0] if args else kwargs.get("input")
-        if domain_shard_dim(x) is None:
+    def rule(func, a):
+        if domain_shard_dim(a.get("input")) is None:
             return NotImplemented
         raise refuse(func, why, fix)
 
     return rule
 
 
-FAMILY.rule(F.unfold, F.fold, h="refused", note="patches flatten (H, W) into one dim", name="unfold_rule")(
+_INPUT = Signature(("input",))
+FAMILY.rule(
+    F.unfold, F.fold, h="refused", note="patches flatten (H, W) into one dim", name="unfold_rule", signature=_INPUT
+)(
     refusing(
         "its output flattens every (H, W) patch position into one dim, which no H-sharding can describe",
         "express the patch extraction as a convolution (e.g. nn.Conv2d with stride = kernel for patch embedding, "
         "which credit_dtensor runs exactly), or " + _GATHER_FIX,
     )
 )
-FAMILY.rule(F.grid_sample, h="refused", note="any output pixel may sample any input row", name="grid_sample_rule")(
+FAMILY.rule(
+    F.grid_sample,
+    h="refused",
+    note="any output pixel may sample any input row",
+    name="grid_sample_rule",
+    signature=_INPUT,
+)(
     refusing(
         "each output pixel may sample any input row, so the rows it needs are only known from the grid's values",
         _GATHER_FIX,
