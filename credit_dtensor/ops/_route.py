@@ -14,6 +14,7 @@ from typing import Any
 from torch.distributed.tensor import DTensor
 
 from ..dtensor import is_sharded, spatial_shard_dim
+from .family import input_of
 from .relayout import to_spatial
 
 __all__ = ["Route", "route_rule"]
@@ -28,7 +29,7 @@ def route_rule(name: str, table: Mapping[Any, Route]) -> Callable:
 
     def rule(func: Any, args: tuple, kwargs: dict) -> Any:
         public, nd, fixed = table[func]
-        x = args[0] if args else kwargs.get("input")
+        x = input_of(args, kwargs)
         moved = False
         if nd is not None and isinstance(x, DTensor):
             x2 = to_spatial(x, nd)  # sharded on channels: back on H first; a partial sum: reduced

@@ -32,6 +32,7 @@ __all__ = [
     "families",
     "function_names",
     "entry_for",
+    "input_of",
     "H_EFFECTS",
 ]
 
@@ -192,6 +193,17 @@ class OpFamily:
 
     def functions(self, h: str | None = None) -> list[Any]:
         return [f for e in self.entries if h is None or e.h == h for f in e.funcs]
+
+
+def input_of(args: tuple, kwargs: dict) -> Any:
+    """The first argument of a call (``input=`` / ``self=`` / ``tensor=`` by keyword): the one thing
+    a rule over many functions with different signatures (pointwise, random, reshape) binds."""
+    if args:
+        return args[0]
+    for key in ("input", "self", "tensor"):
+        if key in kwargs:
+            return kwargs[key]
+    return None
 
 
 def _bound(fn: Callable, signature: Signature | Mapping[Any, Signature]) -> Callable:

@@ -27,7 +27,7 @@ from ..geometry.index import Entry, expand_index, result_position
 from ..halo import cached_plan, halo_gather, halo_scatter_add
 from . import _groups, alias, opaque
 from ._rows import ROW_FACTORIES, RowOp, apply_row_op, chunk_needs, domain_info, row_op_ref
-from .family import Signature, family
+from .family import Signature, family, input_of
 from .pointwise import local_apply
 from .rechunk import fetch_rows, repartition_local  # noqa: F401 - re-exported
 
@@ -121,7 +121,7 @@ def _roll_rule(func, a):
 
 @FAMILY.rule(torch.flip, torch.Tensor.flip, h="relayout")
 def _flip_rule(func, args, kwargs):
-    x = args[0] if args else kwargs["input"]
+    x = input_of(args, kwargs)
     sd = domain_shard_dim(x)
     if sd is None:
         return NotImplemented

@@ -31,7 +31,7 @@ from ..dtensor import (
 )
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
-from .family import family
+from .family import family, input_of
 
 __all__ = ["POINTWISE", "local_apply", "wrap_outputs"]
 
@@ -176,7 +176,7 @@ def _inplace_rule(func, args, kwargs):
     path has no backward strategy for some of these (``hardswish_backward``). The rule runs on a clone
     of ``x`` (as PyTorch's autograd keeps the original input of an in-place op whose backward
     needs it), so the ``copy_`` cannot change what backward reads."""
-    x = args[0] if args else kwargs.get("input")
+    x = input_of(args, kwargs)
     if not isinstance(x, DTensor):
         return NotImplemented
     pos = _INPLACE[func]
@@ -424,7 +424,7 @@ def _inplace_method_rule(func, args, kwargs):
     sharded like ``x``, so DTensor runs the op locally in both directions (with a ``Replicate``
     operand its backward all-gathers the operand's gradient) and keeps autograd's own in-place
     bookkeeping; the operand's gradient is summed over the ranks once (``full_operand``)."""
-    x = args[0] if args else None
+    x = input_of(args, {})
     sd = domain_shard_dim(x)
     if sd is None or kwargs.get("out") is not None:
         return NotImplemented

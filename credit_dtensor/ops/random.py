@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from .. import intercept
 from ..dtensor import align_operand, domain_shard_dim, first_sharded, wrap_shard
 from ..geometry import chunk_range
-from .family import family
+from .family import Signature, family, input_of
 from .pointwise import local_apply
 
 FAMILY = family("random", "dropout and random fills: one stream per global row, so no mask repeats across ranks")
@@ -60,13 +60,16 @@ def _on_cpu_mesh(x: Any) -> bool:
     return domain_shard_dim(x) is not None and x.device_mesh.device_type == "cpu"
 
 
+#: ``F.dropout`` & co. (``F.alpha_dropout``, ``F.feature_alpha_dropout``): one signature
+_DROPOUT_ARGS = Signature(("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
+
+
 def _deterministic(func: Callable, args: tuple, kwargs: dict) -> bool:
     """``F.dropout(x, p, training)`` & co. that draw nothing (not training, or ``p == 0``)."""
     if func not in _DROPOUTS:
         return False
-    p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-    training = kwargs.get("training", args[2] if len(args) > 2 else True)
-    return not training or p == 0
+    a = _DROPOUT_ARGS.bind(args, kwargs)
+    return not a["training"] or a["p"] == 0
 
 
 def _local_args(func: Callable, args: tuple, kwargs: dict, x: DTensor, sd: int) -> tuple[tuple, dict]:
@@ -119,7 +122,7 @@ def _elementwise_rule(func, args, kwargs):
     sd = domain_shard_dim(x)
     if _deterministic(func, args, kwargs):
         return local_apply(func, args, kwargs, x, sd)
-    if func in _DROPOUTS and kwargs.get("inplace", args[3] if len(args) > 3 else False):
+    if func in _DROPOUTS and _DROPOUT_ARGS.bind(args, kwargs)["inplace"]:
         out = _elementwise_rule(func, args[:3], {k: v for k, v in kwargs.items() if k != "inplace"})
         with intercept.suspended():
             x.copy_(out)
@@ -145,7 +148,7 @@ def _inplace_rule(func, args, kwargs):
 
 def _feature_rule(func, args, kwargs):
     """Channel masks span H: the same on every rank, drawn as on one device."""
-    x = args[0] if args else kwargs.get("input")
+    x = input_of(args, kwargs)
     if not _on_cpu_mesh(x):
         return NotImplemented
     return local_apply(func, args, kwargs, x, domain_shard_dim(x))

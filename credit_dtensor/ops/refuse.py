@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..dtensor import domain_shard_dim, is_domain_replicate
 from ..errors import UnsupportedShardingError
 from ..guard import _op_name, module_path
-from .family import Signature, family
+from .family import Signature, family, input_of
 
 FAMILY = family("refuse", "ops with no exact rule yet, refused with the fix instead of PyTorch's gather or error")
 
@@ -82,7 +82,7 @@ FAMILY.rule(
 def _host_rule(func, args, kwargs):
     """``x.numpy()`` / ``x.tolist()``: a ``Replicate`` DTensor's local value is the whole tensor;
     an H-sharded one holds only this rank's rows (PyTorch says "not supported for tensor subclasses")."""
-    x = args[0] if args else None
+    x = input_of(args, {})
     if is_domain_replicate(x):
         return func(x.to_local(), *args[1:], **kwargs)
     if domain_shard_dim(x) is None:

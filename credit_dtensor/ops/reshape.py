@@ -37,7 +37,7 @@ from ..errors import DomainParallelError
 from ..geometry import chunk_range
 from ..geometry.window import ViewPlan, valid_domain_sizes, view_groups, view_plan, window_height
 from . import alias
-from .family import family
+from .family import family, input_of
 from .rechunk import repartition_local
 from .relayout import best_free_dim, reshard
 
@@ -80,7 +80,7 @@ def _infer(shape: list[int], numel: int) -> list[int] | None:
 
 def target_shape(func: Any, args: tuple, kwargs: dict) -> tuple[list[int], bool] | None:
     """The global result shape of a reshape call and whether it is a ``view`` (aliasing)."""
-    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    x = input_of(args, kwargs)
     rest = args[1:]
     shape: Any
     if func in (torch.Tensor.view, torch.Tensor.reshape, torch.reshape):
@@ -179,7 +179,7 @@ def _spread(out: Any, in_shape: tuple[int, ...], shape: list[int], plan: ViewPla
 
 @FAMILY.rule(*FUNCS, h="relayout")
 def _reshape_rule(func, args, kwargs):
-    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    x = input_of(args, kwargs)
     if domain_shard_dim(x) is None:
         return NotImplemented
     target = target_shape(func, args, kwargs)
