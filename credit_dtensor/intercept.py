@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,7 +99,10 @@ def _is_plain_tensor(v: Any) -> bool:
 
 
 def register(*funcs: Any) -> Callable[[Rule], Rule]:
-    """Decorator: ask ``rule(func, args, kwargs)`` first whenever one of ``funcs`` gets a DTensor."""
+    """Decorator: ask ``rule(func, args, kwargs)`` first whenever one of ``funcs`` gets a DTensor.
+
+    The primitive under :meth:`credit_dtensor.ops.family.OpFamily.rule`, through which every op
+    family registers (so its descriptor knows the rule); nothing else calls it."""
 
     def deco(rule: Rule) -> Rule:
         for f in funcs:
@@ -109,10 +112,6 @@ def register(*funcs: Any) -> Callable[[Rule], Rule]:
         return rule
 
     return deco
-
-
-def register_many(funcs: Iterable[Any], rule: Rule) -> Rule:
-    return register(*funcs)(rule)
 
 
 def registered_functions() -> dict[str, list[str]]:
