@@ -31,7 +31,6 @@ __all__ = [
     "family",
     "families",
     "function_names",
-    "entry_for",
     "input_of",
     "H_EFFECTS",
 ]
@@ -272,12 +271,3 @@ def function_names(*effects: str, families_: Iterable[str] | None = None) -> set
                 out.update(getattr(f, "__name__", "") for f in e.funcs)
     out.discard("")
     return out
-
-
-def entry_for(func: Any) -> tuple[OpFamily, OpEntry] | None:
-    """The first family entry that takes ``func`` (the one the interception asks first)."""
-    for fam in families():
-        for e in fam.entries:
-            if func in e.funcs:
-                return fam, e
-    return None
