@@ -94,11 +94,41 @@ def exchange_start(
     return PendingExchange(reqs, out, payload)
 
 
+#: sums up to this size between two gloo ranks go as one exchange (see :func:`_pair_sum`)
+PAIR_SUM_MAX_BYTES = 1 << 16
+
+
+def _pair_sum(t: torch.Tensor, group: dist.ProcessGroup) -> bool:
+    """Sum ``t`` in place over a two-rank gloo group with one send and one receive per rank, when
+    it is small (a norm's statistics, a loss). Measured on the 2-core CPU box: gloo's all-reduce of
+    64 floats takes 1.7-2 ms, a send/receive pair 0.4-0.8 ms; the bytes are the same as the ring's
+    (``nbytes(t)`` each way). Both ranks add in rank order (``t0 + t1``), so the result is bitwise
+    the same on both, as an all-reduce's is. ``False``: not applicable, use the collective."""
+    if (
+        dist.get_world_size(group) != 2
+        or nbytes(t) > PAIR_SUM_MAX_BYTES
+        or t.dtype == torch.bool
+        or dist.get_backend(group) != "gloo"
+    ):
+        return False
+    me = dist.get_rank(group)
+    peer = dist.get_global_rank(group, 1 - me)
+    mine = t.contiguous()
+    other = torch.empty_like(mine)
+    for req in dist.batch_isend_irecv(
+        [dist.P2POp(dist.irecv, other, peer, group), dist.P2POp(dist.isend, mine, peer, group)]
+    ):
+        req.wait()
+    t.copy_(mine + other if me == 0 else other + mine)
+    return True
+
+
 def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """In-place sum all-reduce (returns ``t``); a no-op on a single-rank group."""
     if dist.get_world_size(group) == 1:
         return t
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    if not _pair_sum(t, group):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     stats.record(nbytes(t), nbytes(t), collectives=1)
     return t
 
@@ -113,7 +143,8 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup, op: str = "sum") -> to
         return out
     if out.dtype == torch.bool:  # gloo reduces no bools: max = any, min = all
         return all_reduce(out.to(torch.uint8), group, op).to(torch.bool)
-    dist.all_reduce(out, op=_OPS[op], group=group)
+    if op != "sum" or not _pair_sum(out, group):
+        dist.all_reduce(out, op=_OPS[op], group=group)
     stats.record(nbytes(out), nbytes(out), collectives=1)
     return out
 
