@@ -9,7 +9,9 @@ module (``nn=``) so the converter imports it explicitly, without ``ops`` importi
 
 Readers: :mod:`credit_dtensor.intercept` (the rules, through :meth:`OpFamily.rule`), the converter
 (:mod:`credit_dtensor.converters`), the audit tracker (which function names keep, move or refuse
-H), ``credit-dtensor info`` and the docs table (``docs/families.md``, checked by a test).
+H) and planner (refused module classes), :func:`credit_dtensor.validate_sharding_constraints`
+(each family's H scale of modules), and :mod:`credit_dtensor.catalog`, which ``credit-dtensor
+info`` and ``docs/families.md`` print (the page is checked by a test).
 """
 
 from __future__ import annotations
