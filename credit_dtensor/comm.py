@@ -73,24 +73,32 @@ def exchange_start(
     """:func:`exchange`, posted but not waited on: compute that does not need the messages runs
     while they travel (every rank must post the same rounds in the same order, as for
     :func:`exchange`, and wait before its next collective on ``group``)."""
+    pending = _post(sends, recv_shapes, group, dtype, device)
+    stats.record(
+        sum(nbytes(t) for t in pending._payload),
+        sum(nbytes(b) for b in pending._out),
+        messages=len(pending._payload),
+    )
+    return pending
+
+
+def _post(sends, recv_shapes, group: dist.ProcessGroup, dtype: torch.dtype, device) -> PendingExchange:
+    """Post one batched round (empty messages skipped), uncounted: :func:`exchange_start` counts
+    it as messages, :func:`_pair_sum` as the collective it stands for."""
     ops: list[dist.P2POp] = []
     out: list[torch.Tensor] = []
-    sent = recv = 0
     for peer, shape in recv_shapes:
         buf = torch.empty(shape, dtype=dtype, device=device)
         out.append(buf)
         if buf.numel():
             ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, peer), group))
-            recv += nbytes(buf)
     payload = []
     for peer, t in sends:
         if t.numel():
             t = t.contiguous()
             payload.append(t)  # keep alive until the requests complete
             ops.append(dist.P2POp(dist.isend, t, dist.get_global_rank(group, peer), group))
-            sent += nbytes(t)
     reqs = dist.batch_isend_irecv(ops) if ops else []
-    stats.record(sent, recv, messages=sum(1 for _, t in sends if t.numel()))
     return PendingExchange(reqs, out, payload)
 
 
@@ -112,14 +120,8 @@ def _pair_sum(t: torch.Tensor, group: dist.ProcessGroup) -> bool:
     ):
         return False
     me = dist.get_rank(group)
-    peer = dist.get_global_rank(group, 1 - me)
-    mine = t.contiguous()
-    other = torch.empty_like(mine)
-    for req in dist.batch_isend_irecv(
-        [dist.P2POp(dist.irecv, other, peer, group), dist.P2POp(dist.isend, mine, peer, group)]
-    ):
-        req.wait()
-    t.copy_(mine + other if me == 0 else other + mine)
+    (other,) = _post([(1 - me, t)], [(1 - me, t.shape)], group, t.dtype, t.device).wait()
+    t.copy_(t + other if me == 0 else other + t)
     return True
 
 
