@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from .converters import registered_converters
 from .ops.family import H_EFFECTS, families
 
-__all__ = ["FamilyRow", "family_rows", "markdown"]
+__all__ = ["FamilyRow", "family_rows", "effect_text", "markdown"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ def family_rows() -> list[FamilyRow]:
 _SHOWN = 24  # functions listed per rule on the docs page
 
 
-def _effect_text(row: FamilyRow) -> str:
+def effect_text(row: FamilyRow) -> str:
+    """The family's effects on H, for a table cell."""
     return ", ".join(row.effects) if row.effects else ("params" if row.aten else "")
 
 
@@ -65,7 +66,7 @@ def markdown() -> str:
     ]
     for r in rows:
         n = len(r.functions) + len(r.aten)
-        out.append(f"| `{r.name}` | {r.summary} | {n} | {_effect_text(r)} | {', '.join(r.modules) or '-'} |")
+        out.append(f"| `{r.name}` | {r.summary} | {n} | {effect_text(r)} | {', '.join(r.modules) or '-'} |")
     out += ["", "## Effects on H", "", "| effect | meaning |", "|---|---|"]
     out += [f"| `{k}` | {v} |" for k, v in H_EFFECTS.items()]
     for r in rows:

@@ -27,7 +27,6 @@ __all__ = ["plan"]
 logger = logging.getLogger("credit_dtensor.audit")
 
 
-#: Spatial modules that mix rows along H and need an exact rule (refused when none is loaded).
 def _halo_counts(needs: Sequence[Sequence[int | None]], n: int, world: int) -> tuple[int, int]:
     up = down = 0
     for r, rows in enumerate(needs):

@@ -89,7 +89,7 @@ def _mesh_rows(domain: int | None):
 
 def _families_table(all_functions: bool) -> Table:
     """One row per op family, from its descriptor (:mod:`credit_dtensor.catalog`)."""
-    from ..catalog import family_rows
+    from ..catalog import effect_text, family_rows
 
     table = Table(title="op families (credit_dtensor/ops/<family>.py descriptors; docs/families.md)")
     table.add_column("family", style="bold")
@@ -101,7 +101,7 @@ def _families_table(all_functions: bool) -> Table:
         shown = ", ".join(names if all_functions else names[:4])
         if not all_functions and len(names) > 4:
             shown += f", ... ({len(names)} in all)"
-        table.add_row(r.name, ", ".join(r.effects) or "params", shown, ", ".join(r.modules) or "-")
+        table.add_row(r.name, effect_text(r), shown, ", ".join(r.modules) or "-")
     return table
 
 

@@ -46,7 +46,7 @@ DIMWISE: tuple[Callable, ...] = (
 )
 _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
 #: the ones exact along the sharded dim (from per-row statistics)
-_SOFTMAXES = [F.softmax, torch.softmax, torch.Tensor.softmax, F.softmin, *_LOG_SOFTMAX]
+_SOFTMAXES = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, F.softmin, *_LOG_SOFTMAX})
 
 
 def _signature(func: Callable) -> Signature:

@@ -2,8 +2,8 @@
 
 Each ``ops/<family>.py`` declares its :class:`OpFamily` once (``FAMILY = family("conv", ...)``) and
 registers every rule through it (``@FAMILY.rule(F.conv2d, h="halo", note=...)``), so the descriptor
-holds, per torch function: the rule, its bound signature, what it does to H (for ``plan`` and the
-docs) and, for refusals, why. The module wrappers of the family (``nn/<family>.py``) add their
+holds, per torch function: the rule (which binds the call's arguments when it declares a
+signature), what it does to H (for ``plan`` and the docs) and, for refusals, why. The module wrappers of the family (``nn/<family>.py``) add their
 ``{torch module class: wrapper}`` table with :meth:`OpFamily.converts`; the descriptor names that
 module (``nn=``) so the converter imports it explicitly, without ``ops`` importing ``nn``.
 
@@ -102,7 +102,6 @@ class OpEntry:
     rule: Callable | None  # None: recorded without a rule (:meth:`OpFamily.unsupported`)
     h: str
     note: str = ""
-    signature: Signature | Mapping[Any, Signature] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -145,7 +144,7 @@ class OpFamily:
                 fn.__name__ = fn.__qualname__ = name
             entry = fn if signature is None else _bound(fn, signature)
             register(*funcs)(entry)
-            self.entries.append(OpEntry(tuple(funcs), entry, h, note, signature))
+            self.entries.append(OpEntry(tuple(funcs), entry, h, note))
             return entry  # the rule as registered: callable as ``rule(func, args, kwargs)`` everywhere
 
         return deco
@@ -155,7 +154,7 @@ class OpFamily:
         H, PyTorch's own rule runs under the gather guard; ``plan`` flags them."""
         self.entries.append(OpEntry(tuple(funcs), None, "gathers", note))
 
-    def sharding(self, op: Any, note: str = "") -> Callable[[Callable], Callable]:
+    def sharding(self, op: Any) -> Callable[[Callable], Callable]:
         """An aten-level sharding strategy (``torch.distributed.tensor.experimental.register_sharding``)
         for an op DTensor lacks: placements only, no communication (parameter-side ops)."""
         from torch.distributed.tensor.experimental import register_sharding
@@ -191,9 +190,6 @@ class OpFamily:
         if self.nn is not None:
             importlib.import_module(self.nn)
         return self.converters
-
-    def functions(self, h: str | None = None) -> list[Any]:
-        return [f for e in self.entries if h is None or e.h == h for f in e.funcs]
 
 
 def input_of(args: tuple, kwargs: dict) -> Any:
