@@ -83,23 +83,42 @@ def exchange_start(
 
 
 def _post(sends, recv_shapes, group: dist.ProcessGroup, dtype: torch.dtype, device) -> PendingExchange:
-    """Post one batched round (empty messages skipped), uncounted: :func:`exchange_start` counts
-    it as messages, :func:`_pair_sum` as the collective it stands for."""
-    ops: list[dist.P2POp] = []
+    """Post one round (empty messages skipped), uncounted: :func:`exchange_start` counts it as
+    messages, :func:`_pair_sum` as the collective it stands for. Receives are posted before sends.
+    On gloo each message is its own ``irecv``/``isend`` (gloo's are asynchronous, so the round cannot
+    deadlock): ``batch_isend_irecv``'s coalescing costs more than the message itself there (a
+    64-float round trip between two ranks of the 2-core CI box: 510 us batched, 210 us direct;
+    ``scripts/bench_latency.py``). Other backends (NCCL) get one ``batch_isend_irecv`` group, which
+    they need for simultaneous sends and receives between a pair of ranks."""
+    direct = _direct_p2p(group)
+    ops: list = []
     out: list[torch.Tensor] = []
     for peer, shape in recv_shapes:
         buf = torch.empty(shape, dtype=dtype, device=device)
         out.append(buf)
         if buf.numel():
-            ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, peer), group))
+            src = dist.get_global_rank(group, peer)
+            ops.append(dist.irecv(buf, src, group) if direct else dist.P2POp(dist.irecv, buf, src, group))
     payload = []
     for peer, t in sends:
         if t.numel():
             t = t.contiguous()
             payload.append(t)  # keep alive until the requests complete
-            ops.append(dist.P2POp(dist.isend, t, dist.get_global_rank(group, peer), group))
-    reqs = dist.batch_isend_irecv(ops) if ops else []
+            dst = dist.get_global_rank(group, peer)
+            ops.append(dist.isend(t, dst, group) if direct else dist.P2POp(dist.isend, t, dst, group))
+    reqs = ops if direct else (dist.batch_isend_irecv(ops) if ops else [])
     return PendingExchange(reqs, out, payload)
+
+
+_DIRECT: dict[dist.ProcessGroup, bool] = {}
+
+
+def _direct_p2p(group: dist.ProcessGroup) -> bool:
+    """Whether ``group`` posts point-to-point messages one by one (gloo) rather than batched."""
+    hit = _DIRECT.get(group)
+    if hit is None:
+        hit = _DIRECT[group] = dist.get_backend(group) == "gloo"
+    return hit
 
 
 #: sums up to this size between two gloo ranks go as one exchange (see :func:`_pair_sum`)
@@ -154,7 +173,7 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup, op: str = "sum") -> to
 # Group names for custom ops (their arguments are ints, strings and tensors): a group is registered
 # under its ``group_name`` when an op is built on it and resolved again inside the op.
 _GROUPS: dict[str, dist.ProcessGroup] = {}
-_CACHES: list = []  # clear() callables of caches that hold meshes or groups (see forget_groups)
+_CACHES: list = [_DIRECT.clear]  # clear() callables of caches that hold meshes or groups (see forget_groups)
 
 
 def register_group_cache(clear) -> None:

@@ -43,6 +43,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from . import comm, intercept, rebind
 from ._torch_versions import require
+from .dtensor import as_dtensor, local_of
 from .errors import DomainParallelError
 from .mesh import DomainParallelManager
 
@@ -274,7 +275,7 @@ def reduce_gradients(model: nn.Module, manager: DomainParallelManager | None = N
     dp = manager.dp_world_size
     for items, group in ((partial, world_group), (replicate, manager.dp_group)):
         for bucket in _buckets(items):
-            locals_ = [g.to_local() if isinstance(g, DTensor) else g for _, g in bucket]
+            locals_ = [local_of(g) if isinstance(g, DTensor) else g for _, g in bucket]
             flat = torch.cat([t.reshape(-1) for t in locals_])
             comm.all_reduce_sum(flat, group)
             if dp > 1:
@@ -285,13 +286,6 @@ def reduce_gradients(model: nn.Module, manager: DomainParallelManager | None = N
                 local = flat[offset : offset + n].view_as(t)
                 offset += n
                 if isinstance(g, DTensor):
-                    p.grad = DTensor.from_local(
-                        local,
-                        g.device_mesh,
-                        [Replicate()] * g.device_mesh.ndim,
-                        run_check=False,
-                        shape=g.shape,
-                        stride=g.stride(),
-                    )
+                    p.grad = as_dtensor(local, g.device_mesh, (Replicate(),) * g.device_mesh.ndim, g.shape, g.stride())
                 else:
                     p.grad = local

@@ -13,8 +13,8 @@ import functools
 import torch
 from torch.distributed.tensor import DTensor, Partial, Shard
 
-from .. import stats
-from ..dtensor import global_stride, wrap_shard
+from .. import intercept, stats
+from ..dtensor import as_dtensor, global_stride, wrap_shard
 from ..halo import halo_gather_start, halo_scatter_add, halo_scatter_add_start, own_rows
 from . import _groups
 from .conv_local import local_backward, local_forward, local_setup
@@ -227,7 +227,8 @@ def _eager_backward(ctx, gy: torch.Tensor):
     x, ext, w = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], ctx.has_bias and need[2]]
-    gx, gw, gb = _backward_impl(gy, x, ext, w, ctx.has_bias, mask, *ctx.args)
+    with intercept.suspended():  # local tensors only: no rule applies
+        gx, gw, gb = _backward_impl(gy, x, ext, w, ctx.has_bias, mask, *ctx.args)
     return mask, gx, gw, gb
 
 
@@ -275,17 +276,11 @@ class HaloConvDTensor(torch.autograd.Function):
             gy = gy.to_local()
         mask, gx, gw, gb = _eager_backward(ctx, gy)
         w_mesh, w_shape, b_shape = ctx.w_meta
-        partial = [Partial()] * w_mesh.ndim
+        partial = (Partial(),) * w_mesh.ndim
         return (
-            DTensor.from_local(gx, mesh, placements, run_check=False, shape=x_shape, stride=global_stride(gx, x_shape))
-            if mask[0]
-            else None,
-            DTensor.from_local(gw, w_mesh, partial, run_check=False, shape=w_shape, stride=gw.stride())
-            if mask[1]
-            else None,
-            DTensor.from_local(gb, w_mesh, partial, run_check=False, shape=b_shape, stride=gb.stride())
-            if mask[2]
-            else None,
+            as_dtensor(gx, mesh, placements, x_shape, global_stride(gx, x_shape)) if mask[0] else None,
+            as_dtensor(gw, w_mesh, partial, w_shape, gw.stride()) if mask[1] else None,
+            as_dtensor(gb, w_mesh, partial, b_shape, gb.stride()) if mask[2] else None,
             None,
             None,
         )

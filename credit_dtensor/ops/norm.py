@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from .. import comm, stats
 from .._torch_versions import is_plain_shard
-from ..dtensor import check_replicated, full_operand, wrap_replicate, wrap_shard
+from ..dtensor import check_replicated, full_operand, local_of, wrap_replicate, wrap_shard
 from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_range
 from ..geometry.norm import NormLayout
@@ -113,7 +113,7 @@ def _param_local(p: torch.Tensor | None, plan: NormPlan, name: str) -> torch.Ten
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     """Local tensor of a DTensor (buffers: in-place updates reach the DTensor), else ``t``."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return local_of(t) if isinstance(t, DTensor) else t
 
 
 def _locals(input: DTensor, plan: NormPlan, weight, bias, running_mean=None, running_var=None) -> tuple:
@@ -121,7 +121,7 @@ def _locals(input: DTensor, plan: NormPlan, weight, bias, running_mean=None, run
     check_replicated(running_mean, plan.mesh, plan.label, "running_mean")
     check_replicated(running_var, plan.mesh, plan.label, "running_var")
     w, b = _param_local(weight, plan, "weight"), _param_local(bias, plan, "bias")
-    return input.to_local(), w, b, _local(running_mean), _local(running_var)
+    return local_of(input), w, b, _local(running_mean), _local(running_var)
 
 
 def _wrap(local: torch.Tensor, plan: NormPlan, shape: Sequence[int]) -> DTensor:

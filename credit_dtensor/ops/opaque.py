@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import intercept
+
 __all__ = ["OpaqueRule", "builder", "make_key", "rule_of", "apply"]
 
 
@@ -160,9 +162,39 @@ def _backward(ctx: Any, grads: list[torch.Tensor | None]) -> tuple:
 rule_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Eager(torch.autograd.Function):
+    """Eager mode: the rule's forward and backward as one autograd node, with the same saved tensors,
+    non-differentiable outputs and gradients as the custom ops, without their dispatch layers (the
+    registered-autograd wrappers cost more host time than a small rule's local work). The rule's
+    local work runs with the torch-function modes off (:func:`~credit_dtensor.intercept.suspended`):
+    it sees plain tensors only."""
+
+    @staticmethod
+    def forward(ctx: Any, rule: Any, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        with intercept.suspended():
+            outs = _no_alias(rule.forward(list(inputs)), list(inputs))
+        ctx.rule = rule
+        ctx.save_for_backward(*[inputs[i] for i in rule.saved_inputs], *[outs[i] for i in rule.saved_outputs])
+        nondiff = [o for i, o in enumerate(outs) if i not in rule.differentiable_outputs]
+        if nondiff:
+            ctx.mark_non_differentiable(*nondiff)
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple:  # type: ignore[override]
+        needs = list(ctx.needs_input_grad[1:])
+        with intercept.suspended():
+            res = ctx.rule.backward(list(ctx.saved_tensors), list(grads), needs)
+        return (None, *[g if need else None for g, need in zip(res, needs)])
+
+
 def apply(key: str, inputs: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """Run the rule named by ``key`` on local tensors through the custom op (differentiable,
-    compile-friendly). ``None`` inputs are allowed."""
+    """Run the rule named by ``key`` on local tensors, differentiable: through the custom op when
+    compiling (opaque to Dynamo), as one :class:`_Eager` autograd node otherwise. ``None`` inputs
+    are allowed."""
+    if not torch.compiler.is_compiling():
+        return list(_Eager.apply(rule_of(key), *inputs))
     ref = next(t for t in inputs if t is not None)
     mask = "".join("0" if t is None else "1" for t in inputs)
     return rule_op([ref.new_empty(0) if t is None else t for t in inputs], f"{key}@{mask}")
