@@ -323,7 +323,7 @@ def align_operand(t: object, ref: DTensor, ref_dim: int, out_ndim: int, where: s
                     f"{where}: operand of shape {tuple(t.shape)} is sharded on dim {d} but the other operand "
                     f"{tuple(ref.shape)} on dim {ref_dim}: shard both on the same (H) dim, with the same size"
                 )
-            return t.to_local()
+            return local_of(t)
         if not all(isinstance(p, Replicate) for p in t.placements):
             raise UnsupportedShardingError(
                 f"{where}: operand placements {t.placements} are not supported next to an H-sharded tensor: "
