@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta  # the spec cache (as_dtensor)
 
+from . import comm
 from .errors import DomainParallelError, MeshMismatchError, UnsupportedShardingError
 from .geometry import chunk_range
 
@@ -145,6 +146,7 @@ def global_stride(local: torch.Tensor, shape: Sequence[int]) -> tuple[int, ...]:
 
 
 _SPECS: dict[tuple, DTensorSpec] = {}
+comm.register_group_cache(_SPECS.clear)  # specs hold meshes: dropped with the process groups
 
 
 def _spec(mesh: DeviceMesh, placements: tuple, shape: torch.Size, stride: tuple[int, ...], dtype) -> DTensorSpec:
@@ -278,8 +280,6 @@ class _SumGradOverRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        from . import comm
-
         return comm.all_reduce_sum(g.contiguous().clone(), ctx.group), None
 
 

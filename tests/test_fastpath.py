@@ -78,8 +78,8 @@ def test_as_dtensor_and_local_of_match_from_local_and_to_local(world, h):
 def _opaque_case(h: int) -> dict:
     import torch.distributed as dist
 
-    from credit_dtensor.ops import opaque
     from credit_dtensor.geometry.norm import NormLayout
+    from credit_dtensor.ops import opaque
     from credit_dtensor.ops.norm import plan_norm
     from credit_dtensor.ops.norm_kernels import _norm_key
     from credit_dtensor.sharding import shard_tensor
