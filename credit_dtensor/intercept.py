@@ -177,8 +177,39 @@ class DomainRulesMode(TorchFunctionMode):
             _ALIAS.before(func, args, kwargs)
             out = _dispatch(func, args, kwargs)
             _ALIAS.after(func, args, kwargs)
-            return out
-        return _dispatch(func, args, kwargs)
+        else:
+            out = _dispatch(func, args, kwargs)
+        if _mutates(func):
+            bump_local_version(args[0] if args else kwargs.get("self"), kwargs.get("out"))
+        return out
+
+
+_MUTATES: dict[Any, bool] = {}
+
+
+def _mutates(func: Any) -> bool:
+    """Whether ``func`` writes into its first argument (``x.mul_(2)``, ``x += y``, ``x[i] = v``,
+    ``x.copy_(y)``), by name, memoised per function."""
+    hit = _MUTATES.get(func)
+    if hit is None:
+        name = getattr(func, "__name__", "") or ""
+        hit = _MUTATES[func] = (
+            (name.endswith("_") and not name.startswith("_"))
+            or (name.startswith("__i") and name.endswith("__") and name not in ("__init__", "__iter__", "__index__"))
+            or name == "__setitem__"
+        )
+    return hit
+
+
+def bump_local_version(*tensors: Any) -> None:
+    """Tell autograd that the local tensors of these DTensors were modified in place. DTensor's own
+    in-place ops bump only the wrapper's version, but the rules save *local* tensors (views of
+    ``_local_tensor``, which share its version counter) for backward, so without this an op that
+    saved ``x`` before ``x.mul_(2)`` would silently differentiate the modified values where one
+    device raises "modified by an inplace operation". Only nodes that saved the old values see it."""
+    for t in tensors:
+        if isinstance(t, DTensor):
+            torch.autograd.graph.increment_version(t._local_tensor)
 
 
 def _dispatch(func, args: tuple, kwargs: dict) -> Any:

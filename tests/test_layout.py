@@ -84,13 +84,20 @@ def test_swin_style_program_matches_one_device(world):
 
 def _inplace_after_save_task() -> dict[str, str]:
     """Modify in place a tensor that backward needs: one device raises; so must we (a rule saves
-    the *local* tensor, whose version DTensor's in-place ops did not bump: silently wrong before)."""
+    the *local* tensor, whose version DTensor's in-place ops do not bump: the rules mode bumps it,
+    ``intercept.bump_local_version``; silently wrong before)."""
     import credit_dtensor as cd
 
     m = manager()
     x = torch.randn(2, 3, 12, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = {}
-    cases = {"silu": F.silu, "gelu": F.gelu, "square": lambda t: t * t, "sigmoid": torch.sigmoid}
+    cases = {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "square": lambda t: t * t,
+        "hardswish": F.hardswish,
+        "sigmoid": torch.sigmoid,
+    }
     for name, f in cases.items():
         results = []
         for side in ("one device", "sharded"):
@@ -114,10 +121,10 @@ def _inplace_after_save_task() -> dict[str, str]:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_inplace_on_saved_tensor_raises_like_one_device(world):
-    """The common pointwise ops on operands of one spec run through DTensor's own dispatch, whose
-    autograd saves the DTensors themselves and sees the version bump. (Rules that save local
-    tensors -- hardswish & co. -- still do not see it: a program that one device rejects.)"""
+    """Pointwise ops run on local tensors, which autograd saves; an in-place op on the DTensor
+    bumps the version of its local tensor, so backward raises exactly where one device does, and
+    an op that saved only its output (sigmoid) stays legal."""
     for rank, res in enumerate(get_world(world).run(_inplace_after_save_task)):
-        for name in ("silu", "gelu", "square"):
+        for name in ("silu", "gelu", "square", "hardswish"):
             assert res[name] == "raised/raised named=True", (rank, name, res[name])
         assert res["sigmoid"] == "ok 0.0e+00", (rank, res["sigmoid"])  # saves its output: legal
