@@ -179,12 +179,13 @@ class DomainRulesMode(TorchFunctionMode):
             _ALIAS.after(func, args, kwargs)
         else:
             out = _dispatch(func, args, kwargs)
-        if _mutates(func):
+        if not torch.compiler.is_compiling() and _mutates(func):  # compiled: AOTAutograd functionalizes
             bump_local_version(args[0] if args else kwargs.get("self"), kwargs.get("out"))
         return out
 
 
 _MUTATES: dict[Any, bool] = {}
+_METADATA_METHODS = frozenset(("requires_grad_", "detach_", "share_memory_", "rename_"))  # no data written
 
 
 def _mutates(func: Any) -> bool:
@@ -194,7 +195,7 @@ def _mutates(func: Any) -> bool:
     if hit is None:
         name = getattr(func, "__name__", "") or ""
         hit = _MUTATES[func] = (
-            (name.endswith("_") and not name.startswith("_"))
+            (name.endswith("_") and not name.startswith("_") and name not in _METADATA_METHODS)
             or (name.startswith("__i") and name.endswith("__") and name not in ("__init__", "__iter__", "__index__"))
             or name == "__setitem__"
         )

@@ -195,7 +195,8 @@ def _inplace_rule(func, args, kwargs):
         return NotImplemented
     with intercept.suspended():  # DTensor's copy_ (Shard -> same Shard: local), recorded by autograd
         x.copy_(y)
-    intercept.bump_local_version(x)
+    if not torch.compiler.is_compiling():
+        intercept.bump_local_version(x)
     return x
 
 
