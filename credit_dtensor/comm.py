@@ -20,6 +20,7 @@ __all__ = [
     "all_reduce",
     "sum_over_ranks",
     "all_gather_small",
+    "all_gather_stats",
     "all_gather_rows",
     "all_to_all",
     "broadcast",
@@ -152,6 +153,28 @@ def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     stats.record(nbytes(t), nbytes(t), collectives=1)
     return t
+
+
+def all_gather_stats(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``(world, *t.shape)``: every rank's copy of a small tensor, in rank order (a norm's partial
+    statistics). Each rank hands over only its own ``t`` -- half the bytes of summing a
+    zero-padded ``(world, ...)`` buffer at two ranks, and the minimum a merge of every rank's
+    numbers needs. Two gloo ranks exchange it as one send/receive pair (see :func:`_pair_sum`);
+    otherwise gloo's/NCCL's all-gather. Counted as one collective, ``nbytes(t)`` sent."""
+    world = dist.get_world_size(group)
+    t = t.contiguous()
+    if world == 1:
+        return t.unsqueeze(0)
+    if world == 2 and nbytes(t) <= PAIR_SUM_MAX_BYTES and _direct_p2p(group):
+        me = dist.get_rank(group)
+        (other,) = _post([(1 - me, t)], [(1 - me, t.shape)], group, t.dtype, t.device).wait()
+        out = torch.stack((t, other) if me == 0 else (other, t))
+    else:
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t, group=group)
+        out = torch.stack(parts)
+    stats.record(nbytes(t), nbytes(t) * (world - 1), collectives=1)
+    return out
 
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}

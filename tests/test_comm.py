@@ -46,3 +46,33 @@ def test_small_sums_match_the_collective_and_agree_bitwise(world):
             assert torch.equal(got, oop), (rank, name)
             assert sent == 2 * n, (rank, name, sent)  # counted like the all-reduce: n each time
             assert torch.equal(got, results[0][name][0]), (rank, name)  # the same bits on every rank
+
+
+def _gather_task(seed: int) -> dict:
+    import torch.distributed as dist
+
+    from credit_dtensor import comm
+    from credit_dtensor.stats import comm_stats
+
+    m = manager()
+    group = m.domain_mesh.get_group()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    out = {}
+    for name, t in (
+        ("stats", torch.randn(2, 5, generator=torch.Generator().manual_seed(seed + rank), dtype=torch.float64)),
+        ("large", torch.full((comm.PAIR_SUM_MAX_BYTES // 4 + 1,), float(rank))),  # the collective
+    ):
+        with comm_stats() as s:
+            got = comm.all_gather_stats(t, group)
+        ref = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(ref, t, group=group)
+        out[name] = (got, torch.stack(ref), s.sent_bytes, s.collectives, t.numel() * t.element_size())
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_statistics_gather_is_every_rank_in_order_and_sends_only_its_own(world):
+    for rank, res in enumerate(get_world(world).run(_gather_task, 0)):
+        for name, (got, ref, sent, collectives, n) in res.items():
+            assert torch.equal(got, ref), (rank, name)
+            assert sent == (n if world > 1 else 0) and collectives == (1 if world > 1 else 0), (rank, name, sent)

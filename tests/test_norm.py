@@ -4,7 +4,7 @@ and functional (aten rule) paths, worlds 1-4, even / uneven / empty shards, fp64
 Every configuration runs a few training steps and an eval step and compares output, input grad,
 weight/bias grads and running stats with torch on the full tensor; running stats must also be
 bitwise identical on every domain rank, and the traffic must be exactly the statistics
-(forward ``world * 2 * Q``, backward ``2 * Q`` scalars).
+(forward ``2 * Q``: each rank's own statistics, backward ``2 * Q`` scalars).
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def _functional(cfg: dict, mod: nn.Module, dist: bool, mesh):
 
 
 def _expected_bytes(cfg: dict, world: int, training: bool, itemsize: int) -> int:
-    """Forward ``world*2*Q`` plus backward ``2*Q`` scalars when statistics span ranks, else 0."""
+    """Forward ``2*Q`` (this rank's statistics, all-gathered) plus backward ``2*Q`` scalars when
+    statistics span ranks, else 0."""
     kind, shape = cfg["kind"], cfg["shape"]
     if world == 1 or kind == "ln_local":
         return 0
@@ -149,7 +150,7 @@ def _expected_bytes(cfg: dict, world: int, training: bool, itemsize: int) -> int
         "bn": shape[1],
         "ln": math.prod(shape[: len(shape) - cfg.get("k", 1)]),
     }[kind]
-    return (world * 2 * q + 2 * q) * itemsize
+    return (2 * q + 2 * q) * itemsize
 
 
 def _run_one(cfg: dict) -> dict:

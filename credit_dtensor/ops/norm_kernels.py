@@ -1,12 +1,12 @@
 """Statistics and local kernels of the exact normalizations (:mod:`.norm` has the public functions).
 
-Every rank reduces its own rows to per-statistic ``(mean, M2)`` and one sum all-reduce of a
-``(world, 2, Q)`` buffer (each rank writes its own slot) gives every rank all partial moments;
+Every rank reduces its own rows to per-statistic ``(mean, M2)`` and one all-gather of them
+(``comm.all_gather_stats``: each rank sends only its own ``2*Q``) gives every rank all partial moments;
 they are merged locally with Chan's formula ``M2 = sum M2_r + sum n_r (mean_r - mean)^2`` (never
 ``E[x^2] - E[x]^2``), in the same order everywhere, so the statistics -- and running stats -- are
 bitwise identical on every domain rank. Counts ``n_r`` come from geometry (global per statistic),
 so uneven and empty shards are exact. Backward is the analytic adjoint with one all-reduce of
-``(sum g, sum g*xhat)`` per statistic. Traffic: forward ``world * 2 * Q`` scalars, backward
+``(sum g, sum g*xhat)`` per statistic. Traffic sent per rank: forward ``2 * Q`` scalars, backward
 ``2 * Q``, ``Q = N*G`` (group), ``C`` (batch) or ``prod(leading dims)`` (layer): never an
 activation.
 
@@ -68,16 +68,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _merge(mean: torch.Tensor, m2: torch.Tensor, n: int, plan: LocalPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Global mean and biased variance from this rank's ``(mean, M2)`` over ``n`` elements.
 
-    One all-reduce of a ``(world, 2, Q)`` buffer in which each rank fills its own slot (so the sum
-    is exact); every rank then merges the same numbers in the same order: identical results.
+    One all-gather of every rank's ``(2, Q)`` into a ``(world, 2, Q)`` buffer (each rank sends only
+    its own numbers); every rank then merges the same numbers in the same order: identical results.
     """
     if plan.counts is None:
         return mean, m2 / n
-    buf = mean.new_zeros(plan.world, 2, mean.numel())
-    buf[plan.rank, 0] = mean
-    buf[plan.rank, 1] = m2
     with stats.op_label(plan.op):
-        comm.all_reduce_sum(buf, plan.group)
+        buf = comm.all_gather_stats(torch.stack((mean.reshape(-1), m2.reshape(-1))), plan.group)
     cnt = torch.tensor(plan.counts, dtype=buf.dtype, device=buf.device).view(-1, 1)
     total = sum(plan.counts)
     mean = (cnt * buf[:, 0]).sum(0) / total
