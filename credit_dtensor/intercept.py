@@ -186,6 +186,24 @@ class DomainRulesMode(TorchFunctionMode):
 
 _MUTATES: dict[Any, bool] = {}
 _METADATA_METHODS = frozenset(("requires_grad_", "detach_", "share_memory_", "rename_"))  # no data written
+_INPLACE_OPERATORS = frozenset(
+    f"__i{op}__"
+    for op in (
+        "add",
+        "sub",
+        "mul",
+        "truediv",
+        "floordiv",
+        "mod",
+        "pow",
+        "and",
+        "or",
+        "xor",
+        "lshift",
+        "rshift",
+        "matmul",
+    )
+) | {"__setitem__"}
 
 
 def _mutates(func: Any) -> bool:
@@ -195,10 +213,8 @@ def _mutates(func: Any) -> bool:
     if hit is None:
         name = getattr(func, "__name__", "") or ""
         hit = _MUTATES[func] = (
-            (name.endswith("_") and not name.startswith("_") and name not in _METADATA_METHODS)
-            or (name.startswith("__i") and name.endswith("__") and name not in ("__init__", "__iter__", "__index__"))
-            or name == "__setitem__"
-        )
+            name.endswith("_") and not name.startswith("_") and name not in _METADATA_METHODS
+        ) or name in _INPLACE_OPERATORS
     return hit
 
 

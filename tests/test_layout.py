@@ -116,6 +116,16 @@ def _inplace_after_save_task() -> dict[str, str]:
             out[name] = f"ok {(ga - gb).abs().max().item():.1e}"
         else:
             out[name] = f"{a}/{b} named={gb if b == 'raised' else None}"
+    # operators that only read (~, int) are not writes: a saved mask stays valid
+    a = cd.shard_tensor(x, m, 2).requires_grad_()
+    mask = a.detach() > 0
+    y = torch.where(mask, a, 0.0)
+    _ = ~mask, int((mask.sum() > 0).full_tensor())
+    try:
+        y.sum().backward()
+        out["read_only_operators"] = "ok"
+    except RuntimeError as exc:
+        out["read_only_operators"] = f"raised: {exc}"
     return out
 
 
@@ -128,3 +138,4 @@ def test_inplace_on_saved_tensor_raises_like_one_device(world):
         for name in ("silu", "gelu", "square", "hardswish"):
             assert res[name] == "raised/raised named=True", (rank, name, res[name])
         assert res["sigmoid"] == "ok 0.0e+00", (rank, res["sigmoid"])  # saves its output: legal
+        assert res["read_only_operators"] == "ok", (rank, res["read_only_operators"])
