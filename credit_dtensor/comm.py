@@ -89,7 +89,7 @@ def _post(sends, recv_shapes, group: dist.ProcessGroup, dtype: torch.dtype, devi
     On gloo each message is its own ``irecv``/``isend`` (gloo's are asynchronous, so the round cannot
     deadlock): ``batch_isend_irecv``'s coalescing costs more than the message itself there (a
     64-float round trip between two ranks of the 2-core CI box: 510 us batched, 210 us direct;
-    ``scripts/bench_latency.py``). Other backends (NCCL) get one ``batch_isend_irecv`` group, which
+    measured with a bare loop of each). Other backends (NCCL) get one ``batch_isend_irecv`` group, which
     they need for simultaneous sends and receives between a pair of ranks."""
     direct = _direct_p2p(group)
     ops: list = []
@@ -132,17 +132,23 @@ def _pair_sum(t: torch.Tensor, group: dist.ProcessGroup) -> bool:
     64 floats takes 1.7-2 ms, a send/receive pair 0.4-0.8 ms; the bytes are the same as the ring's
     (``nbytes(t)`` each way). Both ranks add in rank order (``t0 + t1``), so the result is bitwise
     the same on both, as an all-reduce's is. ``False``: not applicable, use the collective."""
-    if (
-        dist.get_world_size(group) != 2
-        or nbytes(t) > PAIR_SUM_MAX_BYTES
-        or t.dtype == torch.bool
-        or dist.get_backend(group) != "gloo"
-    ):
+    if t.dtype == torch.bool or not _pair_ok(t, group):
         return False
-    me = dist.get_rank(group)
-    (other,) = _post([(1 - me, t)], [(1 - me, t.shape)], group, t.dtype, t.device).wait()
+    me, other = _swap(t, group)
     t.copy_(t + other if me == 0 else other + t)
     return True
+
+
+def _pair_ok(t: torch.Tensor, group: dist.ProcessGroup) -> bool:
+    """A two-rank gloo group and a small ``t``: one send/receive pair beats the collective."""
+    return dist.get_world_size(group) == 2 and nbytes(t) <= PAIR_SUM_MAX_BYTES and _direct_p2p(group)
+
+
+def _swap(t: torch.Tensor, group: dist.ProcessGroup) -> tuple[int, torch.Tensor]:
+    """``(my group rank, the other rank's t)`` on a two-rank group: one uncounted send/receive pair."""
+    me = dist.get_rank(group)
+    (other,) = _post([(1 - me, t)], [(1 - me, t.shape)], group, t.dtype, t.device).wait()
+    return me, other
 
 
 def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -165,9 +171,8 @@ def all_gather_stats(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     t = t.contiguous()
     if world == 1:
         return t.unsqueeze(0)
-    if world == 2 and nbytes(t) <= PAIR_SUM_MAX_BYTES and _direct_p2p(group):
-        me = dist.get_rank(group)
-        (other,) = _post([(1 - me, t)], [(1 - me, t.shape)], group, t.dtype, t.device).wait()
+    if _pair_ok(t, group):
+        me, other = _swap(t, group)
         out = torch.stack((t, other) if me == 0 else (other, t))
     else:
         parts = [torch.empty_like(t) for _ in range(world)]

@@ -140,15 +140,20 @@ def _saved(saved: list[torch.Tensor], key: str) -> list[torch.Tensor | None]:
     return [None if mask[i] == "0" else t for i, t in zip(rule.saved_inputs, saved[:n])] + saved[n:]
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
-    tensors, key = inputs
-    rule = RULES[_split(key)[0]]
-    ctx.key = key
-    ctx.n_inputs = len(tensors)
-    ctx.save_for_backward(*[tensors[i] for i in rule.saved_inputs], *[output[i] for i in rule.saved_outputs])
-    nondiff = [o for i, o in enumerate(output) if i not in rule.differentiable_outputs]
+def _save(ctx: Any, rule: Any, inputs: Any, outputs: Any) -> None:
+    """What the rule's backward reads (its ``saved_inputs``, then ``saved_outputs``), and its
+    non-differentiable outputs marked: the custom op's context and the eager node's alike."""
+    ctx.save_for_backward(*[inputs[i] for i in rule.saved_inputs], *[outputs[i] for i in rule.saved_outputs])
+    nondiff = [o for i, o in enumerate(outputs) if i not in rule.differentiable_outputs]
     if nondiff:
         ctx.mark_non_differentiable(*nondiff)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
+    tensors, key = inputs
+    ctx.key = key
+    ctx.n_inputs = len(tensors)
+    _save(ctx, RULES[_split(key)[0]], tensors, output)
 
 
 def _backward(ctx: Any, grads: list[torch.Tensor | None]) -> tuple:
@@ -174,10 +179,7 @@ class _Eager(torch.autograd.Function):
         with intercept.suspended():
             outs = _no_alias(rule.forward(list(inputs)), list(inputs))
         ctx.rule = rule
-        ctx.save_for_backward(*[inputs[i] for i in rule.saved_inputs], *[outs[i] for i in rule.saved_outputs])
-        nondiff = [o for i, o in enumerate(outs) if i not in rule.differentiable_outputs]
-        if nondiff:
-            ctx.mark_non_differentiable(*nondiff)
+        _save(ctx, rule, inputs, outs)
         ctx.set_materialize_grads(False)
         return tuple(outs)
 
