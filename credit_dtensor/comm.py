@@ -17,6 +17,7 @@ __all__ = [
     "register_group_cache",
     "exchange",
     "all_reduce_sum",
+    "all_reduce_sum_start",
     "all_reduce",
     "sum_over_ranks",
     "all_gather_small",
@@ -159,6 +160,42 @@ def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     stats.record(nbytes(t), nbytes(t), collectives=1)
     return t
+
+
+class PendingSum:
+    """A posted :func:`all_reduce_sum_start`: :meth:`wait` completes the in-place sum of ``t``."""
+
+    def __init__(self, t: torch.Tensor, work=None, swap: PendingExchange | None = None, me: int = 0) -> None:
+        self.t, self._work, self._swap, self._me = t, work, swap, me
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        elif self._swap is not None:
+            (other,) = self._swap.wait()
+            self.t.copy_(self.t + other if self._me == 0 else other + self.t)  # rank order: same bits on both
+        self._work = self._swap = None
+        return self.t
+
+
+def all_reduce_sum_start(t: torch.Tensor, group: dist.ProcessGroup) -> PendingSum:
+    """:func:`all_reduce_sum`, posted but not waited on (a gradient bucket reduced while backward
+    goes on). ``t`` must not be touched until :meth:`PendingSum.wait`. Counted like
+    :func:`all_reduce_sum`; small tensors between two gloo ranks go as one send/receive pair."""
+    if dist.get_world_size(group) == 1:
+        return PendingSum(t)
+    stats.record(nbytes(t), nbytes(t), collectives=1)
+    if t.dtype != torch.bool and _pair_ok(t, group):
+        me = dist.get_rank(group)
+        return PendingSum(t, swap=_post([(1 - me, t)], [(1 - me, t.shape)], group, t.dtype, t.device), me=me)
+    return PendingSum(t, work=dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True))
+
+
+def new_group_like(ranks: Sequence[int]) -> dist.ProcessGroup:
+    """A new process group of ``ranks`` on the default backend (every rank must call it, in the same
+    order, for every group): traffic that runs concurrently with a step's own collectives (gradient
+    buckets in backward) gets its own ordering, so it can never pair with a norm's statistics."""
+    return dist.new_group(ranks=list(ranks))
 
 
 def all_gather_stats(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -39,12 +39,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from . import comm, intercept, rebind
 from ._torch_versions import require
-from .dtensor import as_dtensor, local_of
 from .errors import DomainParallelError
+from .gradsync import flatten, is_partial, overlap_gradient_reduction, write_back
 from .mesh import DomainParallelManager
 
 __all__ = [
@@ -157,6 +156,7 @@ def parallelize(
     blocks: Iterable[nn.Module] | None = None,
     custom_converters: Mapping[type, Callable] | None = None,
     compile: bool | str = False,
+    overlap_gradients: bool = False,
 ) -> nn.Module:
     """Make ``model`` domain-parallel on ``manager.domain_mesh`` and FSDP2-sharded on ``manager.dp_mesh``.
 
@@ -172,6 +172,9 @@ def parallelize(
         compile: ``torch.compile`` every block (``True``: inductor, or a backend name such as
             ``"aot_eager"``) with ``fullgraph=True, dynamic=False``; the whole model when it has no
             blocks. FSDP2's hooks stay outside the compiled regions (torchtitan's recipe).
+        overlap_gradients: with ``fsdp=False``, reduce the gradients bucket by bucket during
+            backward (:func:`~credit_dtensor.gradsync.overlap_gradient_reduction`);
+            :func:`reduce_gradients` after backward then waits for them. Same numbers.
 
     Returns the same model object (FSDP2 swaps its class in place).
     """
@@ -182,6 +185,11 @@ def parallelize(
         raise DomainParallelError(
             f"parallelize: model parameters are on {sorted(dev)} but the mesh is {manager.device_type!r}: "
             f"move the model with .to({manager.device_type!r}) first"
+        )
+    if overlap_gradients and fsdp:
+        raise DomainParallelError(
+            "parallelize(overlap_gradients=True) applies to fsdp=False (FSDP2 overlaps its own gradient "
+            "reductions): pass fsdp=False, or drop overlap_gradients"
         )
     blocks = list(blocks) if blocks is not None else default_blocks(model)
     model = convert_model(model, manager, custom_converters)
@@ -198,6 +206,8 @@ def parallelize(
         rebind.rebind_optimizers()
     else:
         model._dp_manager = manager  # for reduce_gradients
+        if overlap_gradients:
+            overlap_gradient_reduction(model, manager)
     if compile:
         apply_compile(blocks or [model], "inductor" if compile is True else str(compile))
     logger.info(
@@ -233,10 +243,6 @@ def apply_compile(units: Iterable[nn.Module], backend: str = "inductor") -> None
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_partial(g: torch.Tensor) -> bool:
-    return not isinstance(g, DTensor) or any(isinstance(p, Partial) for p in g.placements)
-
-
 def _buckets(grads: list[tuple[nn.Parameter, torch.Tensor]]) -> Iterable[list[tuple[nn.Parameter, torch.Tensor]]]:
     bucket: list = []
     size = 0
@@ -259,33 +265,37 @@ def reduce_gradients(model: nn.Module, manager: DomainParallelManager | None = N
     collective does the domain sum and the dp sum; ``Replicate`` gradients are summed over "dp"
     only. All are then divided by the dp size (mean over data-parallel replicas) and every DTensor
     gradient is left ``Replicate`` on its mesh. One all-reduce per bucket of <= 25 MiB.
+
+    With :func:`~credit_dtensor.gradsync.overlap_gradient_reduction` (``parallelize(...,
+    fsdp=False, overlap_gradients=True)``) the buckets were posted during backward: this waits for
+    them and reduces only what is left, with the same result.
     """
+    reducer = getattr(model, "_grad_reducer", None)
+    if reducer is not None and (manager is None or manager is reducer.manager):
+        reducer.finish()
+        return
     manager = manager or getattr(model, "_dp_manager", None)
     if manager is None:
         raise DomainParallelError(
             "reduce_gradients: no manager: pass it, or parallelize the model with fsdp=False first"
         )
+    reduce_gradient_list(list(model.parameters()), manager)
+
+
+def reduce_gradient_list(params: list[nn.Parameter], manager: DomainParallelManager) -> None:
+    """:func:`reduce_gradients` of the parameters ``params`` (those without a gradient skipped)."""
     partial, replicate = [], []
-    for p in model.parameters():
+    for p in params:
         g = p.grad
         if g is None:
             continue
-        (partial if _is_partial(g) else replicate).append((p, g))
+        (partial if is_partial(g) else replicate).append((p, g))
     world_group = dist.group.WORLD
     dp = manager.dp_world_size
     for items, group in ((partial, world_group), (replicate, manager.dp_group)):
         for bucket in _buckets(items):
-            locals_ = [local_of(g) if isinstance(g, DTensor) else g for _, g in bucket]
-            flat = torch.cat([t.reshape(-1) for t in locals_])
+            flat = flatten(bucket)
             comm.all_reduce_sum(flat, group)
             if dp > 1:
                 flat.div_(dp)
-            offset = 0
-            for (p, g), t in zip(bucket, locals_, strict=True):
-                n = t.numel()
-                local = flat[offset : offset + n].view_as(t)
-                offset += n
-                if isinstance(g, DTensor):
-                    p.grad = as_dtensor(local, g.device_mesh, (Replicate(),) * g.device_mesh.ndim, g.shape, g.stride())
-                else:
-                    p.grad = local
+            write_back(bucket, flat)

@@ -396,8 +396,10 @@ def test_bench_models_case_times_whole_steps_exactly(tmp_path, monkeypatch, caps
         assert word in out, (word, out)
     assert main(["bench", "--from-json", str(raw), "--json"]) == 0
     summary = {s["variant"]: s for s in map(json.loads, capsys.readouterr().out.splitlines()) if s}
-    assert set(summary) == {"one", "plain", "eager"}
+    assert set(summary) == {"one", "plain", "eager", "overlap"}
     assert summary["eager"]["max_rel_diff"] < 1e-5 < summary["plain"]["max_rel_diff"]
+    assert summary["overlap"]["max_rel_diff"] < 1e-5
+    assert summary["overlap"]["sent_bytes"] == summary["eager"]["sent_bytes"]  # the same gradients, bucketed
     assert summary["eager"]["collectives"] > 0 and summary["eager"]["speedup"] > 0
     assert 0.9 < summary["eager"]["sent_bytes"] / summary["plain"]["sent_bytes"] < 1.2
 

@@ -75,6 +75,7 @@ WORLD4 = [
     (2, {}),  # 2 x 2, FSDP2
     (2, {"activation_checkpointing": True}),
     (2, {"fsdp": False}),
+    (2, {"fsdp": False, "overlap_gradients": True}),  # gradient buckets reduced during backward
     (4, {}),  # 1 x 4: uneven and empty shards
 ]
 

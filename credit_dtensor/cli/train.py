@@ -60,6 +60,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the model initialization and the data")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter and data dtype")
     p.add_argument("--no-fsdp", action="store_true", help="replicate parameters and all-reduce gradients instead")
+    p.add_argument(
+        "--overlap-gradients",
+        action="store_true",
+        help="with --no-fsdp: all-reduce gradient buckets during backward instead of after it",
+    )
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument(
         "--compile",

@@ -9,7 +9,9 @@ one training step (forward, ``backward`` of a fixed output gradient, parameter-g
   left local as CREDIT leaves them -- so not exact in training mode -- one bucketed all-reduce of
   the parameter gradients);
 * ``eager``: credit_dtensor, the converted model on an H-sharded DTensor,
-  :func:`~credit_dtensor.reduce_gradients`;
+  :func:`~credit_dtensor.reduce_gradients` after backward;
+* ``overlap``: the same with the gradient buckets reduced during backward
+  (:func:`~credit_dtensor.gradsync.overlap_gradient_reduction`);
 * ``<backend>``: the converted model under ``torch.compile`` (compile time reported apart).
 
 Per variant: the median step (max over ranks per repetition; repetitions interleaved so load hits
@@ -76,6 +78,7 @@ def _steps(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: in
     from .. import shard_tensor
     from ..convert import convert_to_domain_parallel
     from ..geometry import chunk_range
+    from ..gradsync import overlap_gradient_reduction
     from ..parallelize import reduce_gradients
     from .bench_plain import plain_wrap
 
@@ -127,6 +130,9 @@ def _steps(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: in
 
     converted = convert_to_domain_parallel(copy.deepcopy(plain), manager)
     steps["eager"] = dtensor_step(converted, converted)
+    overlapped = convert_to_domain_parallel(copy.deepcopy(plain), manager)
+    overlap_gradient_reduction(overlapped, manager)
+    steps["overlap"] = dtensor_step(overlapped, overlapped)
     compile_s: dict[str, float] = {}
     if cfg.backends:
         torch._dynamo.reset()
@@ -196,7 +202,9 @@ def bench_step_case(name: str, field: tuple[int, ...], cfg: StepConfig, manager,
         if n != "one":  # the reference itself
             diffs[n] = float((y.detach() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         counts[n] = (0, 0) if n == "one" else _count_collectives(step)
-        saved[n] = _saved_bytes(step, params) if n in ("one", "plain", "eager") else None  # compiled: inside the graph
+        saved[n] = (
+            _saved_bytes(step, params) if n in ("one", "plain", "eager", "overlap") else None
+        )  # compiled: inside the graph
     what = {"model": name}
     rows = timed_rows("step", what, field, world, rank, cfg.threads, steps, cfg, compile_s)
     return [

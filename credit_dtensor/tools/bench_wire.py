@@ -90,6 +90,7 @@ def intercept(counter: WireCounter) -> Iterator[WireCounter]:
 
     saved: list[tuple[object, str, object]] = []
     wrappers: dict[int, Callable] = {}
+    depth = [0]  # a call that re-enters itself (c10d's torch-function handling) is one call on the wire
 
     def wrap(mod: object, name: str, size: Callable, kind: str) -> None:
         orig = getattr(mod, name, None)
@@ -98,9 +99,14 @@ def intercept(counter: WireCounter) -> Iterator[WireCounter]:
         if id(orig) not in wrappers:
 
             def wrapper(*a, __orig=orig, **k):
-                s, r = size(a, k)
-                counter.add(kind, s, r)
-                return __orig(*a, **k)
+                if not depth[0]:
+                    s, r = size(a, k)
+                    counter.add(kind, s, r)
+                depth[0] += 1
+                try:
+                    return __orig(*a, **k)
+                finally:
+                    depth[0] -= 1
 
             wrapper.__name__ = orig.__name__
             wrappers[id(orig)] = wrapper

@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     fsdp: bool = True
+    overlap_gradients: bool = False  # fsdp=False: reduce gradient buckets during backward
     activation_checkpointing: bool = False
     compile: str | None = None  # torch.compile every block with this backend ("inductor", "aot_eager")
     checkpoint_dir: str | None = None
@@ -162,6 +163,7 @@ def setup(config: TrainConfig, manager: DomainParallelManager) -> tuple[nn.Modul
         model,
         manager,
         fsdp=config.fsdp,
+        overlap_gradients=config.overlap_gradients,
         activation_checkpointing=config.activation_checkpointing,
         compile=config.compile or False,
     )
