@@ -146,7 +146,7 @@ def _steps(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: in
         steps[backend] = step
     with torch.no_grad():
         ref = copy.deepcopy(plain)(x)[:, :, lo:hi]
-    return steps, compile_s, ref, _param_storages(one, wrapped, converted)
+    return steps, compile_s, ref, _param_storages(one, wrapped, converted, overlapped)
 
 
 def _count_collectives(step: Callable) -> tuple[int, int]:
