@@ -255,6 +255,14 @@ def overlap_gradient_reduction(
         raise DomainParallelError(
             "overlap_gradient_reduction: no manager: pass it, or parallelize the model with fsdp=False first"
         )
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise DomainParallelError(
+            f"overlap_gradient_reduction: {type(model).__name__} is sharded with FSDP2, which reduces its gradients "
+            "itself (overlapped with backward); reducing them again would double them: use it only on models "
+            "parallelized with fsdp=False"
+        )
     old = getattr(model, "_grad_reducer", None)
     if old is not None:
         old.remove()

@@ -271,7 +271,12 @@ def reduce_gradients(model: nn.Module, manager: DomainParallelManager | None = N
     them and reduces only what is left, with the same result.
     """
     reducer = getattr(model, "_grad_reducer", None)
-    if reducer is not None and (manager is None or manager is reducer.manager):
+    if reducer is not None:
+        if manager is not None and manager is not reducer.manager:
+            raise DomainParallelError(
+                "reduce_gradients: the model's gradients are reduced during backward with another manager's groups "
+                "(overlap_gradient_reduction): pass that manager, or none"
+            )
         reducer.finish()
         return
     manager = manager or getattr(model, "_dp_manager", None)

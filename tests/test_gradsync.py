@@ -163,5 +163,24 @@ def task_parallelize_refuses_fsdp_overlap() -> str:
     return harness.raises(lambda: parallelize(_model(), m, overlap_gradients=True), DomainParallelError, "fsdp=False")
 
 
+def task_refusals() -> list[str]:
+    from credit_dtensor import DomainParallelManager, parallelize
+    from credit_dtensor.errors import DomainParallelError
+    from credit_dtensor.gradsync import overlap_gradient_reduction
+    from credit_dtensor.parallelize import reduce_gradients
+
+    m = harness.manager(2)
+    fsdp_model = parallelize(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)).double(), m)
+    sharded = harness.raises(lambda: overlap_gradient_reduction(fsdp_model, m), DomainParallelError, "FSDP2")
+    model = parallelize(_model(), m, fsdp=False, overlap_gradients=True)
+    other = DomainParallelManager(2)  # same world, another manager object
+    mixed = harness.raises(lambda: reduce_gradients(model, other), DomainParallelError, "another manager")
+    return [sharded, mixed]
+
+
 def test_parallelize_refuses_overlap_with_fsdp() -> None:
     harness.get_world(2).run(task_parallelize_refuses_fsdp_overlap)
+
+
+def test_refuses_fsdp_models_and_a_second_manager() -> None:
+    harness.get_world(2).run(task_refusals)
