@@ -13,7 +13,7 @@ size and leaves every gradient ``Replicate``.
 Exactness and ordering:
 
 * the numbers are those of :func:`reduce_gradients`: the same sums of the same local gradients
-  (each bucket is one collective, as each bucket is there), the same division, the same layout;
+  (one sum all-reduce per bucket in both), the same division, the same layout;
 * buckets are posted strictly in index order on every rank, on process groups of their own
   (:func:`credit_dtensor.comm.new_group_like`), so a bucket can never pair with a norm's
   statistics or a halo message of the step itself, even if two ranks ran backward's nodes in a
@@ -110,8 +110,7 @@ class GradientReducer:
         manager.check_open("overlap_gradient_reduction")
         self.manager = manager
         world = torch.distributed.get_world_size()
-        domain_groups, dp_groups = rank_layout(world, manager.domain_world_size)
-        del domain_groups
+        _, dp_groups = rank_layout(world, manager.domain_world_size)
         me = torch.distributed.get_rank()
         self._world_ranks = tuple(range(world))
         self._dp_ranks = tuple(next(g for g in dp_groups if me in g))
