@@ -1,7 +1,7 @@
 """``comm``'s small sums: on two gloo ranks they go as one send/receive pair (``_pair_sum``, ~3x
 less latency than gloo's all-reduce on the CPU box); the result must equal the collective's, be
 bitwise the same on both ranks, and count the same bytes; other sizes and worlds keep the
-collective."""
+collective. ``all_reduce_sum_start`` (posted now, waited later) gives the same bits."""
 
 from __future__ import annotations
 
@@ -33,7 +33,12 @@ def _task(seed: int) -> dict:
         with comm_stats() as s:
             got = comm.all_reduce_sum(t.clone(), group)
             out_of_place = comm.all_reduce(t, group, "sum")
-        out[name] = (got, out_of_place, ref, s.sent_bytes, t.numel() * t.element_size())
+        with comm_stats() as s_started:
+            pending = comm.all_reduce_sum_start(t.clone(), group)
+            busy = torch.randn(64, 64, generator=g) @ torch.randn(64, 64, generator=g)  # work while it travels
+            started = pending.wait()
+        del busy
+        out[name] = (got, out_of_place, ref, s.sent_bytes, t.numel() * t.element_size(), started, s_started.sent_bytes)
     return out
 
 
@@ -41,11 +46,14 @@ def _task(seed: int) -> dict:
 def test_small_sums_match_the_collective_and_agree_bitwise(world):
     results = get_world(world).run(_task, 0)
     for rank, res in enumerate(results):
-        for name, (got, oop, ref, sent, n) in res.items():
+        for name, (got, oop, ref, sent, n, started, sent_started) in res.items():
             assert torch.allclose(got, ref, rtol=1e-6, atol=0), (rank, name)
             assert torch.equal(got, oop), (rank, name)
             assert sent == 2 * n, (rank, name, sent)  # counted like the all-reduce: n each time
             assert torch.equal(got, results[0][name][0]), (rank, name)  # the same bits on every rank
+            # posted now, waited later (gradient buckets): the same sum, bits and count
+            assert torch.equal(started, got), (rank, name)
+            assert sent_started == n, (rank, name, sent_started)
 
 
 def _gather_task(seed: int) -> dict:
