@@ -133,11 +133,19 @@ def _pair_sum(t: torch.Tensor, group: dist.ProcessGroup) -> bool:
     64 floats takes 1.7-2 ms, a send/receive pair 0.4-0.8 ms; the bytes are the same as the ring's
     (``nbytes(t)`` each way). Both ranks add in rank order (``t0 + t1``), so the result is bitwise
     the same on both, as an all-reduce's is. ``False``: not applicable, use the collective."""
-    if t.dtype == torch.bool or not _pair_ok(t, group):
+    pending = _pair_sum_start(t, group)
+    if pending is None:
         return False
-    me, other = _swap(t, group)
-    t.copy_(t + other if me == 0 else other + t)
+    pending.wait()
     return True
+
+
+def _pair_sum_start(t: torch.Tensor, group: dist.ProcessGroup) -> PendingSum | None:
+    """:func:`_pair_sum` posted, not waited on; ``None``: not applicable."""
+    if t.dtype == torch.bool or not _pair_ok(t, group):
+        return None
+    me, pending = _swap_start(t, group)
+    return PendingSum(t, swap=pending, me=me)
 
 
 def _pair_ok(t: torch.Tensor, group: dist.ProcessGroup) -> bool:
@@ -145,10 +153,16 @@ def _pair_ok(t: torch.Tensor, group: dist.ProcessGroup) -> bool:
     return dist.get_world_size(group) == 2 and nbytes(t) <= PAIR_SUM_MAX_BYTES and _direct_p2p(group)
 
 
+def _swap_start(t: torch.Tensor, group: dist.ProcessGroup) -> tuple[int, PendingExchange]:
+    """``(my group rank, the posted round)`` of :func:`_swap`."""
+    me = dist.get_rank(group)
+    return me, _post([(1 - me, t)], [(1 - me, t.shape)], group, t.dtype, t.device)
+
+
 def _swap(t: torch.Tensor, group: dist.ProcessGroup) -> tuple[int, torch.Tensor]:
     """``(my group rank, the other rank's t)`` on a two-rank group: one uncounted send/receive pair."""
-    me = dist.get_rank(group)
-    (other,) = _post([(1 - me, t)], [(1 - me, t.shape)], group, t.dtype, t.device).wait()
+    me, pending = _swap_start(t, group)
+    (other,) = pending.wait()
     return me, other
 
 
@@ -185,9 +199,9 @@ def all_reduce_sum_start(t: torch.Tensor, group: dist.ProcessGroup) -> PendingSu
     if dist.get_world_size(group) == 1:
         return PendingSum(t)
     stats.record(nbytes(t), nbytes(t), collectives=1)
-    if t.dtype != torch.bool and _pair_ok(t, group):
-        me = dist.get_rank(group)
-        return PendingSum(t, swap=_post([(1 - me, t)], [(1 - me, t.shape)], group, t.dtype, t.device), me=me)
+    pair = _pair_sum_start(t, group)
+    if pair is not None:
+        return pair
     return PendingSum(t, work=dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True))
 
 

@@ -77,6 +77,13 @@ def write_back(items: list[tuple[nn.Parameter, torch.Tensor]], flat: torch.Tenso
             p.grad = local
 
 
+def settle(items: list[tuple[nn.Parameter, torch.Tensor]], flat: torch.Tensor, dp: int) -> None:
+    """A reduced bucket: the data-parallel mean, written back as each parameter's gradient."""
+    if dp > 1:
+        flat.div_(dp)
+    write_back(items, flat)
+
+
 def flatten(items: list[tuple[nn.Parameter, torch.Tensor]]) -> torch.Tensor:
     """One contiguous buffer of the local gradients, in ``items`` order."""
     return torch.cat([(local_of(g) if isinstance(g, DTensor) else g).reshape(-1) for _, g in items])
@@ -84,7 +91,6 @@ def flatten(items: list[tuple[nn.Parameter, torch.Tensor]]) -> torch.Tensor:
 
 @dataclass
 class _Bucket:
-    index: int
     params: list[nn.Parameter]
     waiting: int = 0  # parameters whose hook has not fired in this round
     posted: tuple | None = None  # (items, flat, pending sum)
@@ -140,7 +146,7 @@ class GradientReducer:
         )
 
     def _add_bucket(self, params: list[nn.Parameter]) -> None:
-        bucket = _Bucket(len(self.buckets), params)
+        bucket = _Bucket(params)
         self.buckets.append(bucket)
         for p in params:
             self._bucket_of[id(p)] = bucket
@@ -212,9 +218,7 @@ class GradientReducer:
                     pending.wait()
                 if rnd.stale or any(p.grad is not g for p, g in items):
                     continue  # the gradients moved on after posting: reduced again below
-                if dp > 1:
-                    flat.div_(dp)
-                write_back(items, flat)
+                settle(items, flat, dp)
                 done.update(id(p) for p, _ in items)
         rest = [p for p in (q for b in self.buckets for q in b.params) if id(p) not in done and p.grad is not None]
         if rnd.ready and not rnd.stale:

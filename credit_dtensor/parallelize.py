@@ -43,7 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from . import comm, intercept, rebind
 from ._torch_versions import require
 from .errors import DomainParallelError
-from .gradsync import flatten, is_partial, overlap_gradient_reduction, write_back
+from .gradsync import flatten, is_partial, overlap_gradient_reduction, settle
 from .mesh import DomainParallelManager
 
 __all__ = [
@@ -301,6 +301,4 @@ def reduce_gradient_list(params: list[nn.Parameter], manager: DomainParallelMana
         for bucket in _buckets(items):
             flat = flatten(bucket)
             comm.all_reduce_sum(flat, group)
-            if dp > 1:
-                flat.div_(dp)
-            write_back(bucket, flat)
+            settle(bucket, flat, dp)
