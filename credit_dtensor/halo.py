@@ -21,7 +21,16 @@ import torch.distributed as dist
 from . import comm
 from .geometry import chunk_offsets, owner_of
 
-__all__ = ["HaloPlan", "make_plan", "gather_rows", "halo_gather", "halo_scatter_add"]
+__all__ = [
+    "HaloPlan",
+    "make_plan",
+    "gather_rows",
+    "halo_gather",
+    "halo_scatter_add",
+    "assemble",
+    "send_index",
+    "row_shape",
+]
 
 Refs = tuple["int | None", ...]
 
@@ -137,7 +146,7 @@ def cached_plan(n: int, world: int, rank: int, needs: tuple[Refs, ...]) -> HaloP
 _INDEX: dict[tuple[int, torch.device], tuple[HaloPlan, list[torch.Tensor]]] = {}
 
 
-def _send_index(plan: HaloPlan, device: torch.device) -> list[torch.Tensor]:
+def send_index(plan: HaloPlan, device: torch.device) -> list[torch.Tensor]:
     """The local row indices of each of ``plan.sends`` as int64 tensors on ``device``, built once per
     (plan, device): plans are cached, so a layer reuses its index tensors on every call. Keyed by the
     plan's identity (hashing a plan hashes its row lists); the entry keeps the plan alive so the id
@@ -151,7 +160,7 @@ def _send_index(plan: HaloPlan, device: torch.device) -> list[torch.Tensor]:
     return hit[1]
 
 
-def _row_shape(x: torch.Tensor, dim: int, rows: int) -> tuple[int, ...]:
+def row_shape(x: torch.Tensor, dim: int, rows: int) -> tuple[int, ...]:
     shape = list(x.shape)
     shape[dim] = rows
     return tuple(shape)
@@ -180,26 +189,41 @@ def halo_gather_start(
     (a conv computes its interior rows, which need no halo, in between)."""
     if plan.is_local and plan.is_identity:
         return lambda: x
-    index = _send_index(plan, x.device)
+    index = send_index(plan, x.device)
     sends = [(dst, x.index_select(dim, idx)) for (dst, _), idx in zip(plan.sends, index)]
-    recv_shapes = [(src, _row_shape(x, dim, len(rows))) for src, rows in plan.recvs]
+    recv_shapes = [(src, row_shape(x, dim, len(rows))) for src, rows in plan.recvs]
     pending = None if plan.is_local else comm.exchange_start(sends, recv_shapes, group, dtype=x.dtype, device=x.device)
-    return lambda: _assemble(x, dim, plan, pending.wait() if pending is not None else [])
+    return lambda: assemble(x, dim, plan, pending.wait() if pending is not None else [])
 
 
-def _assemble(x: torch.Tensor, dim: int, plan: HaloPlan, received: list[torch.Tensor]) -> torch.Tensor:
+def assemble(x: torch.Tensor, dim: int, plan: HaloPlan, received: list[torch.Tensor]) -> torch.Tensor:
     if plan.is_identity:
         return x
     pieces = []
     for seg in plan.segments:
         if seg.source == -2:
-            pieces.append(x.new_zeros(_row_shape(x, dim, seg.length)))
+            pieces.append(x.new_zeros(row_shape(x, dim, seg.length)))
         else:
             buf = x if seg.source == -1 else received[seg.source]
             pieces.append(buf.narrow(dim, seg.start, seg.length))
     if not pieces:
-        return x.new_zeros(_row_shape(x, dim, 0))
+        return x.new_zeros(row_shape(x, dim, 0))
     return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def disassemble(grad_ext: torch.Tensor, dim: int, plan: HaloPlan) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Adjoint of :func:`assemble` (no communication): the gradient of the own rows, and of the
+    rows received from each of ``plan.recvs`` (fresh tensors)."""
+    shape = row_shape(grad_ext, dim, plan.local_len)
+    grad = grad_ext.clone() if plan.is_identity else grad_ext.new_zeros(shape)
+    back = [grad_ext.new_zeros(row_shape(grad_ext, dim, len(rows))) for _, rows in plan.recvs]
+    pos = 0
+    for seg in () if plan.is_identity else plan.segments:
+        if seg.source != -2:
+            dst = grad if seg.source == -1 else back[seg.source]
+            dst.narrow(dim, seg.start, seg.length).add_(grad_ext.narrow(dim, pos, seg.length))
+        pos += seg.length
+    return grad, back
 
 
 def halo_scatter_add(grad_ext: torch.Tensor, dim: int, plan: HaloPlan, group: dist.ProcessGroup) -> torch.Tensor:
@@ -214,27 +238,19 @@ def halo_scatter_add_start(
     (a conv's backward computes its weight gradient in between)."""
     if plan.is_local and plan.is_identity:
         return lambda: grad_ext
-    shape = _row_shape(grad_ext, dim, plan.local_len)
-    grad = grad_ext.clone() if plan.is_identity else grad_ext.new_zeros(shape)
-    back = [grad_ext.new_zeros(_row_shape(grad_ext, dim, len(rows))) for _, rows in plan.recvs]
-    pos = 0
-    for seg in () if plan.is_identity else plan.segments:
-        if seg.source != -2:
-            dst = grad if seg.source == -1 else back[seg.source]
-            dst.narrow(dim, seg.start, seg.length).add_(grad_ext.narrow(dim, pos, seg.length))
-        pos += seg.length
+    grad, back = disassemble(grad_ext, dim, plan)
     if plan.is_local:
         return lambda: grad
     pending = comm.exchange_start(
         [(src, b) for (src, _), b in zip(plan.recvs, back)],
-        [(dst, _row_shape(grad_ext, dim, len(rows))) for dst, rows in plan.sends],
+        [(dst, row_shape(grad_ext, dim, len(rows))) for dst, rows in plan.sends],
         group,
         dtype=grad_ext.dtype,
         device=grad_ext.device,
     )
 
     def finish() -> torch.Tensor:
-        for idx, g in zip(_send_index(plan, grad.device), pending.wait()):
+        for idx, g in zip(send_index(plan, grad.device), pending.wait()):
             grad.index_add_(dim, idx, g)
         return grad
 

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
 from .. import comm, intercept
-from ..dtensor import check_replicated, full_operand, local_replicated, wrap_shard
+from ..dtensor import check_replicated, full_operand, local_of, local_replicated, wrap_shard
 from ..errors import DomainParallelError, UnsupportedShardingError
-from . import _groups
+from . import _groups, fold
 from ._autocast import cast_inputs
-from .conv_ops import HaloConvDTensor, HaloConvEager, encode, halo_conv
+from .conv_ops import FoldedConv, HaloConvDTensor, HaloConvEager, encode, halo_conv, setup_cached
 from .conv_spec import (
     ConvSpec,
     conv_out_shape,
@@ -125,6 +125,16 @@ def _halo(x: DTensor, weight, bias, spec: ConvSpec, dim: int, batched: bool) -> 
     args = (encode(spec), shape[dim], dim, world, rank, group)
     out_channels = weight.shape[1] * spec.groups if spec.transposed else weight.shape[0]
     out_shape = conv_out_shape(spec, shape, out_channels)
+    carry = None if compiling else fold.carried(x)
+    if carry is not None:
+        key = fold.ConvKey(tuple(args[0]), shape, dim, group)
+        if isinstance(carry, fold.Probe):
+            if needs_halo(spec, dim - (x.ndim - spec.nd)):
+                fold.note_consumer(carry, key)
+        elif carry.conv == key:
+            y = _folded(x, weight, bias, carry, args)
+            if y is not None:
+                return wrap_shard(y, mesh, dim, out_shape)
     if not compiling and isinstance(weight, DTensor) and (bias is None or isinstance(bias, DTensor)):
         return HaloConvDTensor.apply(x, weight, bias, args, out_shape)
     w, b = _param(weight, mesh), _param(bias, mesh)
@@ -133,6 +143,17 @@ def _halo(x: DTensor, weight, bias, spec: ConvSpec, dim: int, batched: bool) -> 
     else:
         y = HaloConvEager.apply(x.to_local(), w, b, args)
     return wrap_shard(y, mesh, dim, out_shape)
+
+
+def _folded(x: DTensor, weight, bias, carry: fold.Carry, args: tuple) -> torch.Tensor | None:
+    """The local output rows from the halo a norm borrowed (:mod:`.fold`), or ``None`` when the
+    carry was made for another plan (then the usual exchange runs, as on every rank)."""
+    xl = local_of(x)
+    _, hplan, loc = setup_cached(xl, *args[:5])
+    if hplan is not carry.plan and hplan != carry.plan:
+        return None
+    mesh = x.device_mesh
+    return FoldedConv.apply(xl, _param(weight, mesh), _param(bias, mesh), loc, hplan, args[2], *carry.rows)
 
 
 _VALID: set[tuple[ConvSpec, tuple[int, ...]]] = set()

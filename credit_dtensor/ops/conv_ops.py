@@ -15,12 +15,12 @@ from torch.distributed.tensor import DTensor, Partial, Shard
 
 from .. import intercept, stats
 from ..dtensor import as_dtensor, global_stride, wrap_shard
-from ..halo import halo_gather_start, halo_scatter_add, halo_scatter_add_start, own_rows
+from ..halo import assemble, disassemble, halo_gather_start, halo_scatter_add, halo_scatter_add_start, own_rows
 from . import _groups
 from .conv_local import local_backward, local_forward, local_setup
 from .conv_spec import MODES, ConvSpec, conv_out_shape, plan
 
-__all__ = ["halo_conv", "halo_conv_backward", "HaloConvEager", "HaloConvDTensor", "encode"]
+__all__ = ["halo_conv", "halo_conv_backward", "HaloConvEager", "HaloConvDTensor", "FoldedConv", "encode", "decode"]
 
 # ---------------------------------------------------------------------------------------------
 # The custom ops (plain local tensors; the spec travels as a list of ints)
@@ -43,14 +43,14 @@ def encode(spec: ConvSpec) -> list[int]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _decode(enc: tuple[int, ...]) -> ConvSpec:
+def decode(enc: tuple[int, ...]) -> ConvSpec:
     nd = enc[0]
     f = [tuple(enc[4 + i * nd : 4 + (i + 1) * nd]) for i in range(6)]
     return ConvSpec(nd, bool(enc[1]), f[0], f[1], f[2], f[3], f[4], f[5], enc[2], MODES[enc[3]])
 
 
 def _setup(x: torch.Tensor, enc: list[int], n: int, dim: int, world: int, rank: int):
-    spec = _decode(tuple(enc))
+    spec = decode(tuple(enc))
     sd = dim - (x.ndim - spec.nd)
     spatial = list(x.shape[-spec.nd :])
     spatial[sd] = n
@@ -60,7 +60,7 @@ def _setup(x: torch.Tensor, enc: list[int], n: int, dim: int, world: int, rank: 
 _SETUPS: dict[tuple, tuple] = {}
 
 
-def _setup_cached(x: torch.Tensor, enc: list[int], n: int, dim: int, world: int, rank: int):
+def setup_cached(x: torch.Tensor, enc: list[int], n: int, dim: int, world: int, rank: int):
     """:func:`_setup` for real tensors, memoised on the small key (the plan caches underneath hash
     every rank's row lists on each lookup)."""
     key = (*enc, n, dim, world, rank, *x.shape)
@@ -91,7 +91,7 @@ def _interior(spec, hplan, loc) -> tuple[int, int, int, int] | None:
 
 
 def _forward_impl(x, w, b, enc, n, dim, world, rank, group):
-    spec, hplan, loc = _setup_cached(x, enc, n, dim, world, rank)
+    spec, hplan, loc = setup_cached(x, enc, n, dim, world, rank)
     split = _interior(spec, hplan, loc)
     with stats.op_label(spec.name):
         finish = halo_gather_start(x, dim, hplan, _groups.resolve(group))
@@ -144,7 +144,7 @@ def _halo_conv_fake(x, w, b, enc, n, dim, world, rank, group):
 
 
 def _backward_impl(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group):
-    spec, hplan, loc = _setup_cached(x, enc, n, dim, world, rank)
+    spec, hplan, loc = setup_cached(x, enc, n, dim, world, rank)
     source = x if hplan.is_identity else ext
     gy = gy.contiguous()
     if mask[0] and (mask[1] or mask[2]) and not hplan.is_local:
@@ -187,7 +187,7 @@ def halo_conv_backward(
 
 @halo_conv_backward.register_fake
 def _halo_conv_backward_fake(gy, x, ext, w, has_bias, mask, enc, n, dim, world, rank, group):
-    spec = _decode(tuple(enc))
+    spec = decode(tuple(enc))
     out_channels = w.shape[1] * spec.groups if spec.transposed else w.shape[0]
     return (
         x.new_empty(x.shape if mask[0] else (0,)),
@@ -284,3 +284,26 @@ class HaloConvDTensor(torch.autograd.Function):
             None,
             None,
         )
+
+
+class FoldedConv(torch.autograd.Function):
+    """Eager mode: the local convolution of the shard extended with rows a norm already borrowed
+    (:mod:`.fold`; ``rows`` in ``plan.recvs`` order). Nothing travels here: the rows' gradient
+    flows back by autograd to the norm, which returns it to their owners with its own sums."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, loc, plan, dim, *rows):  # type: ignore[override]
+        ext = assemble(x, dim, plan, list(rows))
+        ctx.save_for_backward(ext, w)
+        ctx.has_bias, ctx.loc, ctx.plan, ctx.dim = b is not None, loc, plan, dim
+        return local_forward(ext, w, b, loc)
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        ext, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = (need[0] or any(need[6:]), need[1], ctx.has_bias and need[2])
+        with intercept.suspended():  # local tensors only: no rule applies
+            gx, gw, gb = local_backward(gy.contiguous(), ext, w, ctx.has_bias, ctx.loc, mask)
+            gl, back = disassemble(gx, ctx.dim, ctx.plan) if mask[0] else (None, [None] * (len(need) - 6))
+        return gl, gw if mask[1] else None, gb if mask[2] else None, None, None, None, *back

@@ -28,9 +28,11 @@ from ..dtensor import check_replicated, full_operand, local_of, wrap_replicate, 
 from ..errors import DomainParallelError, UnsupportedShardingError
 from ..geometry import chunk_range
 from ..geometry.norm import NormLayout
+from . import _groups, fold
 from ._autocast import cast_inputs
 from ._route import route_rule
 from .family import family
+from .norm_fold import folded_channel_norm
 from .norm_kernels import channel_norm, layer_xhat
 from .relayout import to_spatial
 
@@ -124,10 +126,28 @@ def _locals(input: DTensor, plan: NormPlan, weight, bias, running_mean=None, run
     return local_of(input), w, b, _local(running_mean), _local(running_var)
 
 
-def _wrap(local: torch.Tensor, plan: NormPlan, shape: Sequence[int]) -> DTensor:
+def _wrap(local: torch.Tensor, plan: NormPlan, shape: Sequence[int], carry=None) -> DTensor:
     if plan.dim is None:
         return wrap_replicate(local, plan.mesh)
-    return wrap_shard(local, plan.mesh, plan.dim, shape)
+    out = wrap_shard(local, plan.mesh, plan.dim, shape)
+    if carry is not None:
+        fold.attach(out, carry)
+    return out
+
+
+def _channel(x: torch.Tensor, w, b, plan: NormPlan, eps: float, weight) -> tuple:
+    """``(y, mean, var, carry)``: :func:`channel_norm` with distributed statistics, which also
+    borrows the halo rows of the convolution that reads its output once that is known
+    (:mod:`.fold`; ``carry`` is then a :class:`~.fold.Carry`, a :class:`~.fold.Probe` on the first
+    call, else ``None``)."""
+    if plan.dim is None or plan.dim < 2 or plan.world < 2 or not fold.enabled(x):
+        return (*channel_norm(x, w, b, plan, eps), None)
+    lay = plan.layout
+    key = (plan.label, lay.kind, lay.groups, lay.shape, plan.dim, _groups.name_of(plan.mesh), float(eps))
+    got = fold.decide(key, weight, plan.group)
+    if isinstance(got, fold.ConvKey) and got.shape == lay.shape and got.dim == plan.dim:
+        return folded_channel_norm(x, w, b, plan, eps, got)
+    return (*channel_norm(x, w, b, plan, eps), got if isinstance(got, fold.Probe) else None)
 
 
 def _check_shapes(label: str, expected: tuple[int, ...], what: str, **tensors: torch.Tensor | None) -> None:
@@ -198,10 +218,9 @@ def group_norm(
     plan = plan_norm(input, NormLayout("group", shape, groups=num_groups), label, "group_norm")
     x, w, b, _, _ = _locals(input, plan, weight, bias)
     if plan.counts is None:  # statistics are local: torch's own kernel
-        y = F.group_norm(x, num_groups, w, b, eps)
-    else:
-        y = channel_norm(x, w, b, plan, eps)[0]
-    return _wrap(y, plan, shape)
+        return _wrap(F.group_norm(x, num_groups, w, b, eps), plan, shape)
+    y, _, _, carry = _channel(x, w, b, plan, eps, weight)
+    return _wrap(y, plan, shape, carry)
 
 
 def batch_norm(
@@ -236,12 +255,11 @@ def batch_norm(
         if eps <= 0:
             raise DomainParallelError(f"{label}: batch_norm eps must be positive during training, got {eps}")
     if not training or plan.counts is None:  # running statistics (pointwise) or local statistics
-        y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
-    else:
-        y, mean, var = channel_norm(x, w, b, plan, eps)
-        _running_update(rm, mean, momentum)
-        _running_update(rv, _unbiased(var, plan.layout.count()), momentum)
-    return _wrap(y, plan, shape)
+        return _wrap(F.batch_norm(x, rm, rv, w, b, training, momentum, eps), plan, shape)
+    y, mean, var, carry = _channel(x, w, b, plan, eps, weight)
+    _running_update(rm, mean, momentum)
+    _running_update(rv, _unbiased(var, plan.layout.count()), momentum)
+    return _wrap(y, plan, shape, carry)
 
 
 def instance_norm(
@@ -278,14 +296,13 @@ def instance_norm(
     tracked = rm is not None or rv is not None
     batch_split = plan.dim == 0 and plan.world > 1  # running stats average over the global batch
     if not use_input_stats or (plan.counts is None and not (tracked and batch_split)):
-        y = F.instance_norm(x, rm, rv, w, b, use_input_stats, momentum, eps)
-    else:
-        y, mean, var = channel_norm(x, w, b, plan, eps)
-        if tracked:
-            nl, n = x.shape[0], layout.count()
-            _running_update(rm, _batch_mean(mean.view(nl, c), plan), momentum)
-            _running_update(rv, _batch_mean(_unbiased(var, n).view(nl, c), plan), momentum)
-    return _wrap(y, plan, shape)
+        return _wrap(F.instance_norm(x, rm, rv, w, b, use_input_stats, momentum, eps), plan, shape)
+    y, mean, var, carry = _channel(x, w, b, plan, eps, weight)
+    if tracked:
+        nl, n = x.shape[0], layout.count()
+        _running_update(rm, _batch_mean(mean.view(nl, c), plan), momentum)
+        _running_update(rv, _batch_mean(_unbiased(var, n).view(nl, c), plan), momentum)
+    return _wrap(y, plan, shape, carry)
 
 
 def _layer_param_slice(t: torch.Tensor, plan: NormPlan) -> torch.Tensor:

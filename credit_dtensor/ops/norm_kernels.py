@@ -19,7 +19,7 @@ norm over the ``(N, C, K)`` view) and :func:`layer_xhat` (layer norm over the ca
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,11 @@ def _merge(mean: torch.Tensor, m2: torch.Tensor, n: int, plan: LocalPlan) -> tup
         return mean, m2 / n
     with stats.op_label(plan.op):
         buf = comm.all_gather_stats(torch.stack((mean.reshape(-1), m2.reshape(-1))), plan.group)
+    return merge_gathered(buf, plan)
+
+
+def merge_gathered(buf: torch.Tensor, plan: LocalPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chan's merge of every rank's ``(mean, M2)`` (``buf``: ``(world, 2, Q)`` in rank order)."""
     cnt = torch.tensor(plan.counts, dtype=buf.dtype, device=buf.device).view(-1, 1)
     total = sum(plan.counts)
     mean = (cnt * buf[:, 0]).sum(0) / total
@@ -94,7 +99,7 @@ def _local_moments(v: torch.Tensor, dims: tuple[int, ...], q: int, n: int) -> tu
 # ---------------------------------------------------------------------------------------------
 
 
-def _channel_view(x: torch.Tensor) -> torch.Tensor:
+def channel_view(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
@@ -105,7 +110,7 @@ def _channel_count(plan: LocalPlan, n: int, c: int, k: int) -> int:
     return c // plan.layout.groups * k if plan.layout.kind == "group" else n * k
 
 
-def _per_channel(t: torch.Tensor, plan: LocalPlan, n: int, c: int) -> torch.Tensor:
+def per_channel(t: torch.Tensor, plan: LocalPlan, n: int, c: int) -> torch.Tensor:
     """Statistics ``(Q,)`` broadcast to ``(N, C)`` (group) or ``(1, C)`` (batch)."""
     if plan.layout.kind == "group":
         g = plan.layout.groups
@@ -150,23 +155,29 @@ def _local_normalized(xv: torch.Tensor, plan: LocalPlan, eps: float) -> tuple[to
     return d.view(n, c, k), mean_l, m2_l, torch.ones_like(mean_l)
 
 
-def _channel_forward(
-    xv: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, plan: LocalPlan, eps: float
+def channel_forward(
+    xv: torch.Tensor,
+    w: torch.Tensor | None,
+    b: torch.Tensor | None,
+    plan: LocalPlan,
+    eps: float,
+    merge: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, var, rstd)`` from the ``(N, C, K)`` view with batch statistics.
 
     ``y = d * scale + shift`` in place on the locally normalized ``d`` (see
     :func:`_local_normalized`), ``scale = rstd / inv_l * w``, ``shift = (mean_l - mean) * rstd * w
-    + b``: no cancellation against a large mean.
+    + b``: no cancellation against a large mean. ``merge(mean_l, M2_l)`` gives the global
+    ``(mean, var)`` (default: the all-gather of :func:`_merge`; :mod:`.norm_fold` sends rows with it).
     """
     n, c, _ = xv.shape
     d, mean_l, m2_l, inv_l = _local_normalized(xv, plan, eps)
     cnt = c // plan.layout.groups * xv.shape[2] if plan.layout.kind == "group" else n * xv.shape[2]
-    mean, var = _merge(mean_l, m2_l, cnt, plan)
+    mean, var = _merge(mean_l, m2_l, cnt, plan) if merge is None else merge(mean_l, m2_l)
     rstd = torch.rsqrt(var + eps)
     wv = None if w is None else w.to(xv.dtype).view(1, c)
-    scale = _per_channel(rstd / inv_l, plan, n, c)
-    shift = _per_channel((mean_l - mean) * rstd, plan, n, c)
+    scale = per_channel(rstd / inv_l, plan, n, c)
+    shift = per_channel((mean_l - mean) * rstd, plan, n, c)
     if wv is not None:
         scale, shift = scale * wv, shift * wv
     if b is not None:
@@ -191,10 +202,10 @@ def _channel_backward(
     ``dx = rstd*(g - mean(g) - xhat*mean(g*xhat))``, ``g = gamma*dy``, as ``A*dy + B*x + C``.
     """
     acc = _acc_dtype(x.dtype)
-    xv, dyv = _channel_view(x).to(acc), _channel_view(dy).to(acc)
+    xv, dyv = channel_view(x).to(acc), channel_view(dy).to(acc)
     n, c, k = xv.shape
-    mean_nc = _per_channel(mean.to(acc), plan, n, c)
-    rstd_nc = _per_channel(rstd.to(acc), plan, n, c)
+    mean_nc = per_channel(mean.to(acc), plan, n, c)
+    rstd_nc = per_channel(rstd.to(acc), plan, n, c)
     db_nc = dyv.sum(-1)
     dsx_nc = (torch.einsum("nck,nck->nc", dyv, xv) - mean_nc * db_nc) * rstd_nc  # sum dy * xhat
     dw = dsx_nc.sum(0) if mask[1] else None
@@ -206,17 +217,28 @@ def _channel_backward(
         if fixed:
             dxv = dyv * a.unsqueeze(-1)
         else:
-            sums = torch.stack([_to_stats(gamma * db_nc, plan), _to_stats(gamma * dsx_nc, plan)])
+            sums = partial_sums(gamma, db_nc, dsx_nc, plan)
             if plan.counts is not None:
                 with stats.op_label(plan.op):
                     comm.all_reduce_sum(sums, plan.group)
-            sums = sums / _channel_count(plan, n, c, k)
-            mg, mgx = _per_channel(sums[0], plan, n, c), _per_channel(sums[1], plan, n, c)
-            bcoef = -rstd_nc * rstd_nc * mgx
-            ccoef = -rstd_nc * mg - bcoef * mean_nc
-            dxv = torch.addcmul(ccoef.unsqueeze(-1), xv, bcoef.unsqueeze(-1)).addcmul_(dyv, a.unsqueeze(-1))
+            dxv = input_grad(dyv, xv, sums, mean_nc, rstd_nc, a, plan)
         dx = dxv.reshape(x.shape).to(x.dtype)
     return dx, dw, db
+
+
+def partial_sums(gamma: torch.Tensor, db_nc: torch.Tensor, dsx_nc: torch.Tensor, plan: LocalPlan) -> torch.Tensor:
+    """This rank's ``(2, Q)`` share of ``(sum gamma*dy, sum gamma*dy*xhat)`` per statistic."""
+    return torch.stack([_to_stats(gamma * db_nc, plan), _to_stats(gamma * dsx_nc, plan)])
+
+
+def input_grad(dyv, xv, sums, mean_nc, rstd_nc, a, plan: LocalPlan) -> torch.Tensor:
+    """``dx = A*dy + B*x + C`` on the ``(N, C, K)`` view from the global ``sums`` (:func:`partial_sums`)."""
+    n, c, k = xv.shape
+    sums = sums / _channel_count(plan, n, c, k)
+    mg, mgx = per_channel(sums[0], plan, n, c), per_channel(sums[1], plan, n, c)
+    bcoef = -rstd_nc * rstd_nc * mgx
+    ccoef = -rstd_nc * mg - bcoef * mean_nc
+    return torch.addcmul(ccoef.unsqueeze(-1), xv, bcoef.unsqueeze(-1)).addcmul_(dyv, a.unsqueeze(-1))
 
 
 class _NormRule:
@@ -263,7 +285,7 @@ class _ChannelRule(_NormRule):
 
     def forward(self, inputs: list) -> list[torch.Tensor]:
         x, w, b = inputs
-        y, mean, var, rstd = _channel_forward(_channel_view(x).to(_acc_dtype(x.dtype)), w, b, self.plan, self.eps)
+        y, mean, var, rstd = channel_forward(channel_view(x).to(_acc_dtype(x.dtype)), w, b, self.plan, self.eps)
         return [y.reshape(x.shape).to(x.dtype), mean, var, rstd]
 
     def backward(self, saved: list, grads: list, needs: list) -> list:

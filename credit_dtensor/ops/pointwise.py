@@ -34,6 +34,7 @@ from ..dtensor import (
 )
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
+from . import fold
 from .family import family, input_of
 
 __all__ = ["POINTWISE", "local_apply", "wrap_outputs"]
@@ -187,6 +188,7 @@ def _inplace_rule(func, args, kwargs):
         args, kwargs = args, {**kwargs, "inplace": False}
     else:
         args = (*args[:pos], False, *args[pos + 1 :])
+    carry = None if torch.compiler.is_compiling() else fold.carried(x)
     with intercept.suspended():  # the backward of silu/hardswish/elu reads the input: keep it intact
         xc = x.clone()
     args, kwargs = ((xc, *args[1:]), kwargs) if args else (args, {**kwargs, "input": xc})
@@ -197,6 +199,8 @@ def _inplace_rule(func, args, kwargs):
         x.copy_(y)
     if not torch.compiler.is_compiling():
         intercept.bump_local_version(x)
+    if carry is not None:  # x now holds func(xc): so do the rows it carries
+        fold.propagate(carry, func, args, kwargs, xc, x)
     return x
 
 
@@ -262,7 +266,11 @@ def _local_fast(func, args: tuple, kwargs: dict, ref: DTensor) -> Any:
     autograd on the local tensors."""
     out = func(*(local_of(a) if isinstance(a, DTensor) else a for a in args), **kwargs)
     if isinstance(out, torch.Tensor) and out.shape == ref._local_tensor.shape:
-        return as_dtensor(out, ref.device_mesh, ref.placements, ref.shape, global_stride(out, ref.shape))
+        res = as_dtensor(out, ref.device_mesh, ref.placements, ref.shape, global_stride(out, ref.shape))
+        carry = None if torch.compiler.is_compiling() else fold.carried(ref)
+        if carry is not None:  # a norm's borrowed halo rows ride along (ops.fold)
+            fold.propagate(carry, func, args, kwargs, ref, res)
+        return res
     try:
         return wrap_outputs(out, ref, lambda t: t.ndim - ref.ndim + domain_shard_dim(ref))
     except ValueError:

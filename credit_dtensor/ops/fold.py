@@ -1,0 +1,179 @@
+"""Folding a norm's statistics round into the halo round of the convolution that reads its output.
+
+Exact BatchNorm/GroupNorm costs one blocking round per layer in forward (partial statistics) and
+one in backward (partial sums); the 3x3 convolution after it costs another in each direction (its
+halo rows). On gloo a round costs far more than its bytes, so a ``norm -> ReLU -> conv`` chain,
+the most common block of the UNets this package serves, carries both in one message each way:
+
+* **Forward.** The norm sends its partial ``(mean, M2)`` *and* the boundary rows of its input
+  that the convolution's halo plan asks for (:mod:`.norm_fold`). After the merge every rank has
+  the global statistics, so it normalizes the received rows itself. The rows ride along with the
+  norm's output (a :class:`Carry` on the DTensor); every shard-local elementwise op applied to the
+  output is applied to them too (:func:`propagate`, called by the pointwise fast path), and the
+  convolution finds its halo ready and posts nothing (:mod:`.conv`).
+* **Backward.** The convolution's gradient for the borrowed rows flows (plain autograd) back
+  through the elementwise chain to the norm, which adds the rows' share to its partial sums (it
+  knows their ``xhat``) and sends ``[partial sums, the rows' gradient]`` to the rows' owner in
+  one message; the owner adds the rows to its own output gradient.
+
+Which convolution reads a norm's output is learned, not guessed: the first call of a norm (keyed
+by its label, geometry and weight tensor) attaches a :class:`Probe` that the elementwise chain
+carries and the first halo convolution reading it records; the second call agrees on the record
+across the ranks (one small all-gather, once) because the decision fixes every message's size.
+From then on the norm borrows the rows. Whenever the chain is anything else -- a residual add,
+another layout, a modified tensor (its version counter moved), a different convolution -- the
+convolution does not use the carry and exchanges its halo as always: a stale or unused carry can
+cost bytes, never a wrong number. ``CREDIT_DTENSOR_FOLD=0`` turns folding off; compiled regions
+never fold.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from .. import comm
+from ..halo import HaloPlan
+
+__all__ = ["Carry", "Probe", "ConvKey", "enabled", "decide", "attach", "carried", "propagate", "note_consumer"]
+
+_ATTR = "_credit_dtensor_carry"
+_SEEDED = ("rrelu", "rand", "dropout", "bernoulli", "noise")
+
+#: learning which convolution reads a norm costs one tiny all-gather per norm, once
+ENABLED = os.environ.get("CREDIT_DTENSOR_FOLD", "1") != "0"
+
+
+@dataclass(frozen=True)
+class ConvKey:
+    """A halo convolution as every rank names it (rank-independent): encoded spec, global input shape, sharded dim."""
+
+    enc: tuple[int, ...]
+    shape: tuple[int, ...]
+    dim: int
+    group: str
+
+
+class Probe:
+    """Marks a norm's output on its first call: the first halo convolution reading it is recorded."""
+
+    __slots__ = ("key", "version")
+
+    def __init__(self, key: tuple) -> None:
+        self.key, self.version = key, -1
+
+
+class Carry:
+    """The halo rows a norm borrowed for ``conv``, transformed like the tensor they ride on.
+
+    ``rows[i]`` holds the rows received from ``plan.recvs[i]``'s source (the convolution's own
+    plan, so :func:`credit_dtensor.halo.assemble` builds the extended input from them)."""
+
+    __slots__ = ("conv", "plan", "rows", "version")
+
+    def __init__(self, conv: ConvKey, plan: HaloPlan, rows: list[torch.Tensor]) -> None:
+        self.conv, self.plan, self.rows, self.version = conv, plan, rows, -1
+
+
+@dataclass
+class _Entry:
+    seen: list[ConvKey]
+    decided: bool = False
+    conv: ConvKey | None = None
+
+
+#: key -> (the norm's weight, weakly, or None; entry): a weight that died leaves a stale entry
+#: whose id a new tensor may reuse, which the weak reference tells apart (on every rank alike)
+_STATE: dict[tuple, tuple[weakref.ref | None, _Entry]] = {}
+comm.register_group_cache(_STATE.clear)
+
+
+_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _ignore: None)
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Folding applies to eager fp32/fp64 calls (the norm's statistics and the rows share one
+    message), outside activation checkpointing: a non-reentrant checkpoint's forward runs under
+    saved-tensor hooks and its recomputation inside backward, and the two must save the same
+    tensors, so neither folds nor moves a layer's decision on."""
+    return (
+        ENABLED
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+        and _graph_task() == -1
+        and _saved_hooks(False) is None
+    )
+
+
+def decide(key: tuple, weight: torch.Tensor | None, group: dist.ProcessGroup) -> Probe | ConvKey | None:
+    """For a norm call (``key``: its label and geometry; ``weight``: its parameter, which tells
+    layers of one label apart): a :class:`Probe` to attach (first call), the convolution to borrow
+    rows for, or ``None``. The second call agrees across ``group`` (every rank calls it the same
+    number of times: SPMD, as every collective of a step)."""
+    if weight is not None:
+        key = (*key, id(weight))
+    hit = _STATE.get(key)
+    if hit is None or (hit[0] is not None and hit[0]() is not weight):
+        if len(_STATE) >= 4096:
+            _STATE.clear()
+        _STATE[key] = (None if weight is None else weakref.ref(weight), _Entry([]))
+        return Probe(key)
+    entry = hit[1]
+    if not entry.decided:
+        conv = entry.seen[0] if entry.seen else None
+        code = zlib.crc32(repr(conv).encode()) if conv is not None else 0
+        codes = comm.all_gather_small(torch.tensor([code], dtype=torch.int64), group)
+        entry.decided = True
+        entry.conv = conv if bool((codes == code).all()) else None
+    return entry.conv
+
+
+def note_consumer(probe: Probe, conv: ConvKey) -> None:
+    """A halo convolution read the probed norm's output (through elementwise ops only)."""
+    hit = _STATE.get(probe.key)
+    if hit is not None and not hit[1].decided and conv not in hit[1].seen:
+        hit[1].seen.append(conv)
+
+
+def attach(out: DTensor, carry: Probe | Carry) -> None:
+    """Let ``carry`` ride on ``out`` (valid while ``out``'s local values are unmodified)."""
+    carry.version = out._local_tensor._version
+    setattr(out, _ATTR, carry)
+
+
+def carried(x: Any) -> Probe | Carry | None:
+    """The carry on ``x`` if its local values have not changed since it was attached."""
+    c = getattr(x, _ATTR, None)
+    if c is None or c.version != x._local_tensor._version:
+        return None
+    return c
+
+
+def propagate(carry: Probe | Carry, func: Callable, args: tuple, kwargs: dict, ref: DTensor, out: DTensor) -> None:
+    """``out = func(ref, scalars...)`` ran on ``ref``'s local rows: run it on the carried rows too.
+
+    Only for calls where ``ref`` is the only tensor (elementwise: the rows transform exactly like
+    the shard); anything else leaves ``out`` without a carry."""
+    if sum(isinstance(a, torch.Tensor) for a in args) != 1 or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        return
+    if any(r in getattr(func, "__name__", "") for r in _SEEDED):
+        return  # random per element (rrelu in training): the rows' owner drew other numbers
+    if isinstance(carry, Probe):
+        attach(out, Probe(carry.key))
+        return
+    rows = []
+    for r in carry.rows:
+        t = func(*(r if a is ref else a for a in args), **kwargs)
+        if not isinstance(t, torch.Tensor) or t.shape != r.shape:
+            return
+        rows.append(t)
+    attach(out, Carry(carry.conv, carry.plan, rows))
