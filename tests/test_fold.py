@@ -265,9 +265,27 @@ def _chain_forward(m: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:
     return m["conv"](y)
 
 
+def _mismatches(where: str, sharded: tuple, one: tuple) -> list[str]:
+    """Output, input gradient and parameter gradients of a step, ``(y, x, model)`` sharded against
+    one device, to ``TOL``; the models' gradients are cleared for the next step."""
+    from torch.distributed.tensor import DTensor
+
+    (ys, xs, dist_model), (yr, xr, ref) = sharded, one
+    pairs = [("y", ys.detach().full_tensor(), yr), ("dx", xs.grad.full_tensor(), xr.grad)]
+    for (n, p), (_, q) in zip(dist_model.named_parameters(), ref.named_parameters()):
+        pairs.append((n, p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad, q.grad))
+    out = []
+    for n, got, want in pairs:
+        err = (got - want).abs().max().item() / max(want.abs().max().item(), 1.0)
+        if not err < TOL:
+            out.append(f"{where} {n}: relative error {err:.2e}")
+    for mod in (ref, dist_model):
+        mod.zero_grad(set_to_none=True)
+    return out
+
+
 def task_chains(cases: list[dict]) -> list[str]:
     """Each case: three steps (probe, agree, folded) against the one-device model, computed here."""
-    from torch.distributed.tensor import DTensor
 
     from credit_dtensor import convert_to_domain_parallel, shard_tensor
     from credit_dtensor.ops import fold
@@ -287,15 +305,7 @@ def task_chains(cases: list[dict]) -> list[str]:
             w = torch.randn(yr.shape, generator=g, dtype=torch.float64)
             (yr * w).sum().backward()
             (ys * shard_tensor(w, m, 2)).sum().backward()
-            pairs = [("y", ys.detach().full_tensor(), yr), ("dx", xs.grad.full_tensor(), xr.grad)]
-            for (n, p), (_, q) in zip(dist_model.named_parameters(), ref.named_parameters()):
-                pairs.append((n, p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad, q.grad))
-            for n, got, want in pairs:
-                err = (got - want).abs().max().item() / max(want.abs().max().item(), 1.0)
-                if not err < TOL:
-                    problems.append(f"{case} step {step} {n}: relative error {err:.2e}")
-            for mod in (ref, dist_model):
-                mod.zero_grad(set_to_none=True)
+            problems += _mismatches(f"{case} step {step}", (ys, xs, dist_model), (yr, xr, ref))
         decided = [e.conv for _, e in fold._STATE.values() if e.decided]
         if m.domain_world_size > 1 and not decided:
             problems.append(f"{case}: the norm never decided")
@@ -339,7 +349,6 @@ class Checkpointed(nn.Module):
 
 
 def task_checkpoint(h: int) -> list[str]:
-    from torch.distributed.tensor import DTensor
 
     from credit_dtensor import convert_to_domain_parallel, shard_tensor
     from credit_dtensor.ops import fold
@@ -359,15 +368,7 @@ def task_checkpoint(h: int) -> list[str]:
             yr, ys = ref(xr, reentrant), dist_model(xs, reentrant)
             yr.square().sum().backward()
             ys.square().sum().backward()
-            pairs = [("y", ys.detach().full_tensor(), yr), ("dx", xs.grad.full_tensor(), xr.grad)]
-            for (n, p), (_, q) in zip(dist_model.named_parameters(), ref.named_parameters()):
-                pairs.append((n, p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad, q.grad))
-            for n, got, want in pairs:
-                err = (got - want).abs().max().item() / max(want.abs().max().item(), 1.0)
-                if not err < TOL:
-                    problems.append(f"reentrant={reentrant} step {step} {n}: relative error {err:.2e}")
-            for mod in (ref, dist_model):
-                mod.zero_grad(set_to_none=True)
+            problems += _mismatches(f"reentrant={reentrant} step {step}", (ys, xs, dist_model), (yr, xr, ref))
     return problems
 
 
