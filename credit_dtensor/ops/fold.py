@@ -9,7 +9,8 @@ the most common block of the UNets this package serves, carries both in one mess
   that the convolution's halo plan asks for (:mod:`.norm_fold`). After the merge every rank has
   the global statistics, so it normalizes the received rows itself. The rows ride along with the
   norm's output (a :class:`Carry` on the DTensor); every shard-local elementwise op applied to the
-  output is applied to them too (:func:`propagate`, called by the pointwise fast path), and the
+  output is applied to them too (:func:`propagate`, called by the pointwise fast path), and so is
+  a pad of the other dims (``F.pad`` on W: :func:`transform`, called by :mod:`.pad`), and the
   convolution finds its halo ready and posts nothing (:mod:`.conv`).
 * **Backward.** The convolution's gradient for the borrowed rows flows (plain autograd) back
   through the elementwise chain to the norm, which adds the rows' share to its partial sums (it
@@ -43,12 +44,23 @@ from torch.distributed.tensor import DTensor
 from .. import comm
 from ..halo import HaloPlan
 
-__all__ = ["Carry", "Probe", "ConvKey", "enabled", "decide", "attach", "carried", "propagate", "note_consumer"]
+__all__ = [
+    "Carry",
+    "Probe",
+    "ConvKey",
+    "enabled",
+    "decide",
+    "attach",
+    "carried",
+    "propagate",
+    "transform",
+    "note_consumer",
+]
 
 _ATTR = "_credit_dtensor_carry"
 _SEEDED = ("rrelu", "rand", "dropout", "bernoulli", "noise")
 
-#: learning which convolution reads a norm costs one tiny all-gather per norm, once
+#: ``CREDIT_DTENSOR_FOLD=0`` turns folding off (tests flip this flag in-process)
 ENABLED = os.environ.get("CREDIT_DTENSOR_FOLD", "1") != "0"
 
 
@@ -167,13 +179,20 @@ def propagate(carry: Probe | Carry, func: Callable, args: tuple, kwargs: dict, r
         return
     if any(r in getattr(func, "__name__", "") for r in _SEEDED):
         return  # random per element (rrelu in training): the rows' owner drew other numbers
+    transform(carry, lambda r: func(*(r if a is ref else a for a in args), **kwargs), out, same_shape=True)
+
+
+def transform(carry: Probe | Carry, fn: Callable[[torch.Tensor], Any], out: DTensor, same_shape: bool = False) -> None:
+    """``out`` is ``ref`` changed row by row (an elementwise op, a pad of other dims): attach
+    ``carry`` with ``fn`` applied to each of its rows tensors (``same_shape``: refuse if ``fn``
+    changes a shape)."""
     if isinstance(carry, Probe):
         attach(out, Probe(carry.key))
         return
     rows = []
     for r in carry.rows:
-        t = func(*(r if a is ref else a for a in args), **kwargs)
-        if not isinstance(t, torch.Tensor) or t.shape != r.shape:
+        t = fn(r)
+        if not isinstance(t, torch.Tensor) or (same_shape and t.shape != r.shape):
             return
         rows.append(t)
     attach(out, Carry(carry.conv, carry.plan, rows))

@@ -24,6 +24,7 @@ from ..dtensor import domain_shard_dim
 from ..errors import DomainParallelError
 from ..geometry.pad import check_pad, normalize_pad_mode, pad_sources, split_pad
 from ..halo import cached_plan, halo_gather, halo_scatter_add
+from . import fold
 from ._autocast import cast_inputs
 from ._rows import RowOp, apply_row_op, chunk_needs, domain_info, register_row_ops, row_op_ref
 from .family import Signature, family
@@ -162,7 +163,11 @@ def pad(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: floa
         (x,) = cast_inputs(f"{'reflection' if kind == 'reflect' else 'replication'}_pad{nd}d", x)
     _, _, world, rank = domain_info(x)  # type: ignore[arg-type]
     args = pad_args(tuple(x.shape), pad, mode, value, dim, world, rank)
-    return apply_row_op(x, row_op_ref("PadOp", args, args[4], out_shape))  # type: ignore[arg-type]
+    out = apply_row_op(x, row_op_ref("PadOp", args, args[4], out_shape))  # type: ignore[arg-type]
+    carry = None if torch.compiler.is_compiling() else fold.carried(x)
+    if carry is not None and all(d != args[4] or lo == hi == 0 for d, lo, hi in args[1]):  # other dims only: row by row
+        fold.transform(carry, lambda r: F.pad(r, list(pad), mode=mode, value=value), out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
