@@ -28,6 +28,7 @@ __all__ = [
     "halo_gather",
     "halo_scatter_add",
     "assemble",
+    "disassemble",
     "send_index",
     "row_shape",
 ]
@@ -197,6 +198,8 @@ def halo_gather_start(
 
 
 def assemble(x: torch.Tensor, dim: int, plan: HaloPlan, received: list[torch.Tensor]) -> torch.Tensor:
+    """The extended tensor of ``plan`` from the own shard ``x`` and the rows ``received`` from each
+    of ``plan.recvs`` (zero rows where the plan says so); differentiable, no communication."""
     if plan.is_identity:
         return x
     pieces = []
