@@ -125,7 +125,7 @@ def _halo(x: DTensor, weight, bias, spec: ConvSpec, dim: int, batched: bool) -> 
     args = (encode(spec), shape[dim], dim, world, rank, group)
     out_channels = weight.shape[1] * spec.groups if spec.transposed else weight.shape[0]
     out_shape = conv_out_shape(spec, shape, out_channels)
-    carry = None if compiling else fold.carried(x)
+    carry = fold.carried(x)
     if carry is not None:
         key = fold.ConvKey(tuple(args[0]), shape, dim, group)
         if isinstance(carry, fold.Probe):

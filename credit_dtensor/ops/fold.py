@@ -163,7 +163,10 @@ def attach(out: DTensor, carry: Probe | Carry) -> None:
 
 
 def carried(x: Any) -> Probe | Carry | None:
-    """The carry on ``x`` if its local values have not changed since it was attached."""
+    """The carry on ``x`` if its local values have not changed since it was attached (never in a
+    compiled region: there the norms do not fold)."""
+    if torch.compiler.is_compiling():
+        return None
     c = getattr(x, _ATTR, None)
     if c is None or c.version != x._local_tensor._version:
         return None

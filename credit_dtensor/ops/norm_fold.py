@@ -29,6 +29,7 @@ from .norm_kernels import (
     merge_gathered,
     partial_sums,
     per_channel,
+    row_sums,
 )
 
 __all__ = ["folded_channel_norm", "halo_plan_for"]
@@ -61,12 +62,6 @@ def _round(
         if p in rows_in:
             rows[p] = g[q:].view(rows_in[p])
     return torch.stack(parts), rows
-
-
-def _row_sums(dyv: torch.Tensor, xv: torch.Tensor, mean_nc: torch.Tensor, rstd_nc: torch.Tensor):
-    """Per-(n, c) ``(sum dy, sum dy*xhat)`` of rows in the ``(N, C, K)`` view."""
-    db = dyv.sum(-1)
-    return db, (torch.einsum("nck,nck->nc", dyv, xv) - mean_nc * db) * rstd_nc
 
 
 class _FoldedChannelNorm(torch.autograd.Function):
@@ -109,10 +104,10 @@ class _FoldedChannelNorm(torch.autograd.Function):
         xv = channel_view(x)
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()
         mean_nc, rstd_nc = per_channel(mean, plan, n, c), per_channel(rstd, plan, n, c)
-        db_nc, dsx_nc = _row_sums(channel_view(dy), xv, mean_nc, rstd_nc)
+        db_nc, dsx_nc = row_sums(channel_view(dy), xv, mean_nc, rstd_nc)
         for r, g in zip(borrowed, drows):
             if g is not None:  # the rows' share of this rank's partial sums (their owner sums the rest)
-                db_r, dsx_r = _row_sums(channel_view(g.contiguous()), channel_view(r), mean_nc, rstd_nc)
+                db_r, dsx_r = row_sums(channel_view(g.contiguous()), channel_view(r), mean_nc, rstd_nc)
                 db_nc, dsx_nc = db_nc + db_r, dsx_nc + dsx_r
         dt = x.dtype if w is None else w.dtype
         dw = dsx_nc.sum(0).to(dt) if need[1] else None

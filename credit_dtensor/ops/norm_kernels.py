@@ -206,8 +206,7 @@ def _channel_backward(
     n, c, k = xv.shape
     mean_nc = per_channel(mean.to(acc), plan, n, c)
     rstd_nc = per_channel(rstd.to(acc), plan, n, c)
-    db_nc = dyv.sum(-1)
-    dsx_nc = (torch.einsum("nck,nck->nc", dyv, xv) - mean_nc * db_nc) * rstd_nc  # sum dy * xhat
+    db_nc, dsx_nc = row_sums(dyv, xv, mean_nc, rstd_nc)
     dw = dsx_nc.sum(0) if mask[1] else None
     db = db_nc.sum(0) if mask[2] else None
     dx = None
@@ -224,6 +223,12 @@ def _channel_backward(
             dxv = input_grad(dyv, xv, sums, mean_nc, rstd_nc, a, plan)
         dx = dxv.reshape(x.shape).to(x.dtype)
     return dx, dw, db
+
+
+def row_sums(dyv: torch.Tensor, xv: torch.Tensor, mean_nc: torch.Tensor, rstd_nc: torch.Tensor):
+    """Per-(n, c) ``(sum dy, sum dy*xhat)`` of rows in the ``(N, C, K)`` view."""
+    db = dyv.sum(-1)
+    return db, (torch.einsum("nck,nck->nc", dyv, xv) - mean_nc * db) * rstd_nc
 
 
 def partial_sums(gamma: torch.Tensor, db_nc: torch.Tensor, dsx_nc: torch.Tensor, plan: LocalPlan) -> torch.Tensor:

@@ -164,7 +164,7 @@ def pad(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: floa
     _, _, world, rank = domain_info(x)  # type: ignore[arg-type]
     args = pad_args(tuple(x.shape), pad, mode, value, dim, world, rank)
     out = apply_row_op(x, row_op_ref("PadOp", args, args[4], out_shape))  # type: ignore[arg-type]
-    carry = None if torch.compiler.is_compiling() else fold.carried(x)
+    carry = fold.carried(x)
     if carry is not None and all(d != args[4] or lo == hi == 0 for d, lo, hi in args[1]):  # other dims only: row by row
         fold.transform(carry, lambda r: F.pad(r, list(pad), mode=mode, value=value), out)
     return out

@@ -188,7 +188,7 @@ def _inplace_rule(func, args, kwargs):
         args, kwargs = args, {**kwargs, "inplace": False}
     else:
         args = (*args[:pos], False, *args[pos + 1 :])
-    carry = None if torch.compiler.is_compiling() else fold.carried(x)
+    carry = fold.carried(x)
     with intercept.suspended():  # the backward of silu/hardswish/elu reads the input: keep it intact
         xc = x.clone()
     args, kwargs = ((xc, *args[1:]), kwargs) if args else (args, {**kwargs, "input": xc})
@@ -267,7 +267,7 @@ def _local_fast(func, args: tuple, kwargs: dict, ref: DTensor) -> Any:
     out = func(*(local_of(a) if isinstance(a, DTensor) else a for a in args), **kwargs)
     if isinstance(out, torch.Tensor) and out.shape == ref._local_tensor.shape:
         res = as_dtensor(out, ref.device_mesh, ref.placements, ref.shape, global_stride(out, ref.shape))
-        carry = None if torch.compiler.is_compiling() else fold.carried(ref)
+        carry = fold.carried(ref)
         if carry is not None:  # a norm's borrowed halo rows ride along (ops.fold)
             fold.propagate(carry, func, args, kwargs, ref, res)
         return res
