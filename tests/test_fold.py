@@ -6,7 +6,10 @@ statistics of every step must match it -- the first (the norm probes its consume
 / InstanceNorm -> elementwise ops, in-place ones included, and pads of W -> convolutions of any stride,
 dilation, padding mode, transposed) and chains it must not touch (a residual add, an in-place
 change after the norm, a second convolution, an H-varying operand), on even, uneven (H=13 on 3)
-and empty shards. Folding must remove rounds and move no more bytes at two ranks.
+and empty shards. Residual sums (``relu(bn2(y) + x)``, torchvision's ``out += identity``, any
+elementwise op of two carried outputs) carry the op of their rows. Folding must remove rounds and
+move no more bytes at two ranks (``CREDIT_DTENSOR_FOLD=rounds``: one row set more per projected
+shortcut, exactly).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class Chain(nn.Module):
         self.bn0 = nn.BatchNorm2d(6)
         self.c1 = nn.Conv2d(6, 6, 3, padding=1, bias=False)  # bn0 -> relu -> c1
         self.gn = nn.GroupNorm(3, 6)
-        self.c2 = nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2, padding_mode="reflect")  # gn -> silu_ -> *2 -> c2
+        # gn -> silu_ -> mul_ -> c2
+        self.c2 = nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2, padding_mode="reflect")
         self.inn = nn.InstanceNorm2d(4, affine=True)
         self.c3 = nn.ConvTranspose2d(4, 4, 4, stride=2, padding=1)  # inn -> leaky_relu -> c3
         self.bn1 = nn.BatchNorm2d(4, affine=False)
@@ -40,7 +44,7 @@ class Chain(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.c1(F.relu(self.bn0(self.c0(x))))
-        y = self.c2(F.silu(self.gn(y), inplace=True) * 2.0)
+        y = self.c2(F.silu(self.gn(y), inplace=True).mul_(2.0))  # an in-place method: the rows follow
         y = self.c3(F.leaky_relu(self.inn(y), 0.1))
         return self.c4(F.pad(F.relu(self.bn1(y), inplace=True), (2, 1, 0, 0), mode="reflect"))  # a pad of W only
 
@@ -65,8 +69,8 @@ class Untouched(nn.Module):
         a = F.relu(self.bn0(self.c0(x)))
         y = self.c1(a) + self.c2(a) + a  # two convolutions and the tensor itself read the output
         b = F.relu(self.bn1(y)) * 1.0  # (relu's backward reads its output: not the one changed below)
-        if stale:  # modified after the norm (once the fold is decided): the rows it carries are stale
-            b.mul_(1.5)
+        if stale:  # modified after the norm (once the fold is decided) by an operand it has no rows of
+            b.mul_(mask + 0.5)
         y = self.c3(b)
         y = self.c4(F.relu(self.bn2(y) + y))  # a residual add: the rows of y would be needed too
         return self.c5(self.bn3(y) * mask)  # an operand that varies along H
@@ -224,6 +228,229 @@ def test_folding_removes_rounds_not_bytes() -> None:
         assert a[2]["sent"] == a[1]["sent"] + 2 * (2 * 4 * 1 * 6 * 8)
 
 
+# --- residual blocks: a sum of two norms' outputs carries their summed rows -----------------------
+
+
+class _Block(nn.Module):
+    """ResNet's basic block; ``inplace``: torchvision's form (``out += identity``, in-place ReLU)."""
+
+    def __init__(self, cin: int, cout: int, inplace: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = None if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        sc = x if self.short is None else self.short(x)
+        if self.inplace:
+            y += sc
+            return F.relu(y, inplace=True)
+        return F.relu(y + sc)
+
+
+class Residual(nn.Module):
+    """Four blocks: ``a`` adds the stem's carried output to ``bn2``'s (same convolution next: both
+    fold), ``b`` adds two norms in place (projected shortcut), ``c`` adds ``b``'s carried output in
+    place, ``d`` meets a strided head, for which the identity carries no rows: ``d.bn2`` must not
+    borrow rows it could not use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.a, self.b = _Block(4, 4, inplace=False), _Block(4, 6, inplace=True)
+        self.c, self.d = _Block(6, 6, inplace=True), _Block(6, 6, inplace=False)
+        self.head = nn.Conv2d(6, 2, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.stem(x)))
+        return self.head(self.d(self.c(self.b(self.a(y)))))
+
+
+def task_residual(h: int, folding: str) -> dict:
+    """Three steps (probe, agree, folded) against the one-device model, computed here: mismatches,
+    ``(collectives, messages, bytes)`` per step and the norms' decisions. ``folding``: ``off``,
+    ``on`` (the default) or ``rounds``."""
+    from credit_dtensor import comm_stats, convert_to_domain_parallel, shard_tensor
+    from credit_dtensor.comm import forget_groups
+    from credit_dtensor.ops import fold
+
+    forget_groups()
+    fold.ENABLED, fold.ROUNDS = folding != "off", folding == "rounds"
+    try:
+        m = harness.manager()
+        torch.manual_seed(3)
+        ref = _affine(Residual().double())
+        dist_model = convert_to_domain_parallel(Residual().double(), m)
+        dist_model.load_state_dict(ref.state_dict())
+        problems, counts = [], []
+        for step in range(STEPS):
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(2, 3, h, 6, generator=g, dtype=torch.float64)
+            xr = x.clone().requires_grad_(True)
+            xs = shard_tensor(x, m, 2).detach().requires_grad_(True)
+            yr = ref(xr)
+            w = torch.randn(yr.shape, generator=g, dtype=torch.float64)
+            (yr * w).sum().backward()
+            ws = shard_tensor(w, m, 2)
+            with comm_stats() as st:
+                ys = dist_model(xs)
+                (ys * ws).sum().backward()
+            counts.append((st.collectives, st.messages, st.sent_bytes))
+            problems += _mismatches(f"step {step}", (ys, xs, dist_model), (yr.detach(), xr, ref))
+            for (n, a), (_, b) in zip(dist_model.named_buffers(), ref.named_buffers()):
+                if b.is_floating_point() and (a - b).abs().max().item() > TOL * max(b.abs().max().item(), 1.0):
+                    problems.append(f"step {step} buffer {n}")
+        decided = sorted(e.conv is not None for _, e in fold._STATE.values() if e.decided)
+        return {"problems": problems, "counts": counts, "decided": decided}
+    finally:
+        fold.ENABLED, fold.ROUNDS = True, False
+        forget_groups()
+
+
+@pytest.mark.parametrize("world,h", [(2, 12), (3, 13), (4, 9)])
+def test_residual_sums_equal_one_device(world: int, h: int) -> None:
+    for folding in ("on", "rounds", "off"):
+        for rank, res in enumerate(harness.get_world(world).run(task_residual, h, folding)):
+            assert not res["problems"], f"rank {rank} folding={folding}:\n" + "\n".join(res["problems"][:10])
+
+
+@pytest.mark.parametrize("folding,norms,convs,extra_rows", [("on", 6, 6, 0), ("rounds", 9, 8, 1)])
+def test_residual_rounds(folding: str, norms: int, convs: int, extra_rows: int) -> None:
+    """Two ranks, folded steps. By default six norms borrow rows and six convolutions post nothing,
+    with the same bytes: the stem's and ``a.bn1``/``a.bn2``'s rows (``a.bn2`` summed with the stem's
+    rows that ``y`` still carries), ``b.bn1``, ``c.bn1``, ``d.bn1``. Block ``b``'s two norms would
+    each send rows for ``c.conv1`` (more bytes than its exchange), so they, and ``c.bn2`` whose sum
+    needs theirs, do not; ``d.bn2``'s first reader is the strided head, for which the identity
+    carries no rows. With ``rounds`` nine norms borrow (all but ``d.bn2``), eight convolutions post
+    nothing, and block ``b`` sends one row of 2 x 6 x 6 fp64 more each way. Each direction: a
+    norm's collective becomes its message, a convolution's message goes."""
+    run = harness.get_world(2).run
+    for on, off in zip(run(task_residual, 12, folding), run(task_residual, 12, "off")):
+        assert on["decided"] == [False] * (10 - norms) + [True] * norms
+        assert on["counts"][0] == off["counts"][0]  # probing: the usual path
+        for step in (1, 2):
+            (c_on, m_on, b_on), (c_off, m_off, b_off) = on["counts"][step], off["counts"][step]
+            assert (c_on, m_on) == (c_off - 2 * norms, m_off + 2 * (norms - convs))
+            assert b_on == b_off + extra_rows * 2 * (2 * 6 * 1 * 6 * 8)
+
+
+def _three_steps(where: str, ref: nn.Module, dist_model: nn.Module, h: int, forward) -> list[str]:
+    """Probe, agree, folded: ``forward(model, x)`` of a ``(2, 2, h, 5)`` input, each step's output
+    and gradients against the one-device model (:func:`_mismatches`)."""
+    from credit_dtensor import shard_tensor
+
+    m = harness.manager()
+    problems = []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(2, 2, h, 5, generator=g, dtype=torch.float64)
+        xr = x.clone().requires_grad_(True)
+        xs = shard_tensor(x, m, 2).detach().requires_grad_(True)
+        yr, ys = forward(ref, xr), forward(dist_model, xs)
+        w = torch.randn(yr.shape, generator=g, dtype=torch.float64)
+        (yr * w).sum().backward()
+        (ys * shard_tensor(w, m, 2)).sum().backward()
+        problems += _mismatches(f"{where} step {step}", (ys, xs, dist_model), (yr, xr, ref))
+    return problems
+
+
+#: hypothesis over distributed runs: no shrinking (every example runs on several worlds, and a
+#: failure names its case), no deadline, the same examples every run
+_DISTRIBUTED = dict(
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
+
+
+# --- property: any elementwise op of two carried norm outputs before any convolution --------------
+
+
+_BINARY = {
+    "add": lambda a, b: a + b,
+    "sub_alpha": lambda a, b: torch.sub(a, b, alpha=0.5),
+    "mul": lambda a, b: a * b,
+    "maximum": torch.maximum,
+    "iadd": lambda a, b: a.add_(b),
+    "isub_self": lambda a, b: a.sub_(a * 0.5),  # one norm's rows twice
+}
+
+
+@st.composite
+def pair_case(draw) -> dict:
+    """A convolution with a halo along H (kernel >= 2 there) after the op of two norms' outputs."""
+    k, stride, dilation = draw(st.integers(2, 4)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    span = dilation * (k - 1) + 1
+    pad = draw(st.integers(0 if span > stride else 1, dilation * (k - 1)))  # else no halo: nothing to fold
+    case = {
+        "norm": draw(st.sampled_from(["batch", "group", "instance"])),
+        "conv": dict(kernel_size=(k, 3), stride=(stride, 1), dilation=(dilation, 1), padding=(pad, 1)),
+        "mode": draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"])),
+        "transposed": False,
+        "h": draw(st.integers(max(pad + 1, dilation * (k - 1) + 1 - 2 * pad, 1), 14)),
+    }
+    case["op"] = draw(st.sampled_from(sorted(_BINARY)))
+    case["act2"] = draw(st.sampled_from(["relu", "scale", "leaky"]))
+    case["norm2"] = draw(st.sampled_from(["batch", "group", "instance"]))
+    return case
+
+
+def _pair_model(case: dict) -> nn.Module:
+    m = _chain_model(case)
+    torch.manual_seed(case["h"] + 1)
+    norm = {"batch": nn.BatchNorm2d(4), "group": nn.GroupNorm(2, 4), "instance": nn.InstanceNorm2d(4, affine=True)}
+    m["pre2"], m["norm2"] = nn.Conv2d(2, 4, 1).double(), _affine(norm[case["norm2"]].double())
+    return m
+
+
+def _pair_forward(m: nn.Module, x: torch.Tensor, case: dict) -> torch.Tensor:
+    act = {"relu": F.relu, "scale": lambda t: t * 0.5 - 1.0, "leaky": lambda t: F.leaky_relu(t, 0.2)}
+    a = F.relu(m["norm"](m["pre"](x))) * 1.0  # (relu's saved output is not the one added to in place)
+    b = act[case["act2"]](m["norm2"](m["pre2"](x)))
+    return m["conv"](_BINARY[case["op"]](a, b))
+
+
+def task_pairs(cases: list[dict], rounds: bool) -> list[str]:
+    """Each case: three steps against the one-device model; with ``rounds`` both norms must fold
+    (their rows combined by the op), by default neither (two row sets for one convolution)."""
+    from credit_dtensor import convert_to_domain_parallel
+    from credit_dtensor.ops import fold
+
+    m = harness.manager()
+    problems = []
+    fold.ROUNDS = rounds
+    try:
+        for case in cases:
+            fold._STATE.clear()
+            ref, dist_model = _pair_model(case), convert_to_domain_parallel(_pair_model(case), m)
+            problems += _three_steps(
+                f"{case}", ref, dist_model, case["h"], lambda mod, x, c=case: _pair_forward(mod, x, c)
+            )
+            # [norm, norm2] (insertion order): with ``rounds`` both borrow, by default neither;
+            # after ``isub_self`` (norm2's output unused) the first alone, in either mode
+            decided = [e.conv is not None for _, e in fold._STATE.values() if e.decided]
+            want = [True, False] if case["op"] == "isub_self" else [rounds, rounds]
+            if m.domain_world_size > 1 and decided != want:
+                problems.append(f"{case}: decisions {decided}, expected {want}")
+    finally:
+        fold.ROUNDS = False
+    return problems
+
+
+@settings(max_examples=4, **_DISTRIBUTED)
+@given(cases=st.lists(pair_case(), min_size=4, max_size=4))
+def test_property_pairs(cases: list[dict]) -> None:
+    for world, rounds in ((2, True), (3, True), (4, False)):
+        problems = [p for rank in harness.get_world(world).run(task_pairs, cases, rounds) for p in rank]
+        assert not problems, f"world {world} rounds={rounds}:\n" + "\n".join(problems[:10])
+
+
 # --- property: any convolution after any channel norm and elementwise chain ------------------------
 
 
@@ -279,6 +506,10 @@ def _mismatches(where: str, sharded: tuple, one: tuple) -> list[str]:
         pairs.append((n, p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad, q.grad))
     out = []
     for n, got, want in pairs:
+        if got is None or want is None:  # a parameter the step does not reach
+            if (got is None) != (want is None):
+                out.append(f"{where} {n}: gradient {got is not None} against {want is not None} on one device")
+            continue
         err = (got - want).abs().max().item() / max(want.abs().max().item(), 1.0)
         if not err < TOL:
             out.append(f"{where} {n}: relative error {err:.2e}")
@@ -290,7 +521,7 @@ def _mismatches(where: str, sharded: tuple, one: tuple) -> list[str]:
 def task_chains(cases: list[dict]) -> list[str]:
     """Each case: three steps (probe, agree, folded) against the one-device model, computed here."""
 
-    from credit_dtensor import convert_to_domain_parallel, shard_tensor
+    from credit_dtensor import convert_to_domain_parallel
     from credit_dtensor.ops import fold
 
     m = harness.manager()
@@ -298,31 +529,16 @@ def task_chains(cases: list[dict]) -> list[str]:
     for case in cases:
         fold._STATE.clear()
         ref, dist_model = _chain_model(case), convert_to_domain_parallel(_chain_model(case), m)
-        for step in range(STEPS):
-            g = torch.Generator().manual_seed(step)
-            x = torch.randn(2, 2, case["h"], 5, generator=g, dtype=torch.float64)
-            xr = x.clone().requires_grad_(True)
-            xs = shard_tensor(x, m, 2).detach().requires_grad_(True)
-            yr = _chain_forward(ref, xr, case["act"])
-            ys = _chain_forward(dist_model, xs, case["act"])
-            w = torch.randn(yr.shape, generator=g, dtype=torch.float64)
-            (yr * w).sum().backward()
-            (ys * shard_tensor(w, m, 2)).sum().backward()
-            problems += _mismatches(f"{case} step {step}", (ys, xs, dist_model), (yr, xr, ref))
+        problems += _three_steps(
+            f"{case}", ref, dist_model, case["h"], lambda mod, x, c=case: _chain_forward(mod, x, c["act"])
+        )
         decided = [e.conv for _, e in fold._STATE.values() if e.decided]
         if m.domain_world_size > 1 and not decided:
             problems.append(f"{case}: the norm never decided")
     return problems
 
 
-# No shrinking: every example is a distributed run over three worlds, and a failure names its case.
-@settings(
-    max_examples=6,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    derandomize=True,
-    phases=[Phase.explicit, Phase.reuse, Phase.generate],
-)
+@settings(max_examples=6, **_DISTRIBUTED)
 @given(cases=st.lists(chain_case(), min_size=5, max_size=5))
 def test_property_chains(cases: list[dict]) -> None:
     for world in (2, 3, 4):

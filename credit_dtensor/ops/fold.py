@@ -11,7 +11,9 @@ the most common block of the UNets this package serves, carries both in one mess
   norm's output (a :class:`Carry` on the DTensor); every shard-local elementwise op applied to the
   output is applied to them too (:func:`propagate`, called by the pointwise fast path), and so is
   a pad of the other dims (``F.pad`` on W: :func:`transform`, called by :mod:`.pad`), and the
-  convolution finds its halo ready and posts nothing (:mod:`.conv`).
+  convolution finds its halo ready and posts nothing (:mod:`.conv`). An op of several carrying
+  operands (``bn2(y) + x`` in a residual block) carries the op of their rows when all were made
+  for the same convolution (:func:`_worth` says when a norm should borrow for such a sum).
 * **Backward.** The convolution's gradient for the borrowed rows flows (plain autograd) back
   through the elementwise chain to the norm, which adds the rows' share to its partial sums (it
   knows their ``xhat``) and sends ``[partial sums, the rows' gradient]`` to the rows' owner in
@@ -21,8 +23,8 @@ Which convolution reads a norm's output is learned, not guessed: the first call 
 by its label, geometry and weight tensor) attaches a :class:`Probe` that the elementwise chain
 carries and the first halo convolution reading it records; the second call agrees on the record
 across the ranks (one small all-gather, once) because the decision fixes every message's size.
-From then on the norm borrows the rows. Whenever the chain is anything else -- a residual add,
-another layout, a modified tensor (its version counter moved), a different convolution -- the
+From then on the norm borrows the rows. Whenever the chain is anything else -- an add of an
+operand without rows, another layout, a modified tensor (its version counter moved), a different convolution -- the
 convolution does not use the carry and exchanges its halo as always: a stale or unused carry can
 cost bytes, never a wrong number. ``CREDIT_DTENSOR_FOLD=0`` turns folding off; compiled regions
 never fold.
@@ -33,8 +35,8 @@ from __future__ import annotations
 import os
 import weakref
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,8 +62,11 @@ __all__ = [
 _ATTR = "_credit_dtensor_carry"
 _SEEDED = ("rrelu", "rand", "dropout", "bernoulli", "noise")
 
-#: ``CREDIT_DTENSOR_FOLD=0`` turns folding off (tests flip this flag in-process)
+#: ``CREDIT_DTENSOR_FOLD=0`` turns folding off (tests flip these flags in-process)
 ENABLED = os.environ.get("CREDIT_DTENSOR_FOLD", "1") != "0"
+#: ``CREDIT_DTENSOR_FOLD=rounds``: also fold where it sends more rows than the convolution would
+#: (two norms summed before one convolution, each sending its rows: a projected shortcut)
+ROUNDS = os.environ.get("CREDIT_DTENSOR_FOLD", "1") == "rounds"
 
 
 @dataclass(frozen=True)
@@ -75,12 +80,13 @@ class ConvKey:
 
 
 class Probe:
-    """Marks a norm's output on its first call: the first halo convolution reading it is recorded."""
+    """Marks a norm's output on its first call: the first halo convolution reading it is recorded.
+    ``keys``: the norms whose outputs reached this tensor (two after ``bn2(y) + shortcut(x)``)."""
 
-    __slots__ = ("key", "version")
+    __slots__ = ("keys", "version")
 
-    def __init__(self, key: tuple) -> None:
-        self.key, self.version = key, -1
+    def __init__(self, keys: tuple[tuple, ...]) -> None:
+        self.keys, self.version = keys, -1
 
 
 class Carry:
@@ -100,6 +106,9 @@ class _Entry:
     seen: list[ConvKey]
     decided: bool = False
     conv: ConvKey | None = None
+    #: (convolution, the norms whose probes reached it together): a sum of two norms' outputs
+    #: folds only when both borrow rows for that convolution
+    teams: list[tuple[ConvKey, tuple[tuple, ...]]] = field(default_factory=list)
 
 
 #: key -> (the norm's weight, weakly, or None; entry): a weight that died leaves a stale entry
@@ -138,10 +147,12 @@ def decide(key: tuple, weight: torch.Tensor | None, group: dist.ProcessGroup) ->
         if len(_STATE) >= 4096:
             _STATE.clear()
         _STATE[key] = (None if weight is None else weakref.ref(weight), _Entry([]))
-        return Probe(key)
+        return Probe((key,))
     entry = hit[1]
     if not entry.decided:
         conv = entry.seen[0] if entry.seen else None
+        if conv is not None and not _worth(entry.teams[0]):
+            conv = None
         code = zlib.crc32(repr(conv).encode()) if conv is not None else 0
         codes = comm.all_gather_small(torch.tensor([code], dtype=torch.int64), group)
         entry.decided = True
@@ -149,16 +160,49 @@ def decide(key: tuple, weight: torch.Tensor | None, group: dist.ProcessGroup) ->
     return entry.conv
 
 
+def _first(key: tuple) -> tuple[ConvKey, tuple[tuple, ...]] | None:
+    """The first convolution that read norm ``key``'s output (what it will borrow rows for), with
+    the norms whose outputs reached it together."""
+    hit = _STATE.get(key)
+    return hit[1].teams[0] if hit is not None and hit[1].teams else None
+
+
+def _worth(first: tuple[ConvKey, tuple[tuple, ...]]) -> bool:
+    """Whether a norm whose first reader is ``first`` should borrow rows for it. Every norm of the
+    team must borrow for that convolution (else its rows meet rows made for another one: sent for
+    nothing), and, unless :data:`ROUNDS`, only one of them may send rows for it alone: ``bn2(y) +
+    x`` with ``x`` carrying rows it already borrowed for an earlier convolution of the same plan
+    costs no byte more than the convolution's own exchange (if ``x``'s norms borrow too);
+    ``bn2(y) + bn_d(s)`` would send two sets of rows where the convolution sends one."""
+    conv, team = first
+    payers = 0
+    for k in team:
+        f = _first(k)
+        if f is None or f[0] != conv:
+            return False
+        if f == first:
+            payers += 1  # borrows rows for this convolution alone
+        elif not _worth(f):  # rows borrowed for an earlier convolution (an earlier event: this ends)
+            return False
+    return ROUNDS or payers == 1
+
+
 def note_consumer(probe: Probe, conv: ConvKey) -> None:
-    """A halo convolution read the probed norm's output (through elementwise ops only)."""
-    hit = _STATE.get(probe.key)
-    if hit is not None and not hit[1].decided and conv not in hit[1].seen:
-        hit[1].seen.append(conv)
+    """A halo convolution read the probed norms' output (through elementwise ops only)."""
+    for key in probe.keys:
+        hit = _STATE.get(key)
+        if hit is not None and not hit[1].decided:
+            if conv not in hit[1].seen:
+                hit[1].seen.append(conv)
+            if (conv, probe.keys) not in hit[1].teams:
+                hit[1].teams.append((conv, probe.keys))
 
 
-def attach(out: DTensor, carry: Probe | Carry) -> None:
-    """Let ``carry`` ride on ``out`` (valid while ``out``'s local values are unmodified)."""
-    carry.version = out._local_tensor._version
+def attach(out: DTensor, carry: Probe | Carry, bumps: int = 0) -> None:
+    """Let ``carry`` ride on ``out`` (valid while ``out``'s local values are unmodified).
+    ``bumps``: version increments still to come for the write that made ``out`` (an in-place
+    method's rule returns before :func:`credit_dtensor.intercept.bump_local_version` runs)."""
+    carry.version = out._local_tensor._version + bumps
     setattr(out, _ATTR, carry)
 
 
@@ -173,16 +217,50 @@ def carried(x: Any) -> Probe | Carry | None:
     return c
 
 
-def propagate(carry: Probe | Carry, func: Callable, args: tuple, kwargs: dict, ref: DTensor, out: DTensor) -> None:
-    """``out = func(ref, scalars...)`` ran on ``ref``'s local rows: run it on the carried rows too.
+def propagate(
+    carries: Sequence[tuple[Any, Probe | Carry]],
+    func: Callable,
+    args: tuple,
+    kwargs: dict,
+    out: DTensor,
+    bumps: int = 0,
+) -> None:
+    """``out = func(*args, **kwargs)`` ran elementwise on the local rows of its tensor operands,
+    each of one layout and shape: run it on the carried rows too (``carries``: ``(operand, its
+    carry)``; :func:`attach`'s ``bumps``).
 
-    Only for calls where ``ref`` is the only tensor (elementwise: the rows transform exactly like
-    the shard); anything else leaves ``out`` without a carry."""
-    if sum(isinstance(a, torch.Tensor) for a in args) != 1 or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+    Every tensor operand must carry: ``relu(x)`` and ``x * 2`` carry ``x``'s rows; ``bn2(y) +
+    shortcut`` carries the sum when both norms borrowed rows for the same convolution (and unites
+    their probes on the first call). An operand without a carry, tensors in ``kwargs``, carries
+    made for different convolutions or random ops leave ``out`` without a carry."""
+    if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
         return
     if any(r in getattr(func, "__name__", "") for r in _SEEDED):
         return  # random per element (rrelu in training): the rows' owner drew other numbers
-    transform(carry, lambda r: func(*(r if a is ref else a for a in args), **kwargs), out, same_shape=True)
+    of = {id(a): c for a, c in carries}
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or any(id(a) not in of for a in tensors):
+        return
+    got = [of[id(a)] for a in tensors]
+    if all(isinstance(c, Probe) for c in got):
+        attach(out, Probe(tuple(dict.fromkeys(k for c in got for k in c.keys))), bumps)  # type: ignore[union-attr]
+        return
+    first = got[0]
+    if not isinstance(first, Carry) or any(
+        not isinstance(c, Carry) or c.conv != first.conv or not _same_plan(c.plan, first.plan) for c in got[1:]
+    ):
+        return
+    rows = []
+    for i, r in enumerate(first.rows):
+        t = func(*(of[id(a)].rows[i] if isinstance(a, torch.Tensor) else a for a in args), **kwargs)  # type: ignore[union-attr]
+        if not isinstance(t, torch.Tensor) or t.shape != r.shape:
+            return
+        rows.append(t)
+    attach(out, Carry(first.conv, first.plan, rows), bumps)
+
+
+def _same_plan(a: HaloPlan, b: HaloPlan) -> bool:
+    return a is b or a == b
 
 
 def transform(carry: Probe | Carry, fn: Callable[[torch.Tensor], Any], out: DTensor, same_shape: bool = False) -> None:
@@ -190,7 +268,7 @@ def transform(carry: Probe | Carry, fn: Callable[[torch.Tensor], Any], out: DTen
     ``carry`` with ``fn`` applied to each of its rows tensors (``same_shape``: refuse if ``fn``
     changes a shape)."""
     if isinstance(carry, Probe):
-        attach(out, Probe(carry.key))
+        attach(out, Probe(carry.keys))
         return
     rows = []
     for r in carry.rows:

@@ -200,8 +200,19 @@ def _inplace_rule(func, args, kwargs):
     if not torch.compiler.is_compiling():
         intercept.bump_local_version(x)
     if carry is not None:  # x now holds func(xc): so do the rows it carries
-        fold.propagate(carry, func, args, kwargs, xc, x)
+        fold.propagate([(xc, carry)], func, args, kwargs, x)
     return x
+
+
+def _carries(args: tuple) -> list[tuple[DTensor, Any]]:
+    """``(operand, its carry)`` for the DTensor operands that carry a norm's rows (:mod:`.fold`)."""
+    found = []
+    for a in args:
+        if isinstance(a, DTensor):
+            c = fold.carried(a)
+            if c is not None:
+                found.append((a, c))
+    return found
 
 
 def align_shardings(tensors: list[torch.Tensor], out_ndim: int) -> dict[int, DTensor]:
@@ -267,9 +278,9 @@ def _local_fast(func, args: tuple, kwargs: dict, ref: DTensor) -> Any:
     out = func(*(local_of(a) if isinstance(a, DTensor) else a for a in args), **kwargs)
     if isinstance(out, torch.Tensor) and out.shape == ref._local_tensor.shape:
         res = as_dtensor(out, ref.device_mesh, ref.placements, ref.shape, global_stride(out, ref.shape))
-        carry = fold.carried(ref)
-        if carry is not None:  # a norm's borrowed halo rows ride along (ops.fold)
-            fold.propagate(carry, func, args, kwargs, ref, res)
+        carries = _carries(args)
+        if carries:  # a norm's borrowed halo rows ride along (ops.fold)
+            fold.propagate(carries, func, args, kwargs, res)
         return res
     try:
         return wrap_outputs(out, ref, lambda t: t.ndim - ref.ndim + domain_shard_dim(ref))
@@ -459,8 +470,24 @@ def _inplace_method_rule(func, args, kwargs):
 
     new_args = (x, *(shard_like_x(a) for a in args[1:]))
     new_kwargs = {k: shard_like_x(v) for k, v in kwargs.items()}
+    carries = _carries(args) if fold.carried(x) is not None else []
     with intercept.suspended():
-        return func(*new_args, **new_kwargs)
+        out = func(*new_args, **new_kwargs)
+    pure = _out_of_place(func)
+    if carries and pure is not None and out is x and all(a is b for a, b in zip(args, new_args)):
+        # ``out += identity`` after ``bn2``: the rows follow (the mode bumps x's version once after this rule)
+        fold.propagate(carries, pure, args, kwargs, x, bumps=1)
+    return out
+
+
+def _out_of_place(func: Callable) -> Callable | None:
+    """``Tensor.add`` for ``Tensor.add_``, ``Tensor.__add__`` for ``Tensor.__iadd__`` (``None``: ``copy_``)."""
+    name = getattr(func, "__name__", "")
+    if name.startswith("__i") and name.endswith("__"):
+        return getattr(torch.Tensor, "__" + name[3:], None)
+    if name.endswith("_") and not name.startswith("_") and name != "copy_":
+        return getattr(torch.Tensor, name[:-1], None)
+    return None
 
 
 FAMILY.rule(INPLACE_METHODS, h="local")(_inplace_method_rule)
