@@ -339,6 +339,87 @@ def test_residual_rounds(folding: str, norms: int, convs: int, extra_rows: int) 
             assert b_on == b_off + extra_rows * 2 * (2 * 6 * 1 * 6 * 8)
 
 
+# --- max pooling reads a norm's borrowed rows too (ResNet's stem) -----------------------------------
+
+
+class Pooled(nn.Module):
+    """``bn0 -> relu -> max_pool(3, 2, 1)`` (ResNet's stem), a pool with indices after ``bn1``, and
+    a pool without a halo (kernel = stride) after ``bn2``, which must not fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.bn0 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.c1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.bn2, self.c2 = nn.BatchNorm2d(4), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.pool(F.relu(self.bn0(self.c0(x))))
+        y, idx = F.max_pool2d(F.relu(self.bn1(self.c1(y))), (3, 2), 1, (1, 0), return_indices=True)
+        return self.c2(F.max_pool2d(self.bn2(y), 2, 2)), idx
+
+
+def task_pooled(h: int, folding: bool) -> dict:
+    """Three steps against the one-device model: mismatches (indices included), ``(collectives,
+    messages, bytes)`` per step, the norms' decisions."""
+    from credit_dtensor import comm_stats, convert_to_domain_parallel, shard_tensor
+    from credit_dtensor.comm import forget_groups
+    from credit_dtensor.ops import fold
+
+    forget_groups()
+    fold.ENABLED = folding
+    try:
+        m = harness.manager()
+        torch.manual_seed(5)
+        ref = _affine(Pooled().double())
+        dist_model = convert_to_domain_parallel(Pooled().double(), m)
+        dist_model.load_state_dict(ref.state_dict())
+        problems, counts = [], []
+        for step in range(STEPS):
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(2, 3, h, 6, generator=g, dtype=torch.float64)
+            xr = x.clone().requires_grad_(True)
+            xs = shard_tensor(x, m, 2).detach().requires_grad_(True)
+            yr, ir = ref(xr)
+            w = torch.randn(yr.shape, generator=g, dtype=torch.float64)
+            (yr * w).sum().backward()
+            ws = shard_tensor(w, m, 2)
+            with comm_stats() as st:
+                ys, idx = dist_model(xs)
+                (ys * ws).sum().backward()
+            counts.append((st.collectives, st.messages, st.sent_bytes))
+            if not torch.equal(idx.full_tensor(), ir):
+                problems.append(f"step {step}: indices differ")
+            problems += _mismatches(f"step {step}", (ys, xs, dist_model), (yr.detach(), xr, ref))
+        decided = [e.conv is not None for _, e in fold._STATE.values() if e.decided]
+        return {"problems": problems, "counts": counts, "decided": decided}
+    finally:
+        fold.ENABLED = True
+        forget_groups()
+
+
+@pytest.mark.parametrize("world,h", [(2, 12), (3, 13), (4, 9)])
+def test_pooled_equal_one_device(world: int, h: int) -> None:
+    for folding in (True, False):
+        for rank, res in enumerate(harness.get_world(world).run(task_pooled, h, folding)):
+            assert not res["problems"], f"rank {rank} folding={folding}:\n" + "\n".join(res["problems"][:10])
+            if folding and world > 1:
+                assert res["decided"] == [True, True, False]  # bn0, bn1 (pools with a halo); bn2 not
+
+
+def test_pooled_rounds() -> None:
+    """Two ranks: the two pools with a halo post nothing, the same bytes move. Each rank's four
+    norm collectives (two norms, two directions) become one message each, and the pools' messages
+    go: the stem pool's halo runs one way (rank 1 reads rank 0's last row; its gradient returns),
+    the other pool's both ways, so each rank sent three pool messages and now one more."""
+    run = harness.get_world(2).run
+    for on, off in zip(run(task_pooled, 12, True), run(task_pooled, 12, False)):
+        assert on["counts"][0] == off["counts"][0]
+        for step in (1, 2):
+            (c_on, m_on, b_on), (c_off, m_off, b_off) = on["counts"][step], off["counts"][step]
+            assert (c_on, m_on, b_on) == (c_off - 4, m_off + 1, b_off)
+
+
 def _three_steps(where: str, ref: nn.Module, dist_model: nn.Module, h: int, forward) -> list[str]:
     """Probe, agree, folded: ``forward(model, x)`` of a ``(2, 2, h, 5)`` input, each step's output
     and gradients against the one-device model (:func:`_mismatches`)."""

@@ -150,7 +150,7 @@ def _folded(x: DTensor, weight, bias, carry: fold.Carry, args: tuple) -> torch.T
     carry was made for another plan (then the usual exchange runs, as on every rank)."""
     xl = local_of(x)
     _, hplan, loc = setup_cached(xl, *args[:5])
-    if hplan is not carry.plan and hplan != carry.plan:
+    if not fold.same_plan(hplan, carry.plan):
         return None
     mesh = x.device_mesh
     return FoldedConv.apply(xl, _param(weight, mesh), _param(bias, mesh), loc, hplan, args[2], *carry.rows)

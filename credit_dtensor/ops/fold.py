@@ -11,7 +11,8 @@ the most common block of the UNets this package serves, carries both in one mess
   norm's output (a :class:`Carry` on the DTensor); every shard-local elementwise op applied to the
   output is applied to them too (:func:`propagate`, called by the pointwise fast path), and so is
   a pad of the other dims (``F.pad`` on W: :func:`transform`, called by :mod:`.pad`), and the
-  convolution finds its halo ready and posts nothing (:mod:`.conv`). An op of several carrying
+  convolution finds its halo ready and posts nothing (:mod:`.conv`; max pooling too,
+  :class:`RowKey`, :mod:`.pool`). An op of several carrying
   operands (``bn2(y) + x`` in a residual block) carries the op of their rows when all were made
   for the same convolution (:func:`_worth` says when a norm should borrow for such a sum).
 * **Backward.** The convolution's gradient for the borrowed rows flows (plain autograd) back
@@ -50,6 +51,7 @@ __all__ = [
     "Carry",
     "Probe",
     "ConvKey",
+    "RowKey",
     "enabled",
     "decide",
     "attach",
@@ -57,6 +59,7 @@ __all__ = [
     "propagate",
     "transform",
     "note_consumer",
+    "same_plan",
 ]
 
 _ATTR = "_credit_dtensor_carry"
@@ -74,6 +77,18 @@ class ConvKey:
     """A halo convolution as every rank names it (rank-independent): encoded spec, global input shape, sharded dim."""
 
     enc: tuple[int, ...]
+    shape: tuple[int, ...]
+    dim: int
+    group: str
+
+
+@dataclass(frozen=True)
+class RowKey:
+    """A row op that reads a halo (max pooling) as every rank names it: its factory name and
+    arguments without ``(world, rank)``, global input shape, sharded dim, group."""
+
+    name: str
+    args: tuple
     shape: tuple[int, ...]
     dim: int
     group: str
@@ -97,7 +112,7 @@ class Carry:
 
     __slots__ = ("conv", "plan", "rows", "version")
 
-    def __init__(self, conv: ConvKey, plan: HaloPlan, rows: list[torch.Tensor]) -> None:
+    def __init__(self, conv: ConvKey | RowKey, plan: HaloPlan, rows: list[torch.Tensor]) -> None:
         self.conv, self.plan, self.rows, self.version = conv, plan, rows, -1
 
 
@@ -247,7 +262,7 @@ def propagate(
         return
     first = got[0]
     if not isinstance(first, Carry) or any(
-        not isinstance(c, Carry) or c.conv != first.conv or not _same_plan(c.plan, first.plan) for c in got[1:]
+        not isinstance(c, Carry) or c.conv != first.conv or not same_plan(c.plan, first.plan) for c in got[1:]
     ):
         return
     rows = []
@@ -259,7 +274,8 @@ def propagate(
     attach(out, Carry(first.conv, first.plan, rows), bumps)
 
 
-def _same_plan(a: HaloPlan, b: HaloPlan) -> bool:
+def same_plan(a: HaloPlan, b: HaloPlan) -> bool:
+    """Whether two halo plans move the same rows (plans are cached: usually the same object)."""
     return a is b or a == b
 
 

@@ -9,6 +9,7 @@ by the local ones. The public functions are in :mod:`.pool`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
 from ..geometry.resample import adaptive_range, pool_first_real, pool_out_len
-from ..halo import cached_plan, halo_gather, halo_scatter_add
+from ..halo import assemble, cached_plan, disassemble, halo_gather, halo_scatter_add
 from ._rows import RowOp, chunk_needs, local_shape, register_row_ops
 
 
@@ -47,7 +48,10 @@ class _IndexedMaxOp(RowOp):
         return idx // (inner * rows), (idx // inner) % rows, idx % inner
 
     def forward(self, x: torch.Tensor, group: dist.ProcessGroup):
-        ext = halo_gather(x, self.dim, self.plan, group)
+        return self.forward_ext(halo_gather(x, self.dim, self.plan, group), x)
+
+    def forward_ext(self, ext: torch.Tensor, x: torch.Tensor):
+        """:meth:`forward` from the extended rows (the halo already there: a norm borrowed it)."""
         out_local = self.shape_like(x, self.out_shape, self.rows)
         if self.rows == 0:
             y = x.new_zeros(out_local)
@@ -62,6 +66,10 @@ class _IndexedMaxOp(RowOp):
         return y, (global_idx if self.with_indices else None), local_idx
 
     def backward(self, g: torch.Tensor, saved: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        return halo_scatter_add(self.backward_ext(g, saved), self.dim, self.plan, group)
+
+    def backward_ext(self, g: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+        """The gradient of the extended rows (before it goes to the rows' owners)."""
         ext_shape = self.shape_like(g, self.in_shape, self.ext_len)
         g_ext = g.new_zeros(ext_shape)
         if self.rows and self.ext_len:
@@ -69,7 +77,7 @@ class _IndexedMaxOp(RowOp):
             flat = g_ext.flatten(first)
             flat.scatter_add_(first, saved.flatten(first), g.flatten(first))
             g_ext = flat.view(ext_shape)
-        return halo_scatter_add(g_ext.contiguous(), self.dim, self.plan, group)
+        return g_ext.contiguous()
 
     # lookup tables (cached per device)
     def _ext_rows_tensor(self, device: torch.device) -> torch.Tensor:
@@ -205,3 +213,30 @@ class AdaptiveMaxPoolOp(_IndexedMaxOp):
 
 
 register_row_ops(MaxPoolOp, AdaptiveMaxPoolOp)
+
+
+@functools.lru_cache(maxsize=256)
+def built_max_pool(args: tuple) -> MaxPoolOp:
+    """The :class:`MaxPoolOp` of ``args`` (its plan computed once per layer geometry and rank)."""
+    return MaxPoolOp(*args)
+
+
+class FoldedMaxPool(torch.autograd.Function):
+    """Max pooling of ``x`` whose halo rows a norm borrowed (:mod:`.fold`): ``(x, op, *rows) ->
+    (y, global indices)`` assembled by the plan, no communication; backward returns the rows'
+    gradient to the norm (which sends it to their owner in its own round)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, op: MaxPoolOp, *rows: torch.Tensor):  # type: ignore[override]
+        y, idx, saved = op.forward_ext(assemble(x, op.dim, op.plan, list(rows)), x)
+        ctx.op = op
+        ctx.save_for_backward(saved)
+        ctx.mark_non_differentiable(idx)
+        return y, idx
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _gidx: torch.Tensor | None):  # type: ignore[override]
+        (saved,) = ctx.saved_tensors
+        op = ctx.op
+        own, back = disassemble(op.backward_ext(g.contiguous(), saved), op.dim, op.plan)
+        return own, None, *back

@@ -145,7 +145,11 @@ def _channel(x: torch.Tensor, w, b, plan: NormPlan, eps: float, weight) -> tuple
     lay = plan.layout
     key = (plan.label, lay.kind, lay.groups, lay.shape, plan.dim, _groups.name_of(plan.mesh), float(eps))
     got = fold.decide(key, weight, plan.group)
-    if isinstance(got, fold.ConvKey) and got.dim == plan.dim and got.shape[: plan.dim + 1] == lay.shape[: plan.dim + 1]:
+    if (
+        isinstance(got, (fold.ConvKey, fold.RowKey))
+        and got.dim == plan.dim
+        and got.shape[: plan.dim + 1] == lay.shape[: plan.dim + 1]
+    ):
         return folded_channel_norm(x, w, b, plan, eps, got)
     return (*channel_norm(x, w, b, plan, eps), got if isinstance(got, fold.Probe) else None)
 

@@ -17,14 +17,15 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from .. import comm, stats
-from ..dtensor import spatial_shard_dim, wrap_replicate
+from ..dtensor import local_of, spatial_shard_dim, wrap_replicate, wrap_shard
 from ..geometry import chunk_range
 from ..geometry.resample import adaptive_range, avg_pool_taps, pool_out_len
+from . import _groups, fold
 from ._autocast import cast_inputs
 from ._route import route_rule
 from ._rows import SeparableOp, apply_row_op, domain_info, local_shape, meta_like, register_row_ops, row_op_ref
 from .family import family
-from .max_pool import AdaptiveMaxPoolOp, MaxPoolOp
+from .max_pool import AdaptiveMaxPoolOp, FoldedMaxPool, MaxPoolOp, built_max_pool
 
 FAMILY = family("resample")
 
@@ -153,8 +154,29 @@ def _max_pool(nd, input, kernel_size, stride=None, padding=0, dilation=1, ceil_m
         meta.shape,
         with_indices=True,
     )
-    y, idx = apply_row_op(input, op)  # type: ignore[arg-type]
+    carry = fold.carried(input)
+    folded = _folded_max_pool(input, op, carry, (k, s, p, d)) if carry is not None else None  # type: ignore[arg-type]
+    y, idx = apply_row_op(input, op) if folded is None else folded  # type: ignore[arg-type]
     return (y, idx) if return_indices else y
+
+
+def _folded_max_pool(x: DTensor, op, carry, geometry: tuple) -> tuple[DTensor, DTensor] | None:
+    """Max pooling from the halo rows a norm borrowed (:mod:`.fold`): ``(y, indices)``, or ``None``
+    (the probe noted, or a carry made for another plan: the usual exchange runs, as on every rank)."""
+    mesh = x.device_mesh
+    key = fold.RowKey(op.name, op.args[:-2], tuple(x.shape), op.dim, _groups.name_of(mesh))
+    if isinstance(carry, fold.Probe):
+        k, s, p, d = (g[op.dim - (x.ndim - len(geometry[0]))] for g in geometry)
+        if d * (k - 1) + 1 > s or p > 0:  # windows read rows of other shards
+            fold.note_consumer(carry, key)
+        return None
+    if carry.conv != key:
+        return None
+    built = built_max_pool(op.args)
+    if not fold.same_plan(built.plan, carry.plan):
+        return None
+    y, idx = FoldedMaxPool.apply(local_of(x), built, *carry.rows)
+    return wrap_shard(y, mesh, op.dim, op.out_shape), wrap_shard(idx, mesh, op.dim, op.out_shape)
 
 
 def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
