@@ -271,10 +271,11 @@ class Residual(nn.Module):
         return self.head(self.d(self.c(self.b(self.a(y)))))
 
 
-def task_residual(h: int, folding: str) -> dict:
-    """Three steps (probe, agree, folded) against the one-device model, computed here: mismatches,
-    ``(collectives, messages, bytes)`` per step and the norms' decisions. ``folding``: ``off``,
-    ``on`` (the default) or ``rounds``."""
+def task_counted(name: str, h: int, folding: str) -> dict:
+    """Three steps (probe, agree, folded) of :class:`Residual` or :class:`Pooled` against the
+    one-device model, computed here: mismatches (max-pool indices included), ``(collectives,
+    messages, bytes)`` per step and the norms' decisions. ``folding``: ``off``, ``on`` (the
+    default) or ``rounds``."""
     from credit_dtensor import comm_stats, convert_to_domain_parallel, shard_tensor
     from credit_dtensor.comm import forget_groups
     from credit_dtensor.ops import fold
@@ -283,9 +284,10 @@ def task_residual(h: int, folding: str) -> dict:
     fold.ENABLED, fold.ROUNDS = folding != "off", folding == "rounds"
     try:
         m = harness.manager()
+        cls = {"residual": Residual, "pooled": Pooled}[name]
         torch.manual_seed(3)
-        ref = _affine(Residual().double())
-        dist_model = convert_to_domain_parallel(Residual().double(), m)
+        ref = _affine(cls().double())
+        dist_model = convert_to_domain_parallel(cls().double(), m)
         dist_model.load_state_dict(ref.state_dict())
         problems, counts = [], []
         for step in range(STEPS):
@@ -293,29 +295,35 @@ def task_residual(h: int, folding: str) -> dict:
             x = torch.randn(2, 3, h, 6, generator=g, dtype=torch.float64)
             xr = x.clone().requires_grad_(True)
             xs = shard_tensor(x, m, 2).detach().requires_grad_(True)
-            yr = ref(xr)
+            yr, ir = _with_indices(ref(xr))
             w = torch.randn(yr.shape, generator=g, dtype=torch.float64)
             (yr * w).sum().backward()
             ws = shard_tensor(w, m, 2)
             with comm_stats() as st:
-                ys = dist_model(xs)
+                ys, idx = _with_indices(dist_model(xs))
                 (ys * ws).sum().backward()
             counts.append((st.collectives, st.messages, st.sent_bytes))
+            if ir is not None and not torch.equal(idx.full_tensor(), ir):
+                problems.append(f"step {step}: max-pool indices differ")
             problems += _mismatches(f"step {step}", (ys, xs, dist_model), (yr.detach(), xr, ref))
             for (n, a), (_, b) in zip(dist_model.named_buffers(), ref.named_buffers()):
                 if b.is_floating_point() and (a - b).abs().max().item() > TOL * max(b.abs().max().item(), 1.0):
                     problems.append(f"step {step} buffer {n}")
-        decided = sorted(e.conv is not None for _, e in fold._STATE.values() if e.decided)
+        decided = [e.conv is not None for _, e in fold._STATE.values() if e.decided]
         return {"problems": problems, "counts": counts, "decided": decided}
     finally:
         fold.ENABLED, fold.ROUNDS = True, False
         forget_groups()
 
 
+def _with_indices(out):
+    return out if isinstance(out, tuple) else (out, None)
+
+
 @pytest.mark.parametrize("world,h", [(2, 12), (3, 13), (4, 9)])
 def test_residual_sums_equal_one_device(world: int, h: int) -> None:
     for folding in ("on", "rounds", "off"):
-        for rank, res in enumerate(harness.get_world(world).run(task_residual, h, folding)):
+        for rank, res in enumerate(harness.get_world(world).run(task_counted, "residual", h, folding)):
             assert not res["problems"], f"rank {rank} folding={folding}:\n" + "\n".join(res["problems"][:10])
 
 
@@ -330,8 +338,8 @@ def test_residual_rounds(folding: str, norms: int, convs: int, extra_rows: int) 
     nothing, and block ``b`` sends one row of 2 x 6 x 6 fp64 more each way. Each direction: a
     norm's collective becomes its message, a convolution's message goes."""
     run = harness.get_world(2).run
-    for on, off in zip(run(task_residual, 12, folding), run(task_residual, 12, "off")):
-        assert on["decided"] == [False] * (10 - norms) + [True] * norms
+    for on, off in zip(run(task_counted, "residual", 12, folding), run(task_counted, "residual", 12, "off")):
+        assert sorted(on["decided"]) == [False] * (10 - norms) + [True] * norms
         assert on["counts"][0] == off["counts"][0]  # probing: the usual path
         for step in (1, 2):
             (c_on, m_on, b_on), (c_off, m_off, b_off) = on["counts"][step], off["counts"][step]
@@ -359,51 +367,12 @@ class Pooled(nn.Module):
         return self.c2(F.max_pool2d(self.bn2(y), 2, 2)), idx
 
 
-def task_pooled(h: int, folding: bool) -> dict:
-    """Three steps against the one-device model: mismatches (indices included), ``(collectives,
-    messages, bytes)`` per step, the norms' decisions."""
-    from credit_dtensor import comm_stats, convert_to_domain_parallel, shard_tensor
-    from credit_dtensor.comm import forget_groups
-    from credit_dtensor.ops import fold
-
-    forget_groups()
-    fold.ENABLED = folding
-    try:
-        m = harness.manager()
-        torch.manual_seed(5)
-        ref = _affine(Pooled().double())
-        dist_model = convert_to_domain_parallel(Pooled().double(), m)
-        dist_model.load_state_dict(ref.state_dict())
-        problems, counts = [], []
-        for step in range(STEPS):
-            g = torch.Generator().manual_seed(step)
-            x = torch.randn(2, 3, h, 6, generator=g, dtype=torch.float64)
-            xr = x.clone().requires_grad_(True)
-            xs = shard_tensor(x, m, 2).detach().requires_grad_(True)
-            yr, ir = ref(xr)
-            w = torch.randn(yr.shape, generator=g, dtype=torch.float64)
-            (yr * w).sum().backward()
-            ws = shard_tensor(w, m, 2)
-            with comm_stats() as st:
-                ys, idx = dist_model(xs)
-                (ys * ws).sum().backward()
-            counts.append((st.collectives, st.messages, st.sent_bytes))
-            if not torch.equal(idx.full_tensor(), ir):
-                problems.append(f"step {step}: indices differ")
-            problems += _mismatches(f"step {step}", (ys, xs, dist_model), (yr.detach(), xr, ref))
-        decided = [e.conv is not None for _, e in fold._STATE.values() if e.decided]
-        return {"problems": problems, "counts": counts, "decided": decided}
-    finally:
-        fold.ENABLED = True
-        forget_groups()
-
-
 @pytest.mark.parametrize("world,h", [(2, 12), (3, 13), (4, 9)])
 def test_pooled_equal_one_device(world: int, h: int) -> None:
-    for folding in (True, False):
-        for rank, res in enumerate(harness.get_world(world).run(task_pooled, h, folding)):
+    for folding in ("on", "off"):
+        for rank, res in enumerate(harness.get_world(world).run(task_counted, "pooled", h, folding)):
             assert not res["problems"], f"rank {rank} folding={folding}:\n" + "\n".join(res["problems"][:10])
-            if folding and world > 1:
+            if folding == "on":
                 assert res["decided"] == [True, True, False]  # bn0, bn1 (pools with a halo); bn2 not
 
 
@@ -413,7 +382,7 @@ def test_pooled_rounds() -> None:
     go: the stem pool's halo runs one way (rank 1 reads rank 0's last row; its gradient returns),
     the other pool's both ways, so each rank sent three pool messages and now one more."""
     run = harness.get_world(2).run
-    for on, off in zip(run(task_pooled, 12, True), run(task_pooled, 12, False)):
+    for on, off in zip(run(task_counted, "pooled", 12, "on"), run(task_counted, "pooled", 12, "off")):
         assert on["counts"][0] == off["counts"][0]
         for step in (1, 2):
             (c_on, m_on, b_on), (c_off, m_off, b_off) = on["counts"][step], off["counts"][step]
