@@ -94,6 +94,10 @@ class RowKey:
     group: str
 
 
+#: what a norm can borrow rows for: a halo convolution or a max pooling
+Consumer = ConvKey | RowKey
+
+
 class Probe:
     """Marks a norm's output on its first call: the first halo convolution reading it is recorded.
     ``keys``: the norms whose outputs reached this tensor (two after ``bn2(y) + shortcut(x)``)."""
@@ -112,18 +116,18 @@ class Carry:
 
     __slots__ = ("conv", "plan", "rows", "version")
 
-    def __init__(self, conv: ConvKey | RowKey, plan: HaloPlan, rows: list[torch.Tensor]) -> None:
+    def __init__(self, conv: Consumer, plan: HaloPlan, rows: list[torch.Tensor]) -> None:
         self.conv, self.plan, self.rows, self.version = conv, plan, rows, -1
 
 
 @dataclass
 class _Entry:
-    seen: list[ConvKey]
+    seen: list[Consumer]
     decided: bool = False
-    conv: ConvKey | None = None
+    conv: Consumer | None = None
     #: (convolution, the norms whose probes reached it together): a sum of two norms' outputs
     #: folds only when both borrow rows for that convolution
-    teams: list[tuple[ConvKey, tuple[tuple, ...]]] = field(default_factory=list)
+    teams: list[tuple[Consumer, tuple[tuple, ...]]] = field(default_factory=list)
 
 
 #: key -> (the norm's weight, weakly, or None; entry): a weight that died leaves a stale entry
@@ -150,7 +154,7 @@ def enabled(x: torch.Tensor) -> bool:
     )
 
 
-def decide(key: tuple, weight: torch.Tensor | None, group: dist.ProcessGroup) -> Probe | ConvKey | None:
+def decide(key: tuple, weight: torch.Tensor | None, group: dist.ProcessGroup) -> Probe | Consumer | None:
     """For a norm call (``key``: its label and geometry; ``weight``: its parameter, which tells
     layers of one label apart): a :class:`Probe` to attach (first call), the convolution to borrow
     rows for, or ``None``. The second call agrees across ``group`` (every rank calls it the same
@@ -175,14 +179,14 @@ def decide(key: tuple, weight: torch.Tensor | None, group: dist.ProcessGroup) ->
     return entry.conv
 
 
-def _first(key: tuple) -> tuple[ConvKey, tuple[tuple, ...]] | None:
+def _first(key: tuple) -> tuple[Consumer, tuple[tuple, ...]] | None:
     """The first convolution that read norm ``key``'s output (what it will borrow rows for), with
     the norms whose outputs reached it together."""
     hit = _STATE.get(key)
     return hit[1].teams[0] if hit is not None and hit[1].teams else None
 
 
-def _worth(first: tuple[ConvKey, tuple[tuple, ...]]) -> bool:
+def _worth(first: tuple[Consumer, tuple[tuple, ...]]) -> bool:
     """Whether a norm whose first reader is ``first`` should borrow rows for it. Every norm of the
     team must borrow for that convolution (else its rows meet rows made for another one: sent for
     nothing), and, unless :data:`ROUNDS`, only one of them may send rows for it alone: ``bn2(y) +
@@ -202,7 +206,7 @@ def _worth(first: tuple[ConvKey, tuple[tuple, ...]]) -> bool:
     return ROUNDS or payers == 1
 
 
-def note_consumer(probe: Probe, conv: ConvKey) -> None:
+def note_consumer(probe: Probe, conv: Consumer) -> None:
     """A halo convolution read the probed norms' output (through elementwise ops only)."""
     for key in probe.keys:
         hit = _STATE.get(key)
