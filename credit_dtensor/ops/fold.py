@@ -57,6 +57,7 @@ __all__ = [
     "attach",
     "carried",
     "propagate",
+    "carries_of",
     "transform",
     "note_consumer",
     "same_plan",
@@ -122,12 +123,12 @@ class Carry:
 
 @dataclass
 class _Entry:
-    seen: list[Consumer]
+    #: (convolution, the norms whose probes reached it together), in the order they read the
+    #: norm's output: the first is what it borrows rows for; a sum of two norms' outputs folds
+    #: only when both borrow rows for that convolution
+    teams: list[tuple[Consumer, tuple[tuple, ...]]] = field(default_factory=list)
     decided: bool = False
     conv: Consumer | None = None
-    #: (convolution, the norms whose probes reached it together): a sum of two norms' outputs
-    #: folds only when both borrow rows for that convolution
-    teams: list[tuple[Consumer, tuple[tuple, ...]]] = field(default_factory=list)
 
 
 #: key -> (the norm's weight, weakly, or None; entry): a weight that died leaves a stale entry
@@ -165,13 +166,11 @@ def decide(key: tuple, weight: torch.Tensor | None, group: dist.ProcessGroup) ->
     if hit is None or (hit[0] is not None and hit[0]() is not weight):
         if len(_STATE) >= 4096:
             _STATE.clear()
-        _STATE[key] = (None if weight is None else weakref.ref(weight), _Entry([]))
+        _STATE[key] = (None if weight is None else weakref.ref(weight), _Entry())
         return Probe((key,))
     entry = hit[1]
     if not entry.decided:
-        conv = entry.seen[0] if entry.seen else None
-        if conv is not None and not _worth(entry.teams[0]):
-            conv = None
+        conv = entry.teams[0][0] if entry.teams and _worth(entry.teams[0]) else None
         code = zlib.crc32(repr(conv).encode()) if conv is not None else 0
         codes = comm.all_gather_small(torch.tensor([code], dtype=torch.int64), group)
         entry.decided = True
@@ -210,11 +209,8 @@ def note_consumer(probe: Probe, conv: Consumer) -> None:
     """A halo convolution read the probed norms' output (through elementwise ops only)."""
     for key in probe.keys:
         hit = _STATE.get(key)
-        if hit is not None and not hit[1].decided:
-            if conv not in hit[1].seen:
-                hit[1].seen.append(conv)
-            if (conv, probe.keys) not in hit[1].teams:
-                hit[1].teams.append((conv, probe.keys))
+        if hit is not None and not hit[1].decided and (conv, probe.keys) not in hit[1].teams:
+            hit[1].teams.append((conv, probe.keys))
 
 
 def attach(out: DTensor, carry: Probe | Carry, bumps: int = 0) -> None:
@@ -278,22 +274,33 @@ def propagate(
     attach(out, Carry(first.conv, first.plan, rows), bumps)
 
 
+def carries_of(args: tuple) -> list[tuple[DTensor, Probe | Carry]]:
+    """``(operand, its carry)`` for the DTensor operands of a call that carry a norm's rows (what
+    :func:`propagate` takes)."""
+    found = []
+    for a in args:
+        if isinstance(a, DTensor):
+            c = carried(a)
+            if c is not None:
+                found.append((a, c))
+    return found
+
+
 def same_plan(a: HaloPlan, b: HaloPlan) -> bool:
     """Whether two halo plans move the same rows (plans are cached: usually the same object)."""
     return a is b or a == b
 
 
-def transform(carry: Probe | Carry, fn: Callable[[torch.Tensor], Any], out: DTensor, same_shape: bool = False) -> None:
-    """``out`` is ``ref`` changed row by row (an elementwise op, a pad of other dims): attach
-    ``carry`` with ``fn`` applied to each of its rows tensors (``same_shape``: refuse if ``fn``
-    changes a shape)."""
+def transform(carry: Probe | Carry, fn: Callable[[torch.Tensor], Any], out: DTensor) -> None:
+    """``out`` is the carrying tensor changed row by row by ``fn`` (a pad of other dims): attach
+    ``carry`` with ``fn`` applied to each of its rows tensors."""
     if isinstance(carry, Probe):
         attach(out, Probe(carry.keys))
         return
     rows = []
     for r in carry.rows:
         t = fn(r)
-        if not isinstance(t, torch.Tensor) or (same_shape and t.shape != r.shape):
+        if not isinstance(t, torch.Tensor):
             return
         rows.append(t)
     attach(out, Carry(carry.conv, carry.plan, rows))

@@ -20,7 +20,7 @@ from ..halo import HaloPlan, row_shape, send_index
 from . import _groups
 from .conv_ops import decode
 from .conv_spec import plan as conv_plan
-from .fold import Carry, ConvKey, RowKey
+from .fold import Carry, Consumer, RowKey
 from .max_pool import built_max_pool
 from .norm_kernels import (
     LocalPlan,
@@ -36,7 +36,7 @@ from .norm_kernels import (
 __all__ = ["folded_channel_norm", "halo_plan_for"]
 
 
-def halo_plan_for(conv: ConvKey | RowKey, world: int, rank: int) -> HaloPlan:
+def halo_plan_for(conv: Consumer, world: int, rank: int) -> HaloPlan:
     """This rank's halo plan of the convolution (or max pooling) a norm borrows rows for."""
     if isinstance(conv, RowKey):
         return built_max_pool((*conv.args, world, rank)).plan
@@ -130,7 +130,7 @@ class _FoldedChannelNorm(torch.autograd.Function):
         return dx, dw, db, None, None, None, None
 
 
-def folded_channel_norm(x: torch.Tensor, w, b, nplan, eps: float, conv: ConvKey | RowKey) -> tuple:
+def folded_channel_norm(x: torch.Tensor, w, b, nplan, eps: float, conv: Consumer) -> tuple:
     """``(y, mean, var, carry)`` of group/instance/batch norm (plan: a :class:`~.norm.NormPlan` with
     distributed statistics) whose statistics round also brings ``conv``'s halo rows."""
     plan = LocalPlan(

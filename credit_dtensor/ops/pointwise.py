@@ -25,7 +25,6 @@ from ..dtensor import (
     as_dtensor,
     domain_shard_dim,
     first_sharded,
-    full_operand,
     global_stride,
     is_domain_replicate,
     local_of,
@@ -33,7 +32,6 @@ from ..dtensor import (
     wrap_shard,
 )
 from ..errors import DomainParallelError
-from ..geometry import chunk_range
 from . import fold
 from .family import family, input_of
 
@@ -204,17 +202,6 @@ def _inplace_rule(func, args, kwargs):
     return x
 
 
-def _carries(args: tuple) -> list[tuple[DTensor, Any]]:
-    """``(operand, its carry)`` for the DTensor operands that carry a norm's rows (:mod:`.fold`)."""
-    found = []
-    for a in args:
-        if isinstance(a, DTensor):
-            c = fold.carried(a)
-            if c is not None:
-                found.append((a, c))
-    return found
-
-
 def align_shardings(tensors: list[torch.Tensor], out_ndim: int) -> dict[int, DTensor]:
     """Operands sharded on *different* dims of the broadcast result (a residual add of an attention
     output laid out on its batch of groups and an H-sharded input): ``{id(operand): re-laid-out
@@ -278,7 +265,7 @@ def _local_fast(func, args: tuple, kwargs: dict, ref: DTensor) -> Any:
     out = func(*(local_of(a) if isinstance(a, DTensor) else a for a in args), **kwargs)
     if isinstance(out, torch.Tensor) and out.shape == ref._local_tensor.shape:
         res = as_dtensor(out, ref.device_mesh, ref.placements, ref.shape, global_stride(out, ref.shape))
-        carries = _carries(args)
+        carries = fold.carries_of(args)
         if carries:  # a norm's borrowed halo rows ride along (ops.fold)
             fold.propagate(carries, func, args, kwargs, res)
         return res
@@ -409,90 +396,6 @@ def _replicated_pointwise(func, args, kwargs, tensors):
 FAMILY.rule(POINTWISE, h="local")(_pointwise_rule)
 
 
-# --- in-place methods: x.mul_(v), x += v, x.copy_(v) on a sharded x ------------------------------------------
-
-
-def _inplace_methods() -> tuple[Callable, ...]:
-    """``Tensor.foo_`` for every pointwise ``Tensor.foo``, the augmented operators and ``copy_``."""
-    found: list[Callable] = [torch.Tensor.copy_]
-    for fn in POINTWISE:
-        name = getattr(fn, "__name__", "")
-        if getattr(fn, "__qualname__", "").startswith(("Tensor.", "TensorBase.", "_TensorBase.")):
-            method = getattr(torch.Tensor, f"{name}_", None)
-            if method is not None and name not in ("masked_fill",):  # masked_fill_: ops.assign
-                found.append(method)
-    for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift"):
-        method = getattr(torch.Tensor, f"__i{op}__", None)
-        if method is not None:
-            found.append(method)
-    return tuple(dict.fromkeys(found))
-
-
-INPLACE_METHODS = _inplace_methods()
-
-
-def _inplace_method_rule(func, args, kwargs):
-    """An in-place method on a sharded ``x`` with full operands (a plain tensor, a ``Replicate``
-    DTensor) that span the sharded dim: each operand is cut to ``x``'s rows and given as a DTensor
-    sharded like ``x``, so DTensor runs the op locally in both directions (with a ``Replicate``
-    operand its backward all-gathers the operand's gradient) and keeps autograd's own in-place
-    bookkeeping; the operand's gradient is summed over the ranks once (``full_operand``)."""
-    x = input_of(args, {})
-    sd = domain_shard_dim(x)
-    if sd is None or kwargs.get("out") is not None:
-        return NotImplemented
-    mesh = x.device_mesh
-
-    n = x.shape[sd]
-    lo, hi = chunk_range(n, mesh.size(), mesh.get_local_rank())
-
-    def shard_like_x(a: Any) -> Any:
-        if not isinstance(a, torch.Tensor) or a.ndim == 0 or a.ndim > x.ndim:
-            return a
-        if isinstance(a, DTensor) and not is_domain_replicate(a):
-            ad = domain_shard_dim(a)
-            td = sd - (x.ndim - a.ndim)
-            if ad is not None and ad != td and td >= 0 and a.shape[td] == n and a.device_mesh == mesh:
-                from .relayout import reshard
-
-                return reshard(a, td)  # sharded on another dim: moved onto x's (an in-place op keeps x's)
-            return a  # sharded like x: DTensor's own rule (same placement: local)
-        if isinstance(a, DTensor) and a.device_mesh != mesh:
-            return a  # DTensor's own error
-        local = full_operand(a, mesh)
-        local = local.reshape([1] * (x.ndim - local.ndim) + list(local.shape))
-        if local.shape[sd] == 1 and n != 1:  # broadcast along H: materialized as a view (stride 0)
-            local = local.expand([n if d == sd else -1 for d in range(x.ndim)])
-        elif local.shape[sd] != n:
-            return a  # PyTorch's own error
-        shape = list(local.shape)
-        return wrap_shard(local.narrow(sd, lo, hi - lo), mesh, sd, shape)
-
-    new_args = (x, *(shard_like_x(a) for a in args[1:]))
-    new_kwargs = {k: shard_like_x(v) for k, v in kwargs.items()}
-    carries = _carries(args) if fold.carried(x) is not None else []
-    with intercept.suspended():
-        out = func(*new_args, **new_kwargs)
-    pure = _out_of_place(func)
-    if carries and pure is not None and out is x and all(a is b for a, b in zip(args, new_args)):
-        # ``out += identity`` after ``bn2``: the rows follow (the mode bumps x's version once after this rule)
-        fold.propagate(carries, pure, args, kwargs, x, bumps=1)
-    return out
-
-
-def _out_of_place(func: Callable) -> Callable | None:
-    """``Tensor.add`` for ``Tensor.add_``, ``Tensor.__add__`` for ``Tensor.__iadd__`` (``None``: ``copy_``)."""
-    name = getattr(func, "__name__", "")
-    if name.startswith("__i") and name.endswith("__"):
-        return getattr(torch.Tensor, "__" + name[3:], None)
-    if name.endswith("_") and not name.startswith("_") and name != "copy_":
-        return getattr(torch.Tensor, name[:-1], None)
-    return None
-
-
-FAMILY.rule(INPLACE_METHODS, h="local")(_inplace_method_rule)
-
-
 def local_apply(func: Callable, args: tuple, kwargs: dict, x: DTensor, out_dim: int) -> Any:
     """``func`` on ``x``'s local tensor (first argument), outputs sharded on ``out_dim``."""
     args = (local_of(x), *args[1:]) if args and args[0] is x else args
@@ -502,4 +405,5 @@ def local_apply(func: Callable, args: tuple, kwargs: dict, x: DTensor, out_dim: 
 
 # the families that build on this module, registered with it (same order as before the split)
 from . import dimwise as _dimwise  # noqa: E402,F401
+from . import inplace_methods as _inplace_methods  # noqa: E402,F401
 from . import linear as _linear  # noqa: E402,F401
