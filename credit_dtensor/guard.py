@@ -263,15 +263,26 @@ def _refuse_builtin_conv(func: object, args: tuple) -> None:
 
 def _records_grad(args: tuple, kwargs: dict | None) -> bool:
     """Whether an op on these arguments is recorded by autograd (grad mode on, a DTensor input that
-    requires grad): only then can DTensor's own backward of it run later."""
+    requires grad) with a sharded operand: only then can DTensor's own backward of it gather.
+
+    An op whose DTensor operands are all ``Replicate`` (or ``Partial``) -- a position-bias MLP on a
+    replicated offset table -- gets its gradients from credit_dtensor's rules as ``Partial``
+    (:func:`credit_dtensor.dtensor.local_replicated`) or from DTensor ops that are themselves
+    recorded here; no shard reaches its backward, so it cannot all-gather an activation there."""
     if not torch.is_grad_enabled():
         return False
+    grad = sharded = False
     for a in (*args, *(kwargs or {}).values()):
-        if isinstance(a, DTensor) and a.requires_grad:
-            return True
-        if isinstance(a, (list, tuple)) and any(isinstance(b, DTensor) and b.requires_grad for b in a):
-            return True
-    return False
+        for b in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(b, DTensor):
+                grad = grad or b.requires_grad
+                sharded = sharded or any(p.is_shard() for p in b.placements)
+    return grad and sharded
+
+
+#: dim reorderings: DTensor maps any placement through them and their backward is another
+#: reordering, so reaching DTensor's autograd with one never leads to a gather in backward
+_REORDERS = frozenset((torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.ops.aten.t.default))
 
 
 class _Detector(TorchDispatchMode):
@@ -289,6 +300,7 @@ class _Detector(TorchDispatchMode):
                 if (
                     not _state["dtensor_dispatch"]
                     and not getattr(_tls, "trusted", False)
+                    and func not in _REORDERS
                     and _records_grad(args, kwargs)
                 ):
                     _state["dtensor_dispatch"] = True  # DTensor's own backward is in a graph now

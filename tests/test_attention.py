@@ -515,3 +515,31 @@ def test_compile_fullgraph_attention(world, tokens, tmp_path):
         assert res["graphs"] == 1 and res["breaks"] == 0, (rank, res["graphs"], res["breaks"])
         bad = {k: v for k, v in res["errs"].items() if not v <= TOL}
         assert not bad, (rank, bad)
+
+
+def test_the_shape_check_runs_once_per_shape_and_never_caches_an_error():
+    """``_check_like_torch`` (PyTorch's own function on meta tensors: its errors on every rank, the
+    output shape) is remembered by shapes, dtypes and values; a failing check raises every time."""
+    from credit_dtensor.ops import attention
+
+    calls = []
+
+    def fake(q, k, *, scale=None):
+        calls.append((tuple(q.shape), q.dtype, tuple(k.shape), scale))
+        if q.shape[-1] != k.shape[-1]:
+            raise RuntimeError("last dims differ")
+        return q
+
+    q, k = torch.zeros(2, 3, 4), torch.zeros(2, 5, 4)
+    first = attention._check_like_torch(fake, (q, k), {"scale": None})
+    assert first.device.type == "meta" and tuple(first.shape) == (2, 3, 4)
+    attention._check_like_torch(fake, (torch.ones(2, 3, 4), k), {"scale": None})  # same shapes: remembered
+    assert len(calls) == 1
+    attention._check_like_torch(fake, (q.double(), k), {"scale": None})  # another dtype
+    attention._check_like_torch(fake, (q, k), {"scale": 0.5})  # another value
+    attention._check_like_torch(fake, (torch.zeros(2, 4, 4), k), {"scale": None})  # another shape
+    assert len(calls) == 4
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="last dims differ"):
+            attention._check_like_torch(fake, (torch.zeros(2, 3, 3), k), {"scale": None})
+    assert len(calls) == 6

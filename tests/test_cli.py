@@ -383,25 +383,34 @@ def test_bench_overhead_case_runs_every_variant(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_models_case_times_whole_steps_exactly(tmp_path, monkeypatch, capsys):
-    """Whole training steps: one device, CREDIT-style plain tensors, credit_dtensor eager, on the
-    same ranks; credit_dtensor's output matches one device (fp32), the plain path's BatchNorm keeps
-    local statistics (so it does not), and both send about the same bytes (halos + gradients)."""
+    """Whole training steps of the three models: one device, CREDIT-style plain tensors (where its
+    wrappers apply), credit_dtensor eager, on the same ranks; credit_dtensor's output matches one
+    device (fp32), the plain path's BatchNorm keeps local statistics (so it does not), and both send
+    about the same bytes (halos + gradients)."""
     _no_torchrun(monkeypatch)
     monkeypatch.setenv("COLUMNS", "250")
     raw = tmp_path / "step.jsonl"
     argv = ["bench", "--cases", "models", "--worlds", "2", "--step-fields", "1x3x32x32", "--width", "4"]
     assert main([*argv, "--backends", "none", "--repeats", "1", "--warmup", "0", "--raw", str(raw)]) == 0
     out = capsys.readouterr().out
-    for word in ("one", "plain", "eager", "resunet", "syncs"):
+    for word in ("one", "plain", "eager", "resunet", "demo", "crossformer", "syncs"):
         assert word in out, (word, out)
     assert main(["bench", "--from-json", str(raw), "--json"]) == 0
-    summary = {s["variant"]: s for s in map(json.loads, capsys.readouterr().out.splitlines()) if s}
-    assert set(summary) == {"one", "plain", "eager", "overlap"}
-    assert summary["eager"]["max_rel_diff"] < 1e-5 < summary["plain"]["max_rel_diff"]
-    assert summary["overlap"]["max_rel_diff"] < 1e-5
-    assert summary["overlap"]["sent_bytes"] == summary["eager"]["sent_bytes"]  # the same gradients, bucketed
-    assert summary["eager"]["collectives"] > 0 and summary["eager"]["speedup"] > 0
-    assert 0.9 < summary["eager"]["sent_bytes"] / summary["plain"]["sent_bytes"] < 1.2
+    rows = [s for s in map(json.loads, capsys.readouterr().out.splitlines()) if s]
+    by = {(s["model"], s["variant"]): s for s in rows}
+    assert set(by) == {
+        *((m, v) for m in ("resunet", "demo") for v in ("one", "plain", "eager", "overlap")),
+        *(("crossformer", v) for v in ("one", "eager", "overlap")),  # even kernels: no CREDIT-style path
+    }
+    for model in ("resunet", "demo", "crossformer"):
+        eager, overlap = by[(model, "eager")], by[(model, "overlap")]
+        assert eager["max_rel_diff"] < 1e-5 and overlap["max_rel_diff"] < 1e-5, model
+        assert overlap["sent_bytes"] == eager["sent_bytes"], model  # the same gradients, bucketed
+        assert eager["collectives"] > 0 and eager["speedup"] > 0, model
+    # CREDIT's BatchNorm keeps local statistics (not exact); its GroupNorm sums over the ranks (exact)
+    assert by[("resunet", "plain")]["max_rel_diff"] > 1e-5 > by[("demo", "plain")]["max_rel_diff"]
+    for model in ("resunet", "demo"):
+        assert 0.9 < by[(model, "eager")]["sent_bytes"] / by[(model, "plain")]["sent_bytes"] < 1.2, model
 
 
 # --- the local process launcher ------------------------------------------------------------------

@@ -84,3 +84,28 @@ def test_statistics_gather_is_every_rank_in_order_and_sends_only_its_own(world):
         for name, (got, ref, sent, collectives, n) in res.items():
             assert torch.equal(got, ref), (rank, name)
             assert sent == (n if world > 1 else 0) and collectives == (1 if world > 1 else 0), (rank, name, sent)
+
+
+def _wire_task(_: int) -> dict:
+    import torch.distributed as dist
+
+    from credit_dtensor import comm
+    from credit_dtensor.tools.bench_wire import WireCounter, intercept
+
+    m = manager()
+    group = m.domain_mesh.get_group()
+    world = dist.get_world_size(group)
+    pieces = [[torch.randn(3, 4)] for _ in range(world)]
+    counter = WireCounter()
+    with intercept(counter):
+        comm.all_to_all(pieces, [12] * world, group, dtype=torch.float32, device=torch.device("cpu"))
+        comm.all_reduce_sum(torch.randn(5000), group)  # the collective (above the pair-sum size)
+    return {"calls": dict(counter.calls), "sent": sum(counter.sent.values()), "nbytes": world * 12 * 4}
+
+
+def test_the_benchmark_wire_counter_sees_all_to_all():
+    """``bench --cases models`` counts sync points and bytes with ``bench_wire.intercept``: an
+    attention's all-to-all (a CrossFormer's long-distance windows) must be counted like the rest."""
+    for res in get_world(2).run(_wire_task, 0):
+        assert res["calls"] == {"other:all_to_all_single": 1, "other:all_reduce": 1}, res
+        assert res["sent"] == res["nbytes"] + 5000 * 4, res

@@ -141,6 +141,55 @@ def test_gather_guard_policies():
         assert any(phase == "backward" for _, _, phase in ops), ops
 
 
+def _arming_task() -> dict:
+    """Which of DTensor's own ops arm the backward watch (a dispatch mode over every op of every later
+    backward): only those with a sharded operand, other than a dim reordering."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    import credit_dtensor as cd
+    from credit_dtensor import guard
+
+    m = manager()
+    torch.manual_seed(0)
+    full, table_full = torch.randn(1, 4, 10, 6, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    x = cd.shard_tensor(full, m, 2).requires_grad_()
+    table = distribute_tensor(table_full, m.domain_mesh, [Replicate()]).requires_grad_()
+    before = guard._state["dtensor_dispatch"]
+    guard._state["dtensor_dispatch"] = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", cd.ImplicitGatherWarning)
+            # a position-bias MLP on a replicated table (CrossFormer) and a permute of a shard: DTensor's own
+            bias = F.layer_norm(table, (2,)).sum()
+            y = x.permute(0, 2, 3, 1).transpose(1, 2)
+            loss = (y * y).sum() + bias
+            out = {"armed_by_replicate_and_reorder": guard._state["dtensor_dispatch"]}
+            loss.backward()
+        ref_x, ref_t = full.clone().requires_grad_(), table_full.clone().requires_grad_()
+        ((ref_x.permute(0, 2, 3, 1).transpose(1, 2) ** 2).sum() + F.layer_norm(ref_t, (2,)).sum()).backward()
+        out["x_grad"] = float((cd.gather_tensor(x.grad) - ref_x.grad).abs().max())
+        out["table_grad"] = float((table.grad.full_tensor() - ref_t.grad).abs().max())
+        with warnings.catch_warnings(), cd.gather_policy("warn"):
+            warnings.simplefilter("ignore")
+            torch.sort(x, 2)  # DTensor's own op over the shards, recorded by autograd: arms it
+        out["armed_by_sharded_op"] = guard._state["dtensor_dispatch"]
+    finally:
+        guard._state["dtensor_dispatch"] = before or guard._state["dtensor_dispatch"]
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_only_sharded_dtensor_ops_arm_the_backward_watch(world):
+    """The watch costs every op of every later backward a Python call (~30% of a CrossFormer step):
+    a replicated table's MLP and a permute of a shard cannot gather in backward and must not arm it;
+    an op over the shards that DTensor runs itself must. Gradients exact either way."""
+    for rank, out in enumerate(get_world(world).run(_arming_task)):
+        assert out["armed_by_replicate_and_reorder"] is False, (rank, out)
+        assert out["armed_by_sharded_op"] is True, (rank, out)
+        assert out["x_grad"] < 1e-12 and out["table_grad"] < 1e-12, (rank, out)
+
+
 def _env_task() -> str:
     import credit_dtensor as cd
     from credit_dtensor import guard

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ._args import config_from
+from ._args import choices_list, config_from
 
 __all__ = ["MODELS", "add_model_arguments", "run_models", "step_table"]
 
@@ -19,13 +19,22 @@ MODELS = "models"
 
 
 def add_model_arguments(p: argparse.ArgumentParser, fields_type) -> None:
+    from ..tools.bench_step import STEP_MODELS
+
+    p.add_argument(
+        "--step-models",
+        type=choices_list(STEP_MODELS),
+        default=",".join(STEP_MODELS),
+        help=f"models of the '{MODELS}' case: resunet (CREDIT's UNet shape), demo (the demo U-Net), "
+        "crossformer (a CREDIT-style CrossFormer stage)",
+    )
     p.add_argument(
         "--step-fields",
         type=fields_type,
         default="1x3x128x128,1x3x256x256",
         help=f"BxCxHxW list of the '{MODELS}' case (whole training steps)",
     )
-    p.add_argument("--width", type=int, default=16, help=f"base width of the '{MODELS}' case's ResNet-UNet")
+    p.add_argument("--width", type=int, default=16, help=f"base width of the '{MODELS}' case's models")
 
 
 def step_table(summary: list[dict]) -> Table:
@@ -76,7 +85,7 @@ def run_models(args: argparse.Namespace, console: Console, rows: list[dict] | No
 
     if rows is None:
         worlds = tuple(n for n in args.worlds if n > 1) or (2,)
-        cfg = config_from(StepConfig, args, defaults=("models",), worlds=worlds, fields=args.step_fields)
+        cfg = config_from(StepConfig, args, worlds=worlds, fields=args.step_fields, models=args.step_models)
         rows = run_step(cfg)
         if args.raw:
             with Path(args.raw).open("w") as f:

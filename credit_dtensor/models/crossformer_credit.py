@@ -158,15 +158,16 @@ class CrossFormerStage(nn.Module):
         global_window: int = 2,
         pad_lat: int = 1,
         pad_lon: int = 1,
+        dim_head: int = 4,
     ) -> None:
         super().__init__()
         self.pad_lat, self.pad_lon = pad_lat, pad_lon
         self.embed = CrossEmbedLayer(channels, dim, kernels, stride=2)
         self.layers = nn.ModuleList(
             [
-                CrossAttention(dim, "short", local_window),
+                CrossAttention(dim, "short", local_window, dim_head),
                 FeedForward(dim),
-                CrossAttention(dim, "long", global_window),
+                CrossAttention(dim, "long", global_window, dim_head),
                 FeedForward(dim),
             ]
         )

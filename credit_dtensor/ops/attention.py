@@ -108,12 +108,35 @@ def _meta(t: Any) -> Any:
     return torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
 
 
+def _meta_key(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return ("tensor", tuple(a.shape), a.dtype)
+    hash(a)  # a non-hashable argument: no key, no cache
+    return a
+
+
+_CHECKED: dict[tuple, Any] = {}
+
+
 def _check_like_torch(func, args: Sequence[Any], kwargs: dict) -> Any:
     """Run PyTorch's own function on meta tensors of the global shapes: its errors, on every rank
-    alike, and the global output shapes (skipped while compiling)."""
+    alike, and the global output shapes (skipped while compiling). A passing check is remembered by
+    the arguments' shapes, dtypes and other values: the meta kernels of attention run PyTorch's
+    Python decompositions, several milliseconds per call, and a model repeats the same shapes."""
     if torch.compiler.is_compiling():
         return None
-    return func(*[_meta(a) for a in args], **{k: _meta(v) for k, v in kwargs.items()})
+    try:
+        key = (func, tuple(_meta_key(a) for a in args), tuple((k, _meta_key(v)) for k, v in kwargs.items()))
+    except TypeError:
+        key = None
+    hit = _CHECKED.get(key) if key is not None else None
+    if hit is None:
+        hit = func(*[_meta(a) for a in args], **{k: _meta(v) for k, v in kwargs.items()})
+        if key is not None:
+            if len(_CHECKED) >= 1024:
+                _CHECKED.clear()
+            _CHECKED[key] = hit
+    return hit
 
 
 def _check_local_rows(local: torch.Tensor, dim: int, n: int, world: int, rank: int, where: str) -> None:

@@ -111,7 +111,7 @@ def _steps(case: str, field: tuple[int, ...], cfg: OverheadConfig, manager, rank
 
     steps["bound"] = step_bound
 
-    wrapped = plain_wrap(copy.deepcopy(plain), h, rank, world)
+    wrapped = plain_wrap(copy.deepcopy(plain), rank, world)
     xp = xl.clone().requires_grad_()
 
     def step_plain():

@@ -96,33 +96,35 @@ class PlainHaloConv2d(nn.Module):
 
 
 class PlainGroupNorm(nn.Module):
-    """``GroupNorm`` over the whole sample from per-rank sums (one all-reduce of sum and sum of squares)."""
+    """``GroupNorm`` over the whole sample from per-rank sums (one all-reduce of the sums, sums of
+    squares and element counts)."""
 
-    def __init__(self, gn: nn.GroupNorm, h_global: int, world: int) -> None:
+    def __init__(self, gn: nn.GroupNorm, world: int) -> None:
         super().__init__()
-        self.gn, self.h_global, self.world = gn, h_global, world
+        self.gn, self.world = gn, world
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gn = self.gn
-        bsz, c, _, w = x.shape
+        bsz = x.shape[0]
         xg = x.reshape(bsz, gn.num_groups, -1)
-        s = torch.stack([xg.sum(-1), (xg * xg).sum(-1)])
+        # the element count travels with the sums: a layer after a strided conv has fewer rows
+        s = torch.stack([xg.sum(-1), (xg * xg).sum(-1), torch.full_like(xg[..., 0], xg.shape[-1])])
         if self.world > 1:
             s = _AllReduceSum.apply(s)
-        count = c // gn.num_groups * self.h_global * w
+        count = s[2]
         mean = s[0] / count
         inv = torch.rsqrt(s[1] / count - mean * mean + gn.eps)
         y = ((xg - mean[..., None]) * inv[..., None]).reshape(x.shape)
         return y * gn.weight[None, :, None, None] + gn.bias[None, :, None, None]
 
 
-def plain_wrap(model: nn.Module, h_global: int, rank: int, world: int) -> nn.Module:
+def plain_wrap(model: nn.Module, rank: int, world: int) -> nn.Module:
     """Replace every ``Conv2d`` / ``GroupNorm`` child of ``model`` (in place) by its plain wrapper."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Conv2d):
             setattr(model, name, PlainHaloConv2d(child, rank, world))
         elif isinstance(child, nn.GroupNorm):
-            setattr(model, name, PlainGroupNorm(child, h_global, world))
+            setattr(model, name, PlainGroupNorm(child, world))
         else:
-            plain_wrap(child, h_global, rank, world)
+            plain_wrap(child, rank, world)
     return model

@@ -69,6 +69,14 @@ _WIRE: dict[str, Callable] = {
     ),
     "reduce_scatter": lambda a, k: (_nbytes(a[1] if len(a) > 1 else k.get("input_list")), _nbytes(_args0(a, k))),
     "reduce_scatter_tensor": lambda a, k: (_nbytes(a[1] if len(a) > 1 else k.get("input")), _nbytes(_args0(a, k))),
+    "all_to_all_single": lambda a, k: (
+        _nbytes(a[1] if len(a) > 1 else k.get("input")),
+        _nbytes(a[0] if a else k.get("output")),
+    ),
+    "all_to_all": lambda a, k: (
+        _nbytes(a[1] if len(a) > 1 else k.get("input_tensor_list")),
+        _nbytes(a[0] if a else k.get("output_tensor_list")),
+    ),
 }
 _FUNCOL: dict[str, Callable] = {
     "all_reduce": lambda a, k: (_nbytes(a[0]), _nbytes(a[0])),
