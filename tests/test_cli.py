@@ -5,6 +5,7 @@ policy; help texts with defaults; the local process launcher; benchmark scripts'
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -395,7 +396,9 @@ def test_bench_models_case_times_whole_steps_exactly(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     for word in ("one", "plain", "eager", "resunet", "demo", "crossformer", "syncs"):
         assert word in out, (word, out)
-    assert main(["bench", "--from-json", str(raw), "--json"]) == 0
+    assert main(["bench", "--from-json", str(raw), "--json", "--plots", str(tmp_path / "plots")]) == 0
+    if importlib.util.find_spec("matplotlib") is not None:  # the bench extra; skipped with a notice otherwise
+        assert (tmp_path / "plots" / "steps.png").stat().st_size > 0
     rows = [s for s in map(json.loads, capsys.readouterr().out.splitlines()) if s]
     by = {(s["model"], s["variant"]): s for s in rows}
     assert set(by) == {

@@ -459,7 +459,8 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         paths = plot(summary, Path(args.plots)) if summary else []
         if osummary:
             paths += plot_overhead(osummary, Path(args.plots))
-        (Console(stderr=True) if args.json else console).print("plots: " + ", ".join(str(p) for p in paths))
+        if paths:
+            (Console(stderr=True) if args.json else console).print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 
 

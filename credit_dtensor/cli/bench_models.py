@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ._args import choices_list, config_from
 
-__all__ = ["MODELS", "add_model_arguments", "run_models", "step_table"]
+__all__ = ["MODELS", "add_model_arguments", "run_models", "step_table", "plot_steps"]
 
 MODELS = "models"
 
@@ -79,6 +79,44 @@ def step_table(summary: list[dict]) -> Table:
     return t
 
 
+def plot_steps(summary: list[dict], out: Path) -> Path:
+    """``steps.png``: the median step of every path, one panel per model, grouped by field and
+    ranks, each bar labelled with its speedup over one device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    models = list(dict.fromkeys(s["model"] for s in summary))
+    variants = list(dict.fromkeys(s["variant"] for s in summary))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes.flat, models):
+        rows = [s for s in summary if s["model"] == model]
+        groups = list(dict.fromkeys((tuple(s["field"]), s["world"]) for s in rows))
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            for j, (field, world) in enumerate(groups):
+                hit = [s for s in rows if s["variant"] == v and tuple(s["field"]) == field and s["world"] == world]
+                if not hit:
+                    continue
+                s = hit[0]
+                x = j + (i - (len(variants) - 1) / 2) * width
+                ax.bar(x, 1e3 * s["step_s"], width, color=f"C{i}", label=v if j == 0 else None)
+                if s["speedup"]:
+                    ax.annotate(f"{s['speedup']:.2f}x", (x, 1e3 * s["step_s"]), ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{f[2]}x{f[3]}, N={n}" for f, n in groups])
+        ax.set_title(f"{model}: one training step")
+        ax.set_ylabel("ms per step (median of the slowest rank)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "steps.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run_models(args: argparse.Namespace, console: Console, rows: list[dict] | None = None) -> list[dict]:
     """Run (or take from ``--from-json``) the models rows; print the table or JSON; return the summary."""
     from ..tools.bench_step import StepConfig, run_step, summarize_step
@@ -97,4 +135,7 @@ def run_models(args: argparse.Namespace, console: Console, rows: list[dict] | No
             console.out(json.dumps(s), highlight=False)
     else:
         console.print(step_table(summary))
+    if getattr(args, "plots", None):
+        path = plot_steps(summary, Path(args.plots))
+        (Console(stderr=True) if args.json else console).print(f"plots: {path}")
     return summary
