@@ -162,6 +162,21 @@ def _spec(mesh: DeviceMesh, placements: tuple, shape: torch.Size, stride: tuple[
     return hit
 
 
+def _constructor() -> Any:
+    """``DTensor(local, spec, requires_grad=False)`` without its Python ``__init__``: in torch
+    2.11-2.14 ``__new__`` is the C++ ``Tensor._dtensor__new__`` that builds the whole DTensor, and
+    ``__init__`` only calls ``Tensor.__init__`` through two decorators (Dynamo's disable, export's
+    constructor marker) that cost twice the construction itself in eager mode. Falls back to the
+    class call if a later torch moves work into ``__init__``."""
+    new = getattr(torch.Tensor, "_dtensor__new__", None)
+    if new is not None and DTensor.__new__ is new:
+        return lambda local, spec: new(DTensor, local, spec, requires_grad=False)
+    return lambda local, spec: DTensor(local, spec, requires_grad=False)
+
+
+_new_dtensor = _constructor()
+
+
 class _FromLocal(torch.autograd.Function):
     """``DTensor.from_local`` (``run_check=False``, explicit shape and stride) for a local tensor in
     the autograd graph, with a cached spec; backward: the output gradient redistributed to the
@@ -171,7 +186,7 @@ class _FromLocal(torch.autograd.Function):
     def forward(ctx, local: torch.Tensor, spec: DTensorSpec) -> DTensor:  # type: ignore[override]
         ctx.spec = spec
         ctx.set_materialize_grads(False)
-        return DTensor(local.detach(), spec, requires_grad=False)
+        return _new_dtensor(local.detach(), spec)
 
     @staticmethod
     def backward(ctx, grad: Any) -> tuple[Any, None]:  # type: ignore[override]
@@ -198,7 +213,7 @@ def as_dtensor(
     spec = _spec(mesh, tuple(placements), torch.Size(shape), tuple(stride), local.dtype)
     if local.requires_grad and torch.is_grad_enabled():
         return _FromLocal.apply(local, spec)
-    return DTensor(local.detach() if local.requires_grad else local, spec, requires_grad=False)
+    return _new_dtensor(local.detach() if local.requires_grad else local, spec)
 
 
 class _ToLocal(torch.autograd.Function):

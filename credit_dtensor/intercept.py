@@ -98,17 +98,26 @@ def _is_plain_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and not isinstance(v, DTensor)
 
 
-def register(*funcs: Any) -> Callable[[Rule], Rule]:
+_UNWATCHED: set[Rule] = set()
+
+
+def register(*funcs: Any, unwatched: bool = False) -> Callable[[Rule], Rule]:
     """Decorator: ask ``rule(func, args, kwargs)`` first whenever one of ``funcs`` gets a DTensor.
 
-    The primitive under :meth:`credit_dtensor.ops.family.OpFamily.rule`, through which every op
-    family registers (so its descriptor knows the rule); nothing else calls it."""
+    ``unwatched``: the rule runs only local ops, DTensor construction and credit_dtensor's own
+    messages -- never DTensor's dispatch -- so it cannot gather, and leading unwatched rules run
+    outside the gather guard's dispatch mode (which costs every aten op inside a Python call,
+    about half of a pointwise call's host time). The primitive under
+    :meth:`credit_dtensor.ops.family.OpFamily.rule`, through which every op family registers (so
+    its descriptor knows the rule); nothing else calls it."""
 
     def deco(rule: Rule) -> Rule:
         for f in funcs:
             rules = _RULES.setdefault(f, [])
             if rule not in rules:
                 rules.append(rule)
+        if unwatched:
+            _UNWATCHED.add(rule)
         return rule
 
     return deco
@@ -243,8 +252,16 @@ def _dispatch(func, args: tuple, kwargs: dict) -> Any:
     if func in _BACKWARD:
         with guard.watch(func, "backward"):
             return _backward(func, args, kwargs)
+    first = 0
+    for rule in rules:  # type: ignore[union-attr]
+        if rule not in _UNWATCHED:
+            break
+        out = rule(func, args, kwargs)
+        if out is not NotImplemented:
+            return out
+        first += 1
     with guard.watch(func):
-        for rule in rules:  # type: ignore[union-attr]
+        for rule in rules[first:]:  # type: ignore[index]
             out = rule(func, args, kwargs)
             if out is not NotImplemented:
                 return out

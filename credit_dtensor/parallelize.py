@@ -297,8 +297,9 @@ def reduce_gradient_list(params: list[nn.Parameter], manager: DomainParallelMana
         (partial if is_partial(g) else replicate).append((p, g))
     world_group = dist.group.WORLD
     dp = manager.dp_world_size
-    for items, group in ((partial, world_group), (replicate, manager.dp_group)):
-        for bucket in _buckets(items):
-            flat = flatten(bucket)
-            comm.all_reduce_sum(flat, group)
-            settle(bucket, flat, dp)
+    with intercept.suspended():  # flat buffers, local tensors and one sum each: no rule applies
+        for items, group in ((partial, world_group), (replicate, manager.dp_group)):
+            for bucket in _buckets(items):
+                flat = flatten(bucket)
+                comm.all_reduce_sum(flat, group)
+                settle(bucket, flat, dp)

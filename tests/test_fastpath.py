@@ -135,10 +135,24 @@ def _pointwise_case(h: int) -> dict:
     ref.backward(gy)
     a = shard_tensor(a_full, m.domain_mesh, 2).detach().requires_grad_(True)
     b = shard_tensor(b_full, m.domain_mesh, 2).detach().requires_grad_(True)
-    with comm_stats() as s:
-        y = program(a, b)
-        y.backward(shard_tensor(gy, m.domain_mesh, 2))
+    from credit_dtensor import gather_policy, guard
+
+    watched = []
+    init = guard._Detector.__init__
+
+    def spy(self, func, phase):  # every gather-guard dispatch mode entered, by op
+        watched.append(guard._op_name(func))
+        init(self, func, phase)
+
+    guard._Detector.__init__ = spy
+    try:
+        with comm_stats() as s, gather_policy("warn"):
+            y = program(a, b)
+            y.backward(shard_tensor(gy, m.domain_mesh, 2))
+    finally:
+        guard._Detector.__init__ = init
     return {
+        "watched": watched,
         "y": (y.full_tensor().detach(), ref.detach()),
         "ga": (a.grad.full_tensor(), a1.grad),
         "gb": (b.grad.full_tensor(), b1.grad),
@@ -154,6 +168,9 @@ def test_same_layout_pointwise_runs_locally_and_exactly(world, h):
             torch.testing.assert_close(*res[key], rtol=1e-12, atol=1e-12)
         assert res["placements"][0] == res["placements"][1]
         assert res["sent"] == 0  # forward and backward: local rows only
+        # operands of one layout run outside the gather guard's dispatch mode (no DTensor dispatch
+        # to watch); only the dtype cast, which DTensor runs itself, is watched
+        assert set(res["watched"]) <= {"Tensor.to"}, res["watched"]
 
 
 def _p2p_posting(_: int) -> dict:
@@ -176,3 +193,34 @@ def test_gloo_rounds_are_posted_one_by_one_and_arrive(world):
         assert res["direct"] is True
         for p, t in zip(res["peers"], res["got"]):
             assert torch.equal(t, torch.full((p + 1, 3), float(p * 10 + res["rank"])))
+
+
+def _constructor_task() -> dict:
+    from torch.distributed.tensor import DTensor
+
+    from credit_dtensor import dtensor, shard_tensor
+
+    m = manager()
+    x = shard_tensor(torch.randn(1, 3, 7, 4, dtype=torch.float64), m, 2)
+    local, spec = x._local_tensor, x._spec
+    fast = dtensor._new_dtensor(local, spec)
+    slow = DTensor(local, spec, requires_grad=False)
+    return {
+        "fast_path": DTensor.__new__ is getattr(torch.Tensor, "_dtensor__new__", None),
+        "same": [
+            type(fast) is type(slow),
+            fast._local_tensor is local and fast._spec is spec,
+            fast.shape == slow.shape and fast.stride() == slow.stride() and fast.placements == slow.placements,
+            fast.requires_grad is False and fast.dtype == slow.dtype,
+            torch.equal(fast.full_tensor(), slow.full_tensor()),
+        ],
+    }
+
+
+def test_dtensor_constructor_without_python_init_builds_the_same_dtensor():
+    """``_new_dtensor`` calls DTensor's C++ ``__new__`` and skips its decorated no-op ``__init__``
+    (twice the construction's host time): on every supported torch it must build what the class
+    call builds."""
+    for out in get_world(2).run(_constructor_task):
+        assert out["fast_path"], "torch moved DTensor construction: check dtensor._constructor"
+        assert all(out["same"]), out

@@ -128,12 +128,14 @@ class OpFamily:
         note: str = "",
         signature: Signature | Mapping[Any, Signature] | None = None,
         name: str | None = None,
+        unwatched: bool = False,
     ) -> Callable[[Callable], Callable]:
         """Decorator: ``rule(func, args, kwargs)`` takes calls of ``funcs`` on DTensors (returning
         ``NotImplemented`` when a call is not its business); ``h`` is its effect on H
         (:data:`H_EFFECTS`), ``note`` what ``plan`` and the docs say of it. With ``signature`` (one,
         or one per function) the call is bound where it enters: ``rule(func, a)`` gets the named
-        arguments ``a`` (defaults filled in) and parses nothing itself."""
+        arguments ``a`` (defaults filled in) and parses nothing itself. ``unwatched``: the rule
+        never reaches DTensor's dispatch (see :func:`credit_dtensor.intercept.register`)."""
         if h not in H_EFFECTS:
             raise ValueError(f"{self.name}: unknown H effect {h!r} (one of {', '.join(H_EFFECTS)})")
         if len(funcs) == 1 and isinstance(funcs[0], (Mapping, list, tuple, set, frozenset)):
@@ -143,7 +145,7 @@ class OpFamily:
             if name is not None:
                 fn.__name__ = fn.__qualname__ = name
             entry = fn if signature is None else _bound(fn, signature)
-            register(*funcs)(entry)
+            register(*funcs, unwatched=unwatched)(entry)
             self.entries.append(OpEntry(tuple(funcs), entry, h, note))
             return entry  # the rule as registered: callable as ``rule(func, args, kwargs)`` everywhere
 

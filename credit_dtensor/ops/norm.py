@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
-from .. import comm, stats
+from .. import comm, intercept, stats
 from .._torch_versions import is_plain_shard
 from ..dtensor import check_replicated, full_operand, local_of, wrap_replicate, wrap_shard
 from ..errors import DomainParallelError, UnsupportedShardingError
@@ -212,19 +212,20 @@ def group_norm(
         return F.group_norm(input, num_groups, weight, bias, eps)
     input, weight, bias = cast_inputs("group_norm", input, weight, bias)  # torch.autocast (CUDA: fp32)
     input = _off_channels(input)
-    shape = tuple(input.shape)
-    if len(shape) < 2 or num_groups < 1 or shape[1] % num_groups:
-        raise DomainParallelError(
-            f"{label}: {shape[1] if len(shape) > 1 else '?'} channels of input {shape} are not divisible "
-            f"by num_groups={num_groups}: choose a divisor of the channel count"
-        )
-    _check_shapes(label, (shape[1],), "(channels)", weight=weight, bias=bias)
-    plan = plan_norm(input, NormLayout("group", shape, groups=num_groups), label, "group_norm")
-    x, w, b, _, _ = _locals(input, plan, weight, bias)
-    if plan.counts is None:  # statistics are local: torch's own kernel
-        return _wrap(F.group_norm(x, num_groups, w, b, eps), plan, shape)
-    y, _, _, carry = _channel(x, w, b, plan, eps, weight)
-    return _wrap(y, plan, shape, carry)
+    with intercept.suspended():  # checks, local tensors and our own rounds: no rule applies below
+        shape = tuple(input.shape)
+        if len(shape) < 2 or num_groups < 1 or shape[1] % num_groups:
+            raise DomainParallelError(
+                f"{label}: {shape[1] if len(shape) > 1 else '?'} channels of input {shape} are not divisible "
+                f"by num_groups={num_groups}: choose a divisor of the channel count"
+            )
+        _check_shapes(label, (shape[1],), "(channels)", weight=weight, bias=bias)
+        plan = plan_norm(input, NormLayout("group", shape, groups=num_groups), label, "group_norm")
+        x, w, b, _, _ = _locals(input, plan, weight, bias)
+        if plan.counts is None:  # statistics are local: torch's own kernel
+            return _wrap(F.group_norm(x, num_groups, w, b, eps), plan, shape)
+        y, _, _, carry = _channel(x, w, b, plan, eps, weight)
+        return _wrap(y, plan, shape, carry)
 
 
 def batch_norm(
@@ -244,26 +245,33 @@ def batch_norm(
     if not isinstance(input, DTensor):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     input = _off_channels(input)
-    shape = tuple(input.shape)
-    if len(shape) < 2:
-        raise DomainParallelError(f"{label}: expected (N, C, ...) input, got shape {shape}")
-    _check_shapes(
-        label, (shape[1],), "(channels)", weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
-    )
-    plan = plan_norm(input, NormLayout("batch", shape), label, "batch_norm")
-    x, w, b, rm, rv = _locals(input, plan, weight, bias, running_mean, running_var)
-    if not training and (rm is None or rv is None):
-        raise DomainParallelError(f"{label}: running_mean and running_var are required when training=False")
-    if training:
-        _verify_size(shape, 0, "value per channel", label)
-        if eps <= 0:
-            raise DomainParallelError(f"{label}: batch_norm eps must be positive during training, got {eps}")
-    if not training or plan.counts is None:  # running statistics (pointwise) or local statistics
-        return _wrap(F.batch_norm(x, rm, rv, w, b, training, momentum, eps), plan, shape)
-    y, mean, var, carry = _channel(x, w, b, plan, eps, weight)
-    _running_update(rm, mean, momentum)
-    _running_update(rv, _unbiased(var, plan.layout.count()), momentum)
-    return _wrap(y, plan, shape, carry)
+    with intercept.suspended():  # checks, local tensors and our own rounds: no rule applies below
+        shape = tuple(input.shape)
+        if len(shape) < 2:
+            raise DomainParallelError(f"{label}: expected (N, C, ...) input, got shape {shape}")
+        _check_shapes(
+            label,
+            (shape[1],),
+            "(channels)",
+            weight=weight,
+            bias=bias,
+            running_mean=running_mean,
+            running_var=running_var,
+        )
+        plan = plan_norm(input, NormLayout("batch", shape), label, "batch_norm")
+        x, w, b, rm, rv = _locals(input, plan, weight, bias, running_mean, running_var)
+        if not training and (rm is None or rv is None):
+            raise DomainParallelError(f"{label}: running_mean and running_var are required when training=False")
+        if training:
+            _verify_size(shape, 0, "value per channel", label)
+            if eps <= 0:
+                raise DomainParallelError(f"{label}: batch_norm eps must be positive during training, got {eps}")
+        if not training or plan.counts is None:  # running statistics (pointwise) or local statistics
+            return _wrap(F.batch_norm(x, rm, rv, w, b, training, momentum, eps), plan, shape)
+        y, mean, var, carry = _channel(x, w, b, plan, eps, weight)
+        _running_update(rm, mean, momentum)
+        _running_update(rv, _unbiased(var, plan.layout.count()), momentum)
+        return _wrap(y, plan, shape, carry)
 
 
 def instance_norm(
@@ -283,30 +291,31 @@ def instance_norm(
     if not isinstance(input, DTensor):
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     input = _off_channels(input)
-    shape = tuple(input.shape)
-    if len(shape) < 3:
-        raise DomainParallelError(f"{label}: expected (N, C, *spatial) input, got shape {shape}")
-    c = shape[1]
-    _check_shapes(
-        label, (c,), "(channels)", weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
-    )
-    layout = NormLayout("group", shape, groups=c)
-    plan = plan_norm(input, layout, label, "instance_norm")
-    x, w, b, rm, rv = _locals(input, plan, weight, bias, running_mean, running_var)
-    if not use_input_stats and (rm is None or rv is None):
-        raise DomainParallelError(f"{label}: running_mean and running_var are required when use_input_stats=False")
-    if use_input_stats:
-        _verify_size(shape, 2, "spatial element", label)
-    tracked = rm is not None or rv is not None
-    batch_split = plan.dim == 0 and plan.world > 1  # running stats average over the global batch
-    if not use_input_stats or (plan.counts is None and not (tracked and batch_split)):
-        return _wrap(F.instance_norm(x, rm, rv, w, b, use_input_stats, momentum, eps), plan, shape)
-    y, mean, var, carry = _channel(x, w, b, plan, eps, weight)
-    if tracked:
-        nl, n = x.shape[0], layout.count()
-        _running_update(rm, _batch_mean(mean.view(nl, c), plan), momentum)
-        _running_update(rv, _batch_mean(_unbiased(var, n).view(nl, c), plan), momentum)
-    return _wrap(y, plan, shape, carry)
+    with intercept.suspended():  # checks, local tensors and our own rounds: no rule applies below
+        shape = tuple(input.shape)
+        if len(shape) < 3:
+            raise DomainParallelError(f"{label}: expected (N, C, *spatial) input, got shape {shape}")
+        c = shape[1]
+        _check_shapes(
+            label, (c,), "(channels)", weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+        )
+        layout = NormLayout("group", shape, groups=c)
+        plan = plan_norm(input, layout, label, "instance_norm")
+        x, w, b, rm, rv = _locals(input, plan, weight, bias, running_mean, running_var)
+        if not use_input_stats and (rm is None or rv is None):
+            raise DomainParallelError(f"{label}: running_mean and running_var are required when use_input_stats=False")
+        if use_input_stats:
+            _verify_size(shape, 2, "spatial element", label)
+        tracked = rm is not None or rv is not None
+        batch_split = plan.dim == 0 and plan.world > 1  # running stats average over the global batch
+        if not use_input_stats or (plan.counts is None and not (tracked and batch_split)):
+            return _wrap(F.instance_norm(x, rm, rv, w, b, use_input_stats, momentum, eps), plan, shape)
+        y, mean, var, carry = _channel(x, w, b, plan, eps, weight)
+        if tracked:
+            nl, n = x.shape[0], layout.count()
+            _running_update(rm, _batch_mean(mean.view(nl, c), plan), momentum)
+            _running_update(rv, _batch_mean(_unbiased(var, n).view(nl, c), plan), momentum)
+        return _wrap(y, plan, shape, carry)
 
 
 def _layer_param_slice(t: torch.Tensor, plan: NormPlan) -> torch.Tensor:
@@ -342,22 +351,23 @@ def layer_norm(
     if not isinstance(input, DTensor):
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
     input, weight, bias = cast_inputs("layer_norm", input, weight, bias)  # torch.autocast (CUDA: fp32)
-    shape = tuple(input.shape)
-    ns = _check_normalized_shape(shape, normalized_shape, label)
-    _check_shapes(label, ns, "(normalized_shape)", weight=weight, bias=bias)
-    plan = plan_norm(input, NormLayout("layer", shape, norm_ndim=len(ns)), label, "layer_norm")
-    x, w, b, _, _ = _locals(input, plan, weight, bias)
-    w = None if w is None else _layer_param_slice(w, plan)
-    b = None if b is None else _layer_param_slice(b, plan)
-    if plan.counts is None:
-        y = F.layer_norm(x, x.shape[x.ndim - len(ns) :], w, b, eps)
-    else:
-        y = layer_xhat(x, plan, eps)
-        if w is not None:
-            y = y * w
-        if b is not None:
-            y = y + b
-    return _wrap(y, plan, shape)
+    with intercept.suspended():  # checks, local tensors and our own rounds: no rule applies below
+        shape = tuple(input.shape)
+        ns = _check_normalized_shape(shape, normalized_shape, label)
+        _check_shapes(label, ns, "(normalized_shape)", weight=weight, bias=bias)
+        plan = plan_norm(input, NormLayout("layer", shape, norm_ndim=len(ns)), label, "layer_norm")
+        x, w, b, _, _ = _locals(input, plan, weight, bias)
+        w = None if w is None else _layer_param_slice(w, plan)
+        b = None if b is None else _layer_param_slice(b, plan)
+        if plan.counts is None:
+            y = F.layer_norm(x, x.shape[x.ndim - len(ns) :], w, b, eps)
+        else:
+            y = layer_xhat(x, plan, eps)
+            if w is not None:
+                y = y * w
+            if b is not None:
+                y = y + b
+        return _wrap(y, plan, shape)
 
 
 _NORM_ROUTES = {

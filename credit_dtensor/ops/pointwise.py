@@ -393,6 +393,18 @@ def _replicated_pointwise(func, args, kwargs, tensors):
     return type(out)(wrap(t) for t in out) if isinstance(out, (tuple, list)) else wrap(out)
 
 
+def _same_spec_rule(func, args, kwargs):
+    """The usual call (``relu(x)``, ``a + b`` of one layout: :func:`_same_spec`) on the local tensors,
+    ahead of :func:`_pointwise_rule` and outside the gather guard: it runs no DTensor dispatch."""
+    if kwargs.get("out") is not None or _is_inplace(func, args, kwargs):
+        return NotImplemented
+    ref = _same_spec(args, kwargs)
+    return NotImplemented if ref is None else _local_fast(func, args, kwargs, ref)
+
+
+FAMILY.rule(POINTWISE, h="local", unwatched=True, note="operands of one layout: the op on the local tensors")(
+    _same_spec_rule
+)
 FAMILY.rule(POINTWISE, h="local")(_pointwise_rule)
 
 
