@@ -233,8 +233,9 @@ class _ToLocal(torch.autograd.Function):
         if grad is None:
             return None, None
         mesh, placements, shape, sharded = ctx.meta
-        stride = global_stride(grad, shape) if sharded else grad.stride()
-        return as_dtensor(grad, mesh, placements, shape, stride), None
+        with torch._C.DisableTorchFunction():  # metadata reads and a DTensor built: no rule applies
+            stride = global_stride(grad, shape) if sharded else grad.stride()
+            return as_dtensor(grad, mesh, placements, shape, stride), None
 
 
 def local_of(x: DTensor, grad_placements: Sequence[Any] | None = None) -> torch.Tensor:

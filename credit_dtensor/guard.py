@@ -348,8 +348,8 @@ def watch(func: object, phase: str = "forward") -> Iterator[None]:
     """Apply the gather policy to collectives dispatched inside the block (not nested).
 
     A backward is watched only once some op of this process has gone through DTensor's own
-    dispatch with autograd recording (seen by a forward watch; under policy ``allow`` every
-    unwatched op with grad mode on counts): before that, every node of any autograd graph is one
+    dispatch with autograd recording and a sharded operand, other than a dim reordering (seen by a
+    forward watch; under policy ``allow`` every unwatched op with grad mode on counts): before that, every node of any autograd graph is one
     of credit_dtensor's rules or DTensor's ``to_local``/``from_local``, whose backwards communicate
     only halo rows and statistics, so a backward of a fully converted model pays nothing for the
     guard (a dispatch mode costs every op of the backward a Python call).

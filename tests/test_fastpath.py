@@ -140,8 +140,9 @@ def _pointwise_case(h: int) -> dict:
     watched = []
     init = guard._Detector.__init__
 
-    def spy(self, func, phase):  # every gather-guard dispatch mode entered, by op
-        watched.append(guard._op_name(func))
+    def spy(self, func, phase):  # every gather-guard dispatch mode entered in forward, by op
+        if phase == "forward":  # (backward is watched once any earlier test armed it: process state)
+            watched.append(guard._op_name(func))
         init(self, func, phase)
 
     guard._Detector.__init__ = spy
