@@ -416,6 +416,32 @@ def test_bench_models_case_times_whole_steps_exactly(tmp_path, monkeypatch, caps
         assert 0.9 < by[(model, "eager")]["sent_bytes"] / by[(model, "plain")]["sent_bytes"] < 1.2, model
 
 
+def test_bench_models_skips_what_cannot_run_on_these_shards(monkeypatch, capsys):
+    """At 3 ranks a 32x32 field gives uneven shards: the CrossFormer's windows do not fit them (a
+    clear error on every rank: its model is skipped with the reason, the benchmark goes on), and
+    CREDIT's plain wrappers have no uneven geometry for strided convs (no plain path); the demo
+    U-Net's eager step is still exact."""
+    from credit_dtensor.models.demo import DemoNet
+    from credit_dtensor.models.resunet import resunet
+    from credit_dtensor.tools.bench_step import _plain_fits
+
+    x = torch.zeros(1, 3, 32, 32)
+    assert _plain_fits(resunet(3, 3, 4), x, 2) and not _plain_fits(resunet(3, 3, 4), x, 3)
+    assert _plain_fits(DemoNet(3, 4), x, 4) and not _plain_fits(DemoNet(3, 4), x, 3)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    assert _plain_fits(conv, torch.zeros(1, 3, 4, 8), 4) and not _plain_fits(conv, torch.zeros(1, 3, 3, 8), 4)
+    _no_torchrun(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "250")
+    argv = ["bench", "--cases", "models", "--worlds", "3", "--step-fields", "1x3x32x32", "--width", "4"]
+    argv += ["--step-models", "crossformer,demo", "--backends", "none", "--repeats", "1", "--warmup", "0", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    assert {(r["model"], r["variant"]) for r in rows} == {("demo", v) for v in ("one", "eager", "overlap")}
+    assert all(r["max_rel_diff"] < 1e-5 for r in rows if r["variant"] != "one")
+    assert "skipped crossformer" in captured.err and "windows of 2 rows" in captured.err, captured.err
+
+
 # --- the local process launcher ------------------------------------------------------------------
 
 

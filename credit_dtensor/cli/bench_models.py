@@ -130,6 +130,12 @@ def run_models(args: argparse.Namespace, console: Console, rows: list[dict] | No
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
     summary = summarize_step(rows)
+    for (model, field, world), why in sorted(
+        {(r["model"], tuple(r["field"]), r["world"]): r["skipped"] for r in rows if "skipped" in r}.items()
+    ):
+        (Console(stderr=True) if args.json else console).print(
+            f"[yellow]skipped[/yellow] {model} at {'x'.join(map(str, field))} on {world} ranks: {why}"
+        )
     if args.json:
         for s in summary:
             console.out(json.dumps(s), highlight=False)

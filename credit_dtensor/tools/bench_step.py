@@ -88,6 +88,26 @@ def _all_reduce_grads(model: nn.Module) -> None:
         offset += g.numel()
 
 
+def _plain_fits(model: nn.Module, x: torch.Tensor, world: int) -> bool:
+    """Whether CREDIT-style plain halo convs are right on ``world`` even shards of ``x``: every
+    strided conv's input rows must split into equal shards that are multiples of its stride (the
+    plain path has no uneven-shard geometry). Decided from the global shapes: the same on every rank."""
+    fits = [True]
+
+    def check(mod: nn.Module, inputs: tuple) -> None:
+        h, s, halo = inputs[0].shape[-2], mod.stride[0], (mod.kernel_size[0] - 1) // 2
+        if (s > 1 and h % (world * s)) or h < world * max(halo, 1):
+            fits[0] = False
+
+    probe = copy.deepcopy(model)
+    hooks = [m.register_forward_pre_hook(check) for m in probe.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        probe(x)
+    for hook in hooks:
+        hook.remove()
+    return fits[0]
+
+
 def _steps(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: int, world: int):
     """``({variant: step() -> local output}, {variant: compile seconds}, reference output rows)``."""
     from .. import shard_tensor
@@ -103,6 +123,7 @@ def _steps(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: in
     x = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out_shape = copy.deepcopy(plain)(x).shape
+    plain_fits = _plain_fits(plain, x, world)
     g = torch.randn(out_shape, generator=torch.Generator().manual_seed(2))
     lo, hi = chunk_range(h, world, rank)
     steps: dict[str, Callable] = {}
@@ -120,9 +141,9 @@ def _steps(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: in
     steps["one"] = step_one
 
     xl, gl = x[:, :, lo:hi].contiguous(), g[:, :, lo:hi].contiguous()
-    try:
-        wrapped = plain_wrap(copy.deepcopy(plain), rank, world)
-    except ValueError:  # layers the CREDIT-style wrappers do not cover (even kernels): no plain path
+    try:  # no plain path where CREDIT's wrappers do not apply: even kernels, or uneven strided shards
+        wrapped = plain_wrap(copy.deepcopy(plain), rank, world) if plain_fits else None
+    except ValueError:
         wrapped = None
     if wrapped is not None:
 
@@ -216,6 +237,20 @@ def _saved_bytes(step: Callable, params: set[int]) -> int:
 
 
 def bench_step_case(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: int, world: int) -> list[dict]:
+    """The rows of one model and field; a model that cannot run exactly on these shards (windows
+    that do not fit: a clear error, raised on every rank before any message) gives one ``skipped``
+    row with the reason instead of ending the benchmark."""
+    from ..errors import DomainParallelError
+
+    try:
+        return _bench_step_case(name, field, cfg, manager, rank, world)
+    except DomainParallelError as exc:
+        return [
+            {"bench": "step", "model": name, "field": list(field), "world": world, "rank": rank, "skipped": str(exc)}
+        ]
+
+
+def _bench_step_case(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: int, world: int) -> list[dict]:
     steps, compile_s, ref, params = _steps(name, field, cfg, manager, rank, world)
     diffs: dict[str, float] = {}
     counts: dict[str, tuple[int, int]] = {}
@@ -263,6 +298,8 @@ def summarize_step(rows: list[dict]) -> list[dict]:
     """One row per (model, field, world, variant): medians of the per-repetition max over ranks."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
+        if "skipped" in r:
+            continue
         groups.setdefault((r["model"], tuple(r["field"]), r["world"], r["variant"]), []).append(r)
     out = []
     one_time: dict[tuple, float] = {}
