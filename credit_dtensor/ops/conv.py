@@ -308,6 +308,39 @@ def _functional_rule(nd: int, transposed: bool):
     return rule
 
 
+def _sharded_rule(nd: int, transposed: bool):
+    """The usual functional call -- an input already on one spatial Shard placement, autocast off
+    -- straight to :func:`conv`, ahead of the full rule and outside the gather guard: that path
+    runs no DTensor dispatch (local tensors, our custom ops and halo messages)."""
+
+    def rule(func, a):
+        x = a.get("input")
+        if (
+            not isinstance(x, DTensor)
+            or x.ndim not in (nd + 1, nd + 2)
+            or len(x.placements) != 1
+            or not isinstance(x.placements[0], Shard)
+            or x.placements[0].dim % x.ndim < x.ndim - nd
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            return NotImplemented
+        w = a["weight"]
+        spec = ConvSpec.make(
+            nd,
+            tuple(w.shape[2:]),
+            a.get("stride", 1),
+            a.get("padding", 0),
+            a.get("dilation", 1),
+            a.get("groups", 1),
+            transposed=transposed,
+            output_padding=a.get("output_padding", 0),
+        )
+        return conv(x, w, a.get("bias"), spec)
+
+    rule.__qualname__ = f"conv{'_transpose' if transposed else ''}{nd}d_sharded_rule"
+    return rule
+
+
 def _is_batch_sharded(x: DTensor) -> bool:
     return len(x.placements) == 1 and isinstance(x.placements[0], Shard) and x.placements[0].dim == 0
 
@@ -317,6 +350,10 @@ for _nd, (_f, _tf) in {
     2: (F.conv2d, F.conv_transpose2d),
     3: (F.conv3d, F.conv_transpose3d),
 }.items():
+    for _fn, _args, _t in ((_f, _CONV_ARGS, False), (_tf, _TCONV_ARGS, True)):
+        FAMILY.rule(_fn, h="halo", note="input on one spatial shard: halo rows", signature=_args, unwatched=True)(
+            _sharded_rule(_nd, _t)
+        )
     FAMILY.rule(_f, h="halo", note="halo rows from the output chunk", signature=_CONV_ARGS)(
         _functional_rule(_nd, False)
     )
