@@ -277,6 +277,20 @@ def _batch_local(func, a: dict, x: DTensor):
     return wrap_shard(y, mesh, 0, (x.shape[0], *y.shape[1:]))
 
 
+def _call_spec(nd: int, transposed: bool, a) -> ConvSpec:
+    """The :class:`ConvSpec` of a functional call's bound arguments."""
+    return ConvSpec.make(
+        nd,
+        tuple(a["weight"].shape[2:]),
+        a.get("stride", 1),
+        a.get("padding", 0),
+        a.get("dilation", 1),
+        a.get("groups", 1),
+        transposed=transposed,
+        output_padding=a.get("output_padding", 0),
+    )
+
+
 def _functional_rule(nd: int, transposed: bool):
     def rule(func, a):
         x = a.get("input")
@@ -291,18 +305,7 @@ def _functional_rule(nd: int, transposed: bool):
             if _is_batch_sharded(x) and x.ndim == nd + 2:
                 return _batch_local(func, a, x)
             return func(**a) if moved is not orig else NotImplemented
-        w = a["weight"]
-        spec = ConvSpec.make(
-            nd,
-            tuple(w.shape[2:]),
-            a.get("stride", 1),
-            a.get("padding", 0),
-            a.get("dilation", 1),
-            a.get("groups", 1),
-            transposed=transposed,
-            output_padding=a.get("output_padding", 0),
-        )
-        return conv(x, w, a.get("bias"), spec)
+        return conv(x, a["weight"], a.get("bias"), _call_spec(nd, transposed, a))
 
     rule.__qualname__ = f"conv{'_transpose' if transposed else ''}{nd}d_rule"
     return rule
@@ -324,18 +327,7 @@ def _sharded_rule(nd: int, transposed: bool):
             or torch.is_autocast_enabled(x.device.type)
         ):
             return NotImplemented
-        w = a["weight"]
-        spec = ConvSpec.make(
-            nd,
-            tuple(w.shape[2:]),
-            a.get("stride", 1),
-            a.get("padding", 0),
-            a.get("dilation", 1),
-            a.get("groups", 1),
-            transposed=transposed,
-            output_padding=a.get("output_padding", 0),
-        )
-        return conv(x, w, a.get("bias"), spec)
+        return conv(x, a["weight"], a.get("bias"), _call_spec(nd, transposed, a))
 
     rule.__qualname__ = f"conv{'_transpose' if transposed else ''}{nd}d_sharded_rule"
     return rule
