@@ -127,10 +127,11 @@ def _pointwise_case(h: int) -> dict:
     gy = torch.randn(2, 3, h, 4, dtype=torch.float64, generator=g)
 
     mix = torch.randn(3, 3, 1, 1, dtype=torch.float64, generator=g)  # a 1x1 conv: no halo, no message
+    scale = torch.randn(1, 3, 1, 4, dtype=torch.float64, generator=g)  # a broadcast plain operand
 
     def program(a, b):
         y = F.relu(a) * b + torch.sigmoid(b) - 0.5 * F.hardswish(a) / (1.0 + b * b)
-        return F.silu(y) + (a > b).to(a.dtype) + F.conv2d(y, mix)
+        return F.silu(y) * scale + (a > b).to(a.dtype) + F.conv2d(y, mix)
 
     a1, b1 = a_full.clone().requires_grad_(True), b_full.clone().requires_grad_(True)
     ref = program(a1, b1)
@@ -171,9 +172,9 @@ def test_same_layout_pointwise_runs_locally_and_exactly(world, h):
             torch.testing.assert_close(*res[key], rtol=1e-12, atol=1e-12)
         assert res["placements"][0] == res["placements"][1]
         assert res["sent"] == 0  # forward and backward: local rows only
-        # operands of one layout, and a conv of an H-sharded input, run outside the gather guard's
-        # dispatch mode (no DTensor dispatch to watch); only the dtype cast, which DTensor runs
-        # itself, is watched
+        # pointwise calls (one layout, or a broadcast full operand) and a conv of an H-sharded
+        # input run outside the gather guard's dispatch mode (no DTensor dispatch to watch); only
+        # the dtype cast, which DTensor runs itself, is watched
         assert set(res["watched"]) <= {"Tensor.to"}, res["watched"]
 
 

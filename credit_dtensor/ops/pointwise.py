@@ -393,19 +393,22 @@ def _replicated_pointwise(func, args, kwargs, tensors):
     return type(out)(wrap(t) for t in out) if isinstance(out, (tuple, list)) else wrap(out)
 
 
-def _same_spec_rule(func, args, kwargs):
-    """The usual call (``relu(x)``, ``a + b`` of one layout: :func:`_same_spec`) on the local tensors,
-    ahead of :func:`_pointwise_rule` and outside the gather guard: it runs no DTensor dispatch."""
+def _local_rule(func, args, kwargs):
+    """Every call but ``inplace=True`` and ``out=``, outside the gather guard: operands aligned to
+    the local rows (one all-to-all where two are sharded on different dims), the op on local
+    tensors, no DTensor dispatch; ``NotImplemented`` hands the call to DTensor (watched)."""
     if kwargs.get("out") is not None or _is_inplace(func, args, kwargs):
         return NotImplemented
-    ref = _same_spec(args, kwargs)
-    return NotImplemented if ref is None else _local_fast(func, args, kwargs, ref)
+    return _pointwise_rule(func, args, kwargs)
 
 
-FAMILY.rule(POINTWISE, h="local", unwatched=True, note="operands of one layout: the op on the local tensors")(
-    _same_spec_rule
-)
-FAMILY.rule(POINTWISE, h="local")(_pointwise_rule)
+def _inplace_entry(func, args, kwargs):
+    """``F.relu(x, inplace=True)`` & co.: DTensor's own ``clone``/``copy_`` of one layout (watched)."""
+    return _inplace_rule(func, args, kwargs) if _is_inplace(func, args, kwargs) else NotImplemented
+
+
+FAMILY.rule(POINTWISE, h="local", unwatched=True)(_local_rule)
+FAMILY.rule(POINTWISE, h="local", note="inplace=True: the op, then one copy_ into the input")(_inplace_entry)
 
 
 def local_apply(func: Callable, args: tuple, kwargs: dict, x: DTensor, out_dim: int) -> Any:
