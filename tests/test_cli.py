@@ -423,7 +423,10 @@ def test_bench_models_skips_what_cannot_run_on_these_shards(monkeypatch, capsys)
     U-Net's eager step is still exact."""
     from credit_dtensor.models.demo import DemoNet
     from credit_dtensor.models.resunet import resunet
-    from credit_dtensor.tools.bench_step import _plain_fits
+    from credit_dtensor.tools.bench_step import _reference_run
+
+    def _plain_fits(model, x, world):
+        return _reference_run(model, x, world)[1]
 
     x = torch.zeros(1, 3, 32, 32)
     assert _plain_fits(resunet(3, 3, 4), x, 2) and not _plain_fits(resunet(3, 3, 4), x, 3)

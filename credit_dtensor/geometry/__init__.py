@@ -23,6 +23,7 @@ __all__ = [
     "conv_transpose_out_len",
     "conv_transpose_input_rows",
     "same_padding",
+    "window_crosses_shards",
 ]
 
 PAD_MODES = ("zeros", "constant", "reflect", "replicate", "circular")
@@ -96,6 +97,13 @@ def same_padding(kernel: int, dilation: int) -> tuple[int, int]:
     """PyTorch's ``padding='same'`` split along one dim: left = total // 2, right = the rest."""
     total = dilation * (kernel - 1)
     return total // 2, total - total // 2
+
+
+def window_crosses_shards(kernel: int, stride: int, dilation: int, pad_lo: int, pad_hi: int) -> bool:
+    """Whether a sliding window along one dim (a convolution's, a pooling's) can read input rows of
+    another shard: not when every output row reads rows of one stride block and nothing is padded
+    (kernel span <= stride; for a transposed conv ``pad_hi`` is its output padding)."""
+    return dilation * (kernel - 1) + 1 > stride or pad_lo != 0 or pad_hi != 0
 
 
 def conv_out_len(n: int, kernel: int, stride: int, pad_lo: int, pad_hi: int, dilation: int) -> int:

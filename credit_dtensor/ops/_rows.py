@@ -234,6 +234,11 @@ def _cached(cls: type, *args: Any) -> RowOp:
     return op
 
 
+def build_row_op(name: str, args: tuple) -> RowOp:
+    """The op ``name`` of ``args`` (one cached instance per argument tuple: plans computed once)."""
+    return ROW_FACTORIES[name](*args)
+
+
 def register_row_ops(*classes: type) -> None:
     """Make each :class:`RowOp` class buildable by name (``row_op_ref(cls.__name__, args, ...)``),
     one cached instance per argument tuple."""
@@ -262,7 +267,7 @@ def row_op_ref(name: str, args: tuple, dim: int, out_shape: Sequence[int], with_
     against ``out_shape`` (PyTorch's own, from a meta run), so a geometry bug fails loudly."""
     ref = RowOpRef(name, tuple(args), dim, tuple(int(s) for s in out_shape), with_indices)
     if not torch.compiler.is_compiling():
-        op = ROW_FACTORIES[name](*args)
+        op = build_row_op(name, args)
         if tuple(op.out_shape) != ref.out_shape:
             raise AssertionError(f"{op.label}: sharded output shape {tuple(op.out_shape)} != PyTorch's {ref.out_shape}")
     return ref
@@ -316,7 +321,7 @@ class _RowRule:
 
 @opaque.builder("rows")
 def _build_row_rule(name: str, args: tuple, group: str, world: int, rank: int) -> _RowRule:
-    return _RowRule(ROW_FACTORIES[name](*args), group, world, rank)
+    return _RowRule(build_row_op(name, args), group, world, rank)
 
 
 def apply_row_op(x: DTensor, op: RowOp | RowOpRef) -> Any:

@@ -20,6 +20,7 @@ from ..geometry import (
     same_padding,
     source_row,
     tuple_n,
+    window_crosses_shards,
 )
 from ..halo import HaloPlan, cached_plan
 
@@ -180,10 +181,8 @@ def needs_halo(spec: ConvSpec, i: int = 0) -> bool:
     (1x1 convs, patch embeddings with kernel <= stride); such convs still communicate nothing
     when shards are stride-aligned, and the plan finds the few rows otherwise.
     """
-    span = spec.dilation[i] * (spec.kernel[i] - 1) + 1
-    if spec.transposed:
-        return not (span <= spec.stride[i] and spec.pad_lo[i] == 0 and spec.output_padding[i] == 0)
-    return not (span <= spec.stride[i] and spec.pad_lo[i] == 0 and spec.pad_hi[i] == 0)
+    hi = spec.output_padding[i] if spec.transposed else spec.pad_hi[i]
+    return window_crosses_shards(spec.kernel[i], spec.stride[i], spec.dilation[i], spec.pad_lo[i], hi)
 
 
 def conv_out_shape(spec: ConvSpec, x_shape: tuple[int, ...], out_channels: int) -> tuple[int, ...]:

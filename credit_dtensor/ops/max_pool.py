@@ -9,7 +9,6 @@ by the local ones. The public functions are in :mod:`.pool`.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -213,12 +212,6 @@ class AdaptiveMaxPoolOp(_IndexedMaxOp):
 
 
 register_row_ops(MaxPoolOp, AdaptiveMaxPoolOp)
-
-
-@functools.lru_cache(maxsize=256)
-def built_max_pool(args: tuple) -> MaxPoolOp:
-    """The :class:`MaxPoolOp` of ``args`` (its plan computed once per layer geometry and rank)."""
-    return MaxPoolOp(*args)
 
 
 class FoldedMaxPool(torch.autograd.Function):

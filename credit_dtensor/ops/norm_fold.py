@@ -18,10 +18,10 @@ import torch
 from .. import comm, stats
 from ..halo import HaloPlan, row_shape, send_index
 from . import _groups
+from ._rows import build_row_op
 from .conv_ops import decode
 from .conv_spec import plan as conv_plan
 from .fold import Carry, Consumer, RowKey
-from .max_pool import built_max_pool
 from .norm_kernels import (
     LocalPlan,
     channel_forward,
@@ -39,7 +39,7 @@ __all__ = ["folded_channel_norm", "halo_plan_for"]
 def halo_plan_for(conv: Consumer, world: int, rank: int) -> HaloPlan:
     """This rank's halo plan of the convolution (or max pooling) a norm borrows rows for."""
     if isinstance(conv, RowKey):
-        return built_max_pool((*conv.args, world, rank)).plan
+        return build_row_op(conv.name, (*conv.args, world, rank)).plan
     spec = decode(conv.enc)
     return conv_plan(spec, conv.dim - (len(conv.shape) - spec.nd), conv.shape[conv.dim], world, rank)
 

@@ -276,10 +276,8 @@ def _local_fast(func, args: tuple, kwargs: dict, ref: DTensor) -> Any:
 
 
 def _pointwise_rule(func, args, kwargs):
-    if kwargs.get("out") is not None:
-        return NotImplemented
-    if _is_inplace(func, args, kwargs):
-        return _inplace_rule(func, args, kwargs)
+    """The op on local rows, operands aligned; no ``out=``, no ``inplace=True`` (the callers':
+    :func:`_local_rule`, :func:`_inplace_rule`)."""
     ref = _same_spec(args, kwargs)
     if ref is not None:
         return _local_fast(func, args, kwargs, ref)

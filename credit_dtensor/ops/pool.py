@@ -18,14 +18,23 @@ from torch.distributed.tensor import DTensor
 
 from .. import comm, stats
 from ..dtensor import local_of, spatial_shard_dim, wrap_replicate, wrap_shard
-from ..geometry import chunk_range
+from ..geometry import chunk_range, window_crosses_shards
 from ..geometry.resample import adaptive_range, avg_pool_taps, pool_out_len
 from . import _groups, fold
 from ._autocast import cast_inputs
 from ._route import route_rule
-from ._rows import SeparableOp, apply_row_op, domain_info, local_shape, meta_like, register_row_ops, row_op_ref
+from ._rows import (
+    SeparableOp,
+    apply_row_op,
+    build_row_op,
+    domain_info,
+    local_shape,
+    meta_like,
+    register_row_ops,
+    row_op_ref,
+)
 from .family import family
-from .max_pool import AdaptiveMaxPoolOp, FoldedMaxPool, MaxPoolOp, built_max_pool
+from .max_pool import AdaptiveMaxPoolOp, FoldedMaxPool, MaxPoolOp
 
 FAMILY = family("resample")
 
@@ -167,12 +176,12 @@ def _folded_max_pool(x: DTensor, op, carry, geometry: tuple) -> tuple[DTensor, D
     key = fold.RowKey(op.name, op.args[:-2], tuple(x.shape), op.dim, _groups.name_of(mesh))
     if isinstance(carry, fold.Probe):
         k, s, p, d = (g[op.dim - (x.ndim - len(geometry[0]))] for g in geometry)
-        if d * (k - 1) + 1 > s or p > 0:  # windows read rows of other shards
+        if window_crosses_shards(k, s, d, p, p):
             fold.note_consumer(carry, key)
         return None
     if carry.conv != key:
         return None
-    built = built_max_pool(op.args)
+    built = build_row_op(op.name, op.args)
     if not fold.same_plan(built.plan, carry.plan):
         return None
     y, idx = FoldedMaxPool.apply(local_of(x), built, *carry.rows)

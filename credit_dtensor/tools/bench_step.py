@@ -88,10 +88,12 @@ def _all_reduce_grads(model: nn.Module) -> None:
         offset += g.numel()
 
 
-def _plain_fits(model: nn.Module, x: torch.Tensor, world: int) -> bool:
-    """Whether CREDIT-style plain halo convs are right on ``world`` even shards of ``x``: every
-    strided conv's input rows must split into equal shards that are multiples of its stride (the
-    plain path has no uneven-shard geometry). Decided from the global shapes: the same on every rank."""
+def _reference_run(model: nn.Module, x: torch.Tensor, world: int) -> tuple[torch.Size, bool]:
+    """One forward of a copy of ``model`` on the whole field: the output shape, and whether
+    CREDIT-style plain halo convs are right on ``world`` even shards of ``x``: every strided conv's
+    input rows must split into equal shards that are multiples of its stride, every halo conv's
+    shards hold its halo (the plain path has no uneven-shard geometry). Decided from the global
+    shapes: the same on every rank."""
     fits = [True]
 
     def check(mod: nn.Module, inputs: tuple) -> None:
@@ -102,10 +104,10 @@ def _plain_fits(model: nn.Module, x: torch.Tensor, world: int) -> bool:
     probe = copy.deepcopy(model)
     hooks = [m.register_forward_pre_hook(check) for m in probe.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
-        probe(x)
+        out = probe(x)
     for hook in hooks:
         hook.remove()
-    return fits[0]
+    return out.shape, fits[0]
 
 
 def _steps(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: int, world: int):
@@ -121,9 +123,7 @@ def _steps(name: str, field: tuple[int, ...], cfg: StepConfig, manager, rank: in
     torch.manual_seed(0)
     plain = build_model(name, c, cfg.width).train()
     x = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out_shape = copy.deepcopy(plain)(x).shape
-    plain_fits = _plain_fits(plain, x, world)
+    out_shape, plain_fits = _reference_run(plain, x, world)
     g = torch.randn(out_shape, generator=torch.Generator().manual_seed(2))
     lo, hi = chunk_range(h, world, rank)
     steps: dict[str, Callable] = {}
