@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import intercept
 from ..errors import DomainParallelError
 from ..geometry import chunk_range
 from ..geometry.resample import adaptive_range, pool_first_real, pool_out_len
@@ -231,5 +232,6 @@ class FoldedMaxPool(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor, _gidx: torch.Tensor | None):  # type: ignore[override]
         (saved,) = ctx.saved_tensors
         op = ctx.op
-        own, back = disassemble(op.backward_ext(g.contiguous(), saved), op.dim, op.plan)
+        with intercept.suspended():  # local tensors only: no rule applies
+            own, back = disassemble(op.backward_ext(g.contiguous(), saved), op.dim, op.plan)
         return own, None, *back
