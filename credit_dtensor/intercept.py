@@ -195,24 +195,9 @@ class DomainRulesMode(TorchFunctionMode):
 
 _MUTATES: dict[Any, bool] = {}
 _METADATA_METHODS = frozenset(("requires_grad_", "detach_", "share_memory_", "rename_"))  # no data written
-_INPLACE_OPERATORS = frozenset(
-    f"__i{op}__"
-    for op in (
-        "add",
-        "sub",
-        "mul",
-        "truediv",
-        "floordiv",
-        "mod",
-        "pow",
-        "and",
-        "or",
-        "xor",
-        "lshift",
-        "rshift",
-        "matmul",
-    )
-) | {"__setitem__"}
+#: the augmented assignment operators with an elementwise in-place method (``x += y``: ``__iadd__``)
+AUGMENTED_OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift")
+_INPLACE_OPERATORS = frozenset(f"__i{op}__" for op in (*AUGMENTED_OPERATORS, "matmul")) | {"__setitem__"}
 
 
 def _mutates(func: Any) -> bool:

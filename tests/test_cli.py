@@ -490,3 +490,29 @@ def test_core_package_does_not_import_tools_or_cli():
             if re.search(r"^\s*(from|import)\s+(credit_dtensor\.|\.+)(tools|cli)\b", text, flags=re.M):
                 offenders.append(os.path.join(rel, name))
     assert not offenders, f"core modules import credit_dtensor.tools / .cli: {offenders}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="plots need the bench extra (matplotlib)")
+def test_bench_plots_write_every_figure(tmp_path):
+    """The op benchmark's four ratio plots and time vs N, and the overhead case's wall and CPU plots,
+    from summaries of the shape the benchmark writes."""
+    from credit_dtensor.cli.bench import plot, plot_overhead
+    from credit_dtensor.tools.bench_overhead import VARIANTS
+
+    ops = [
+        {"case": c, "world": n, "H": h, "W": 2 * h, "bytes_ratio": 1.0, "act_ratio": 1.05, "flops_ratio": 1.0}
+        | {"overhead": 1.2, "time_dtensor_s": 1e-3 * h / n}
+        for c in ("conv3x3", "group_norm")
+        for n in (1, 2)
+        for h in (32, 64)
+    ]
+    over = [
+        {"case": "conv3x3", "field": [1, 8, 16, 32], "variant": v, "world": n, "time_s": 1e-3 * n}
+        | {"q1_s": 0.9e-3 * n, "q3_s": 1.1e-3 * n, "cpu_s": 1e-3}
+        for v in VARIANTS
+        for n in (1, 2)
+    ]
+    paths = plot(ops, tmp_path) + plot_overhead(over, tmp_path)
+    names = {"bytes.png", "memory.png", "flops.png", "time_ratio.png", "time_vs_n.png"}
+    assert {p.name for p in paths} == names | {"overhead_ops.png", "overhead_ops_cpu.png"}
+    assert all(p.stat().st_size > 0 for p in paths)

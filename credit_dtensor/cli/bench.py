@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import DomainParallelError
+from . import _plots
 from ._args import (
     HelpFormatter,
     UsageError,
@@ -263,10 +264,7 @@ def plot_overhead(summary: list[dict], out: Path) -> list[Path]:
 
 
 def _plot_overhead(summary: list[dict], out: Path, key: str, fname: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plots.pyplot()
 
     from ..tools.bench_overhead import VARIANTS
 
@@ -302,19 +300,12 @@ def _plot_overhead(summary: list[dict], out: Path, key: str, fname: str) -> Path
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    fig.tight_layout()
-    path = out / fname
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _plots.save(fig, out, fname)
 
 
 def plot(summary: list[dict], out: Path) -> list[Path]:
     """Four PNGs: bytes ratio, activation ratio, FLOPs ratio, time vs the bound, each vs resolution."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plots.pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     cases = sorted({s["case"] for s in summary})
@@ -345,10 +336,7 @@ def plot(summary: list[dict], out: Path) -> list[Path]:
             ax.set_xlabel("resolution (H x W)")
         axes[0][0].set_ylabel(title)
         axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
-        path = out / fname
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = _plots.save(fig, out, fname)
         written.append(path)
     # time vs N
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -362,10 +350,7 @@ def plot(summary: list[dict], out: Path) -> list[Path]:
     ax.set_ylabel("fwd+bwd median (ms)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "time_vs_n.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _plots.save(fig, out, "time_vs_n.png")
     written.append(path)
     return written
 

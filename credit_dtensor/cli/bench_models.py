@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import _plots
 from ._args import choices_list, config_from
 
 __all__ = ["MODELS", "add_model_arguments", "run_models", "step_table", "plot_steps"]
@@ -82,10 +83,7 @@ def step_table(summary: list[dict]) -> Table:
 def plot_steps(summary: list[dict], out: Path) -> Path:
     """``steps.png``: the median step of every path, one panel per model, grouped by field and
     ranks, each bar labelled with its speedup over one device."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plots.pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     models = list(dict.fromkeys(s["model"] for s in summary))
@@ -110,11 +108,7 @@ def plot_steps(summary: list[dict], out: Path) -> Path:
         ax.set_title(f"{model}: one training step")
         ax.set_ylabel("ms per step (median of the slowest rank)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "steps.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _plots.save(fig, out, "steps.png")
 
 
 def run_models(args: argparse.Namespace, console: Console, rows: list[dict] | None = None) -> list[dict]:

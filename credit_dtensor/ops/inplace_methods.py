@@ -32,7 +32,7 @@ def _inplace_methods() -> tuple[Callable, ...]:
             method = getattr(torch.Tensor, f"{name}_", None)
             if method is not None and name not in ("masked_fill",):  # masked_fill_: ops.assign
                 found.append(method)
-    for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift"):
+    for op in intercept.AUGMENTED_OPERATORS:
         method = getattr(torch.Tensor, f"__i{op}__", None)
         if method is not None:
             found.append(method)
