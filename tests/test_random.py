@@ -109,6 +109,31 @@ def _feature_and_deterministic_task() -> dict[str, float]:
         torch.manual_seed(9)
         got = fn(cd.shard_tensor(x, m, 2)).full_tensor()
         out[name] = (got - ref).abs().max().item()  # PyTorch's own one-device mask
+    # in place on a tensor autograd records (smp's FPN head: nn.Dropout2d(inplace=True) after a conv)
+    wgt = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for name, fn in {
+        "dropout2d inplace": lambda t: F.dropout2d(t, 0.5, True, True),
+        "nn.Dropout2d(inplace=True)": lambda t: torch.nn.Dropout2d(0.5, inplace=True)(t),
+        "feature_alpha_dropout inplace": lambda t: F.feature_alpha_dropout(t, 0.5, True, True),
+    }.items():
+        torch.manual_seed(9)
+        xr = x.clone().requires_grad_()
+        yr = fn(xr * 2)
+        (yr * wgt).sum().backward()
+        torch.manual_seed(9)
+        xs = cd.shard_tensor(x, m, 2).requires_grad_()
+        ys = fn(xs * 2)
+        (ys * cd.shard_tensor(wgt, m, 2)).sum().backward()
+        out[name] = max(
+            (ys.full_tensor() - yr).abs().max().item(), (xs.grad.full_tensor() - xr.grad).abs().max().item()
+        )
+    # not random and in place: the input itself, unwritten (relu's saved output stays valid)
+    xs = cd.shard_tensor(x, m, 2).requires_grad_()
+    y = torch.relu(xs)
+    v = y._version
+    z = F.dropout2d(y, 0.5, False, True)
+    out["eval inplace untouched"] = float(z is not y or y._version != v)
+    y.sum().backward()
     # draws that are not random consume nothing: the next plain draw is the one-device one
     torch.manual_seed(4)
     F.dropout(x, 0.0, True), F.dropout(x, 0.5, False)

@@ -147,10 +147,20 @@ def _inplace_rule(func, args, kwargs):
 
 
 def _feature_rule(func, args, kwargs):
-    """Channel masks span H: the same on every rank, drawn as on one device."""
+    """Channel masks span H: the same on every rank, drawn as on one device. ``inplace=True`` draws
+    out of place, then one DTensor ``copy_`` (local) into ``x``: autograd refuses an in-place op on
+    the local view of a DTensor that records gradients."""
     x = input_of(args, kwargs)
     if not _on_cpu_mesh(x):
         return NotImplemented
+    a = _DROPOUT_ARGS.bind(args, kwargs)
+    if a["inplace"]:
+        if not a["training"] or a["p"] == 0:
+            return x  # as on one device: the input itself, not written
+        out = local_apply(func, args[:3], {k: v for k, v in kwargs.items() if k != "inplace"}, x, domain_shard_dim(x))
+        with intercept.suspended():
+            x.copy_(out)
+        return x
     return local_apply(func, args, kwargs, x, domain_shard_dim(x))
 
 
