@@ -92,10 +92,14 @@ def _conv_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _check_shard_dim(model: nn.Module, shard_dim: int) -> None:
-    """Only H is supported: dim -2 of (B, C, H, W) / (B, C, T, H, W), the only spatial dim of 1-D convs."""
+    """Only H is supported: dim -2 of (B, C, H, W) / (B, C, T, H, W), the only spatial dim of 1-D convs.
+    A model whose field is 2-D or 3-D checks those convs only: a 1-D conv there runs over another
+    tensor (timm's ECA attention convolves the pooled channel vector), whose layout says nothing of H."""
     if not isinstance(shard_dim, int):
         raise DomainParallelError(f"convert_to_domain_parallel: shard_dim={shard_dim!r} must be an integer (-2 = H)")
-    for name, conv in _conv_modules(model):
+    convs = list(_conv_modules(model))
+    field = [(name, conv) for name, conv in convs if len(conv.kernel_size) > 1]
+    for name, conv in field or convs:
         nd = len(conv.kernel_size)
         allowed = (-1, 2) if nd == 1 else (-2, nd)
         if shard_dim not in allowed:

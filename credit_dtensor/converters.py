@@ -26,6 +26,7 @@ __all__ = [
     "converter_for",
     "registered_converters",
     "lookup",
+    "redefined",
 ]
 
 
@@ -83,9 +84,50 @@ def lookup(module: nn.Module, table: Mapping[type, Any]) -> Any:
     return None
 
 
+#: methods a subclass may redefine without changing what its forward computes
+_BENIGN = frozenset(
+    (
+        "__init__",
+        "__repr__",
+        "__setstate__",
+        "__getstate__",
+        "__init_subclass__",
+        "extra_repr",
+        "reset_parameters",
+        "reset_running_stats",
+        "_load_from_state_dict",
+        "_save_to_state_dict",
+    )
+)
+
+
+def redefined(module: nn.Module) -> list[str]:
+    """The methods of its torch class (``forward`` and what its hierarchy below ``nn.Module``
+    defines) that ``module``'s own classes, those before the first ``torch.nn`` class of its MRO,
+    redefine: timm's ``BatchNormAct2d.forward`` or ``Conv2dSame.forward``, a ``_conv_forward`` that
+    standardizes the weight. A built-in wrapper's forward replaces the torch class's and would
+    silently skip them, so such a module is not wrapped: its own forward runs, and the op rules
+    make each torch call in it exact."""
+    mro = type(module).__mro__
+    base = next(k for k in mro if k.__module__.startswith("torch."))
+    own = {n for k in base.__mro__ if issubclass(k, nn.Module) and k is not nn.Module for n in vars(k)}
+    own.add("forward")
+    out: list[str] = []
+    for klass in mro[: mro.index(base)]:
+        for name, v in vars(klass).items():
+            method = callable(v) or isinstance(v, (staticmethod, classmethod, property))
+            if method and name in own and name not in _BENIGN and name not in out:
+                out.append(name)
+    return out
+
+
 def converter_for(module: nn.Module) -> Converter | None:
     """The converter for ``module``'s class (most specific registered base class), or ``None``.
-    Already converted modules return ``None``."""
+    Already converted modules return ``None``, and so do subclasses that redefine a method of the
+    built-in family's torch class (:func:`redefined`); user registrations apply to every subclass."""
     if isinstance(module, DomainParallelModule):
         return None
-    return lookup(module, registered_converters())
+    conv = lookup(module, registered_converters())
+    if conv is not None and conv.torch_type not in _USER and redefined(module):
+        return None
+    return conv

@@ -87,6 +87,93 @@ class Reparam(nn.Module):
         return self.d(self.c(self.b(self.a(x))))
 
 
+class ConvThenTanh(nn.Conv2d):
+    """A subclass whose forward adds to its torch class's (calls ``super().forward``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(x))
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardization in ``_conv_forward`` (timm's ``StdConv2d`` idea)."""
+
+    def _conv_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, w, b)
+
+
+class SameConv(nn.Conv2d):
+    """TensorFlow "same" padding from the input's size, then a padding-0 strided conv (timm's Conv2dSame)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads = [total // 2, total - total // 2, *pads]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride)
+
+
+class SameMaxPool(nn.MaxPool2d):
+    """A "same"-padded max pool: pads with -inf first (timm's MaxPool2dSame)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-float("inf")), self.kernel_size, self.stride)
+
+
+class NormAct(nn.BatchNorm2d):
+    """Batch norm and its activation in one forward (timm's BatchNormAct2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+        return F.relu(y)
+
+
+class GroupNormAct(nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class InitOnlyConv(nn.Conv2d):
+    """Redefines nothing a forward uses: still wrapped."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tag = "mine"
+
+
+class Eca(nn.Module):
+    """timm's ECA attention: a 1-D conv over the pooled channel vector of a 2-D field (not over H)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.mean((2, 3)).unsqueeze(1)).squeeze(1)
+        return x * torch.sigmoid(y)[:, :, None, None]
+
+
+class Subclassed(nn.Module):
+    """Subclasses of converted torch classes that redefine their forward (or a method it calls), and
+    a 1-D conv over channels in a 2-D model (converted with the default ``shard_dim=-2``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvThenTanh(2, 4, 3, padding=1),
+            NormAct(4),
+            StandardizedConv(4, 4, 3, padding=1),
+            GroupNormAct(2, 4),
+            SameConv(4, 4, 3, stride=2),
+            SameMaxPool(3, 1),
+            Eca(),
+            InitOnlyConv(4, 3, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 def _double_input(module: nn.Module, args: tuple) -> tuple:
     return (args[0] * 2,)
 
@@ -511,6 +598,43 @@ def _parity_models(h: int) -> None:
             assert torch.allclose(
                 conv.b.parametrizations.weight[0]._u.full_tensor(), ref.b.parametrizations.weight[0]._u, atol=1e-12
             )
+
+
+def _subclassed_exact(h: int) -> list[str]:
+    from credit_dtensor.convert import convert_to_domain_parallel
+
+    m = manager()
+    torch.manual_seed(3)
+    model = Subclassed().double().train()
+    ref = copy.deepcopy(model)
+    conv = convert_to_domain_parallel(copy.deepcopy(model), m)
+    x = torch.randn(2, 2, h, 7, dtype=torch.float64)
+    errs = parity(
+        m,
+        ref,
+        conv,
+        [x],
+        shard_dims=[2],
+        out_dim=2,
+        ref_params=dict(ref.named_parameters()),
+        dist_params=dict(conv.named_parameters()),
+    )
+    assert_parity(errs, torch.float64, f"subclassed h={h} world={m.domain_world_size}")
+    stats = (conv.body[1].running_mean, conv.body[1].running_var)
+    assert all(
+        torch.allclose(a, b, atol=1e-12) for a, b in zip(stats, (ref.body[1].running_mean, ref.body[1].running_var))
+    )
+    return [type(mod).__name__ for mod in conv.body]
+
+
+@pytest.mark.parametrize("size,h", [(2, 12), (3, 13)])
+def test_subclasses_that_redefine_forward_keep_it(size, h):
+    """A subclass of a converted torch class whose own forward (or ``_conv_forward``) differs from
+    its torch class's is not swapped for the wrapper (whose forward would silently replace it): its
+    forward runs and the op rules make it exact; a subclass that only adds an ``__init__`` is wrapped."""
+    for names in get_world(size).run(_subclassed_exact, h):
+        assert names[:-1] == [type(mod).__name__ for mod in Subclassed().body][:-1], names
+        assert names[-1].startswith("DomainParallelConv2d"), names
 
 
 def _resample_exact(h: int) -> list[str]:
