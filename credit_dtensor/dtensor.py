@@ -225,8 +225,10 @@ class _ToLocal(torch.autograd.Function):
     def forward(ctx, x: DTensor, grad_placements: tuple) -> torch.Tensor:  # type: ignore[override]
         ctx.meta = (x.device_mesh, grad_placements, x.shape, isinstance(grad_placements[0], Shard))
         ctx.set_materialize_grads(False)
-        local = x._local_tensor
-        return local.view_as(local)
+        # an alias with the local's own strides: view_as recomputes the strides of size-1 dims, and
+        # PyTorch's CPU batch_norm backward returns wrong gradients for a channels-last (1, C, H, W)
+        # whose batch stride is not H*W*C
+        return x._local_tensor[...]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor | None) -> tuple[Any, None]:  # type: ignore[override]

@@ -520,3 +520,57 @@ def test_misc_placements_and_errors():
         for key, (cls, text) in expect.items():
             got_cls, msg = r[key]
             assert got_cls == cls and text in msg, f"{key}: got {got_cls}: {msg}"
+
+
+class _ChannelsLast(nn.Module):
+    """A norm fed a channels-last copy of its input (what a permute-based LayerNorm2d followed by a
+    1x1 conv hands the next BatchNorm in smp's UPerNet)."""
+
+    def __init__(self, norm: nn.Module, fmt: torch.memory_format) -> None:
+        super().__init__()
+        self.norm, self.fmt = norm, fmt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.contiguous(memory_format=self.fmt))
+
+
+def _channels_last_inputs(h: int) -> None:
+    from credit_dtensor.convert import convert_to_domain_parallel
+
+    m = manager()
+    for b in (1, 2):
+        for name, norm, nd in (
+            ("bn", nn.BatchNorm2d(4), 4),
+            ("gn", nn.GroupNorm(2, 4), 4),
+            ("in", nn.InstanceNorm2d(4, affine=True), 4),
+            ("bn3d", nn.BatchNorm3d(4), 5),
+        ):
+            for training in (True, False):
+                torch.manual_seed(1)
+                fmt = torch.channels_last if nd == 4 else torch.channels_last_3d
+                ref = _ChannelsLast(copy.deepcopy(norm), fmt).double().train(training)
+                if hasattr(ref.norm, "running_mean") and ref.norm.running_mean is not None:
+                    ref.norm.running_mean.uniform_(-1, 1)
+                    ref.norm.running_var.uniform_(0.5, 2)
+                dp = convert_to_domain_parallel(copy.deepcopy(ref), m)
+                shape = (b, 4, h, 5) if nd == 4 else (b, 4, 2, h, 5)
+                x = torch.randn(shape, dtype=torch.float64)
+                errs = parity(
+                    m,
+                    ref,
+                    dp,
+                    [x],
+                    shard_dims=[nd - 2],
+                    out_dim=nd - 2,
+                    ref_params=dict(ref.named_parameters()),
+                    dist_params=dict(dp.named_parameters()),
+                )
+                assert_parity(errs, torch.float64, f"{name} b={b} training={training} h={h}")
+
+
+@pytest.mark.parametrize("world,h", [(2, 8), (3, 13)])
+def test_channels_last_inputs_exact(world, h):
+    """Channels-last inputs, batch 1 included: the local tensor the rules hand PyTorch keeps its
+    own strides (``view_as`` re-strided the size-1 batch dim, and CPU ``batch_norm``'s backward
+    then returned wrong input and weight gradients in eval mode)."""
+    get_world(world).run(_channels_last_inputs, h)

@@ -150,3 +150,34 @@ def test_lower_precision_full_operand_gradient_is_rounded_once(world):
     for rank, errors in enumerate(get_world(world).run(_mixed_dtype_task)):
         bad = {k: v for k, v in errors.items() if v != 0.0}
         assert not bad, f"rank {rank}, world {world}: {bad}"
+
+
+def _one_row_widened_task(h: int) -> dict[str, float]:
+    """A row sliced out of the field and widened back over H (``expand_as``, ``expand``,
+    ``broadcast_to``): the row lives on one rank, so it is replicated under the gather guard."""
+    import warnings
+
+    import credit_dtensor as cd
+    from tests.parity import parity
+
+    m = manager()
+    x = torch.randn(2, 3, h, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = {}
+    for name, fn in {
+        "expand_as": lambda t: t + t[:, :, 3:4].expand_as(t),
+        "expand": lambda t: t * t[:, :, -1:].expand(-1, -1, h, -1),
+        "broadcast_to": lambda t: t - torch.broadcast_to(t[:, :, :1], t.shape),
+        "Tensor.broadcast_to": lambda t: t - t[:, :, 2:3].broadcast_to(t.shape),
+    }.items():
+        with warnings.catch_warnings(record=True) as seen, cd.gather_policy("warn"):
+            warnings.simplefilter("always")
+            errs = parity(m, fn, fn, [x], shard_dims=[2], out_dim=2)
+        reported = any(issubclass(w.category, cd.ImplicitGatherWarning) for w in seen)
+        out[name] = max(errs.values()) + (0.0 if reported or m.domain_world_size == 1 else 1.0)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_row_widened_over_h_is_exact_and_reported(world):
+    for errs in get_world(world).run(_one_row_widened_task, 13):
+        assert all(v < 1e-12 for v in errs.values()), errs

@@ -100,7 +100,9 @@ def _local_moments(v: torch.Tensor, dims: tuple[int, ...], q: int, n: int) -> tu
 
 
 def channel_view(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+    """The contiguous ``(N, C, K)`` view of ``x`` (a copy for a channels-last input, whose
+    flattened view is strided: torch's group/batch-norm kernels take contiguous inputs only)."""
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
 
 
 def _channel_count(plan: LocalPlan, n: int, c: int, k: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from .. import intercept
 from ..dtensor import (
@@ -407,6 +407,42 @@ def _inplace_entry(func, args, kwargs):
 
 FAMILY.rule(POINTWISE, h="local", unwatched=True)(_local_rule)
 FAMILY.rule(POINTWISE, h="local", note="inplace=True: the op, then one copy_ into the input")(_inplace_entry)
+
+
+def _expand_target(func: Callable, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """The sizes an ``expand`` / ``expand_as`` / ``broadcast_to`` call asks for (``-1``: keep)."""
+    rest = args[1:]
+    if func is torch.Tensor.expand_as:
+        other = rest[0] if rest else kwargs.get("other")
+        return None if other is None else tuple(other.shape)
+    if func is torch.Tensor.expand and len(rest) != 1:
+        return tuple(rest) if rest else tuple(kwargs.get("size", ()))
+    size = rest[0] if rest else kwargs.get("size")
+    return None if size is None else tuple(size)
+
+
+def _expand_rule(func, args, kwargs):
+    """``t[:, :, 3:4].expand_as(t)`` & co.: the sharded dim has one global row (on one rank) and
+    the call widens it, so the row is replicated first, the communication broadcasting it costs
+    anyway (under the gather guard, as ``t - t[:, :, 3:4]`` is), then expanded on every rank.
+    DTensor's own view rule raised ``RuntimeError: 2`` there."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    sd = domain_shard_dim(x)
+    target = _expand_target(func, args, kwargs) if sd is not None and x.shape[sd] == 1 else None
+    if target is None or len(target) < x.ndim or target[len(target) - x.ndim + sd] in (-1, 1):
+        return NotImplemented
+    xr = x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)
+    return func(xr, *args[1:], **kwargs) if args else func(**{**kwargs, "input": xr})
+
+
+FAMILY.rule(
+    torch.Tensor.expand,
+    torch.Tensor.expand_as,
+    torch.broadcast_to,
+    torch.Tensor.broadcast_to,
+    h="gathers",
+    note="a sharded dim of one global row widened: the row replicated (reported by the gather guard)",
+)(_expand_rule)
 
 
 def local_apply(func: Callable, args: tuple, kwargs: dict, x: DTensor, out_dim: int) -> Any:
