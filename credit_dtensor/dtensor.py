@@ -294,7 +294,7 @@ class _SumGradOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
         ctx.group = group
-        return t.view_as(t)
+        return t[...]  # an alias with t's own strides (view_as re-strides size-1 dims)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]

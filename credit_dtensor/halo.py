@@ -265,7 +265,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, dim: int, plan: HaloPlan, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.dim, ctx.plan, ctx.group = dim, plan, group
         out = halo_gather(x, dim, plan, group)
-        return out.view_as(out) if out is x else out
+        return out[...] if out is x else out  # an alias with its own strides (view_as re-strides size-1 dims)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
