@@ -600,15 +600,14 @@ def _parity_models(h: int) -> None:
             )
 
 
-def _subclassed_exact(h: int) -> list[str]:
+def _converted_parity(model: nn.Module, x: torch.Tensor, context: str) -> tuple[nn.Module, nn.Module]:
+    """``(reference, converted)`` copies of ``model``, asserted equal (fp64: output, input and
+    parameter gradients) on ``x`` against ``x`` sharded on H."""
     from credit_dtensor.convert import convert_to_domain_parallel
 
     m = manager()
-    torch.manual_seed(3)
-    model = Subclassed().double().train()
     ref = copy.deepcopy(model)
     conv = convert_to_domain_parallel(copy.deepcopy(model), m)
-    x = torch.randn(2, 2, h, 7, dtype=torch.float64)
     errs = parity(
         m,
         ref,
@@ -619,7 +618,15 @@ def _subclassed_exact(h: int) -> list[str]:
         ref_params=dict(ref.named_parameters()),
         dist_params=dict(conv.named_parameters()),
     )
-    assert_parity(errs, torch.float64, f"subclassed h={h} world={m.domain_world_size}")
+    assert_parity(errs, torch.float64, f"{context} world={m.domain_world_size}")
+    return ref, conv
+
+
+def _subclassed_exact(h: int) -> list[str]:
+    torch.manual_seed(3)
+    model = Subclassed().double().train()
+    x = torch.randn(2, 2, h, 7, dtype=torch.float64)
+    ref, conv = _converted_parity(model, x, f"subclassed h={h}")
     stats = (conv.body[1].running_mean, conv.body[1].running_var)
     assert all(
         torch.allclose(a, b, atol=1e-12) for a, b in zip(stats, (ref.body[1].running_mean, ref.body[1].running_var))
@@ -638,25 +645,10 @@ def test_subclasses_that_redefine_forward_keep_it(size, h):
 
 
 def _resample_exact(h: int) -> list[str]:
-    from credit_dtensor.convert import convert_to_domain_parallel
-
-    m = manager()
     torch.manual_seed(4)
     model = Resampling().double()
-    ref = copy.deepcopy(model)
-    conv = convert_to_domain_parallel(copy.deepcopy(model), m)
     x = torch.randn(1, 2, h, 8, dtype=torch.float64)
-    errs = parity(
-        m,
-        ref,
-        conv,
-        [x],
-        shard_dims=[2],
-        out_dim=2,
-        ref_params=dict(ref.named_parameters()),
-        dist_params=dict(conv.named_parameters()),
-    )
-    assert_parity(errs, torch.float64, f"resampling modules h={h}")
+    _, conv = _converted_parity(model, x, f"resampling modules h={h}")
     return sorted(conv._dp_conversion)
 
 
