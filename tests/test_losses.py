@@ -186,6 +186,8 @@ def _reductions():
         "any_h": lambda x: (x > 2.0).any(dim=2).double(),
         "all_all": lambda x: (x > -9.0).all().double(),
         "se_gate": lambda x: x * torch.sigmoid(x.mean(dim=(2, 3), keepdim=True)),
+        "prod_w": lambda x: (x / 2).prod(dim=3),
+        "prod_c_keep": lambda x: torch.prod(x / 2, 1, keepdim=True),
     }
 
 
@@ -227,3 +229,22 @@ def test_reductions_match_one_device(world, shape_name):
     for rank, errors in enumerate(get_world(world).run(_reduction_task, shape_name)):
         bad = {k: v for k, v in errors.items() if not v <= TOL}
         assert not bad, f"rank {rank}, world {world}, {shape_name}: {bad}"
+
+
+def _prod_over_h_task() -> str:
+    import credit_dtensor as cd
+
+    m = manager()
+    xs = cd.shard_tensor(_inputs(SHAPES["uneven"])["pred"], m, 2).requires_grad_()
+    try:
+        xs.prod(dim=2)
+    except cd.DomainParallelError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_prod_over_h_with_gradients_is_refused_clearly():
+    """DTensor's prod backward cannot run on shards (a mixed Tensor/DTensor ``cat``): refused up
+    front with the way out, instead of failing inside ``backward``."""
+    for msg in get_world(2).run(_prod_over_h_task):
+        assert "prod over the sharded dim H" in msg and "log().sum" in msg, msg

@@ -483,4 +483,27 @@ def _all_rule(func, p, c):
     return c.out(comm.all_reduce(local, c.group, "min" if is_all else "max"))
 
 
-FAMILY.unsupported(torch.prod, torch.Tensor.prod, torch.median, torch.Tensor.median, note="over H")
+# --- prod -----------------------------------------------------------------------------------------------
+
+
+@FAMILY.rule(
+    torch.prod,
+    torch.Tensor.prod,
+    h="gathers",
+    note="over other dims: local; over H: PyTorch's rule without gradients, refused with them",
+)
+@_over_h()
+def _prod_rule(func, p, c):
+    """Over other dims :func:`_over_h` reduces each rank's rows (DTensor's ``prod_backward`` mixed
+    plain tensors and DTensors there). Over H, without gradients, PyTorch's own rule gathers (the
+    guard reports it); with gradients that backward fails, so the call is refused up front."""
+    if not (c.x.requires_grad and torch.is_grad_enabled()):
+        return NotImplemented
+    raise DomainParallelError(
+        "prod over the sharded dim H with gradients: DTensor's prod backward cannot run on shards. "
+        "For positive values use x.log().sum(dim).exp() (exact rules), or reduce an explicitly "
+        "gathered x.full_tensor()"
+    )
+
+
+FAMILY.unsupported(torch.median, torch.Tensor.median, note="over H")
