@@ -1,0 +1,133 @@
+"""Exact extremes over the sharded dim (part of the reduce family, :mod:`.reduce`; split from it by
+concern): ``amax``/``amin`` with ties sharing the gradient evenly across ranks, ``max``/``min``
+with their first index, ``argmax``/``argmin`` as PyTorch's flat or per-dim index."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import comm, stats
+from ..dtensor import domain_shard_dim, wrap_replicate
+from ..geometry import chunk_range
+from .reduce import FAMILY, _Call, _EvenExtreme, _over_h, _parse
+
+# --- amax / amin / max / min / argmax / argmin -----------------------------------------------------
+
+
+@FAMILY.rule(torch.amax, torch.Tensor.amax, torch.amin, torch.Tensor.amin, h="reduce")
+@_over_h(("dim", "keepdim"), ((), False))
+def _amax_rule(func, p, c):
+    op = "max" if func in (torch.amax, torch.Tensor.amax) else "min"
+    return c.out(_EvenExtreme.apply(c.local, c, op))
+
+
+def _global_flat_index(c: _Call, local_idx: torch.Tensor, sd: int) -> torch.Tensor:
+    """Local flat indices (over the whole local tensor) -> flat indices in the global tensor."""
+    a, _ = chunk_range(c.x.shape[sd], c.mesh.size(), c.mesh.get_local_rank())
+    coords = list(torch.unravel_index(local_idx, tuple(c.local.shape)))
+    coords[sd] = coords[sd] + a
+    flat = torch.zeros_like(local_idx)
+    for d, size in enumerate(c.x.shape):
+        flat = flat * size + coords[d]
+    return flat
+
+
+def _first_index(c: _Call, op: str, sd: int, dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global extreme, global index of its first occurrence) over ``dim`` (None: flattened)."""
+    x = c.local.detach()
+    m = c.extreme(x, op)
+    big = torch.iinfo(torch.int64).max
+    if dim is None:
+        hit = (
+            (x == m).flatten() | (torch.isnan(x).flatten() & torch.isnan(m).flatten())
+            if x.is_floating_point()
+            else (x == m).flatten()
+        )
+        pos = torch.arange(x.numel(), device=x.device)
+        cand = torch.where(hit, _global_flat_index(c, pos, sd), torch.full_like(pos, big))
+        local = cand.min().reshape([1] * x.ndim) if cand.numel() else torch.full([1] * x.ndim, big, device=x.device)
+    else:
+        a, _ = chunk_range(c.x.shape[sd], c.mesh.size(), c.mesh.get_local_rank())
+        hit = (x == m) | (torch.isnan(x) & torch.isnan(m)) if x.is_floating_point() else (x == m)
+        shape = [1] * x.ndim
+        shape[dim] = x.shape[dim]
+        pos = torch.arange(x.shape[dim], device=x.device).reshape(shape) + a
+        cand = torch.where(hit, pos.expand_as(x), torch.full_like(x, big, dtype=torch.int64))
+        if x.shape[dim] == 0:
+            kshape = list(x.shape)
+            kshape[dim] = 1
+            local = torch.full(kshape, big, dtype=torch.int64, device=x.device)
+        else:
+            local = cand.amin(dim, keepdim=True)
+    with stats.op_label("reduce"):
+        return m, comm.all_reduce(local, c.group, "min")
+
+
+class _SelectAt(torch.autograd.Function):
+    """Values at given global indices along the sharded dim; gradient only to those elements."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, dim: int, offset: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(idx)
+        ctx.dim, ctx.offset, ctx.shape = dim, offset, x.shape
+        return m.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        (idx,) = ctx.saved_tensors
+        n = ctx.shape[ctx.dim]
+        local = idx - ctx.offset
+        mine = (local >= 0) & (local < n)
+        out = torch.zeros(ctx.shape, dtype=g.dtype, device=g.device)
+        if n:
+            out.scatter_add_(
+                ctx.dim, local.clamp(0, n - 1).expand_as(g).contiguous(), torch.where(mine, g, 0).contiguous()
+            )
+        return out, None, None, None, None
+
+
+@FAMILY.rule(torch.max, torch.Tensor.max, torch.min, torch.Tensor.min, h="reduce")
+def _max_rule(func, args, kwargs):
+    x = args[0] if args else kwargs.get("input")
+    sd = domain_shard_dim(x)
+    rest = list(args[1:])
+    if sd is None or any(isinstance(r, torch.Tensor) for r in rest) or "other" in kwargs:
+        return NotImplemented  # elementwise max(a, b): pointwise, DTensor's own rule
+    op = "max" if func in (torch.max, torch.Tensor.max) else "min"
+    dim = kwargs.get("dim", rest[0] if rest else None)
+    keepdim = bool(kwargs.get("keepdim", rest[1] if len(rest) > 1 else False))
+    if dim is None:
+        c = _Call(x, tuple(range(x.ndim)), False)
+        return c.out(_EvenExtreme.apply(c.local, c, op))
+    if not isinstance(dim, int):
+        return NotImplemented
+    dim %= x.ndim
+    if dim != sd:
+        return NotImplemented
+    c = _Call(x, (dim,), keepdim)
+    m, idx = _first_index(c, op, sd, dim)
+    a, _ = chunk_range(x.shape[sd], c.mesh.size(), c.mesh.get_local_rank())
+    values = _SelectAt.apply(c.local, m, idx, dim, a)
+    ret = torch.return_types.max if op == "max" else torch.return_types.min
+    return ret((c.out(values), c.out(idx)))
+
+
+@FAMILY.rule(torch.argmax, torch.Tensor.argmax, torch.argmin, torch.Tensor.argmin, h="reduce")
+def _argmax_rule(func, args, kwargs):
+    p = _parse(args, kwargs, ("dim", "keepdim"), (None, False))
+    x = args[0] if args else kwargs.get("input")
+    sd = domain_shard_dim(x)
+    if p is None or sd is None:
+        return NotImplemented
+    op = "max" if func in (torch.argmax, torch.Tensor.argmax) else "min"
+    dim = p["dim"]
+    if dim is None:
+        c = _Call(x, tuple(range(x.ndim)), False)
+        _, idx = _first_index(c, op, sd, None)
+        out = idx.reshape([1] * x.ndim if p["keepdim"] else [])
+        return wrap_replicate(out, c.mesh)
+    dim %= x.ndim
+    if dim != sd:
+        return NotImplemented
+    c = _Call(x, (dim,), bool(p["keepdim"]))
+    return c.out(_first_index(c, op, sd, dim)[1])
