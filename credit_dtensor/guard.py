@@ -280,9 +280,44 @@ def _records_grad(args: tuple, kwargs: dict | None) -> bool:
     return grad and sharded
 
 
-#: dim reorderings: DTensor maps any placement through them and their backward is another
-#: reordering, so reaching DTensor's autograd with one never leads to a gather in backward
-_REORDERS = frozenset((torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.ops.aten.t.default))
+#: ops whose backward DTensor runs by mapping the gradient's placements (a dim reordering; adding or
+#: dropping a size-1 dim: CREDIT's ``x.squeeze(2)`` of the time dim; ``qkv.unbind(0)`` and
+#: ``torch.stack``, whose backwards stack and unbind) or unchanged (a copy, an in-place ``relu``'s
+#: ``copy_``, a dtype cast): reaching DTensor's autograd with one never leads to a gather in backward
+_REORDERS = frozenset(
+    (
+        torch.ops.aten.permute.default,
+        torch.ops.aten.transpose.int,
+        torch.ops.aten.t.default,
+        torch.ops.aten.squeeze.default,
+        torch.ops.aten.squeeze.dim,
+        torch.ops.aten.squeeze.dims,
+        torch.ops.aten.unsqueeze.default,
+        torch.ops.aten.unbind.int,
+        torch.ops.aten.stack.default,
+        torch.ops.aten.clone.default,
+        torch.ops.aten.copy_.default,
+        torch.ops.aten._to_copy.default,
+    )
+)
+
+
+def _elementwise_alike(func: object, args: tuple) -> bool:
+    """A pointwise op whose DTensor operands all have one shape and one placement (``out += x`` of
+    a residual block): its backward is pointwise on gradients of that layout, with nothing to
+    reduce or redistribute."""
+    if torch.Tag.pointwise not in getattr(func, "tags", ()):
+        return False
+    spec = None
+    for a in args:
+        if isinstance(a, DTensor):
+            if spec is None:
+                spec = (a.shape, a.placements)
+            elif (a.shape, a.placements) != spec:
+                return False
+        elif isinstance(a, torch.Tensor) and a.dim() > 0:
+            return False
+    return spec is not None
 
 
 class _Detector(TorchDispatchMode):
@@ -301,9 +336,13 @@ class _Detector(TorchDispatchMode):
                     not _state["dtensor_dispatch"]
                     and not getattr(_tls, "trusted", False)
                     and func not in _REORDERS
+                    and not _elementwise_alike(func, args)
                     and _records_grad(args, kwargs)
                 ):
-                    _state["dtensor_dispatch"] = True  # DTensor's own backward is in a graph now
+                    if self.phase == "backward":
+                        _state["dtensor_dispatch"] = True  # a double-backward graph holds DTensor's node
+                    else:
+                        _tls.pending = True  # armed by settle() if the call's result is in a graph
                 if func in _CORRUPT:
                     _refuse_builtin_conv(func, args)
                 return NotImplemented  # let DTensor desugar the op; its collectives come back here
@@ -364,8 +403,32 @@ def watch(func: object, phase: str = "forward") -> Iterator[None]:
         yield
         return
     _tls.watching = True
+    _tls.pending = False
     try:
         with _Detector(func, phase):
             yield
     finally:
         _tls.watching = False
+
+
+def _in_graph(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (list, tuple)):
+        return any(_in_graph(v) for v in value)
+    if isinstance(value, dict):
+        return any(_in_graph(v) for v in value.values())
+    return False
+
+
+def settle(out: object, written: object = None) -> None:
+    """After a watched forward call returned ``out`` (and wrote into ``written``, for an in-place
+    call): arm the backward watch if one of DTensor's own ops recorded by autograd ran in it and
+    its result is in an autograd graph. ``torch.ones_like(y)``, ``x > 0`` or ``x.new_zeros(...)``
+    on a tensor that requires grad reach DTensor's dispatch with a sharded operand that requires
+    grad, but nothing of them is differentiated: arming on them made every later backward pay the
+    dispatch mode (twice the host time of a conv's or a BatchNorm's fwd+bwd)."""
+    if getattr(_tls, "pending", False):
+        _tls.pending = False
+        if _in_graph(out) or _in_graph(written):
+            _state["dtensor_dispatch"] = True

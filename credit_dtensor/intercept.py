@@ -231,7 +231,9 @@ def _dispatch(func, args: tuple, kwargs: dict) -> Any:
             return func(*args, **kwargs)
         args, kwargs = _replicate_plain(args, kwargs)
         with guard.watch(func):
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+        guard.settle(out, _written(func, args, kwargs))
+        return out
     if not has_dtensor(args, kwargs):
         return func(*args, **kwargs)
     if func in _BACKWARD:
@@ -249,9 +251,20 @@ def _dispatch(func, args: tuple, kwargs: dict) -> Any:
         for rule in rules[first:]:  # type: ignore[index]
             out = rule(func, args, kwargs)
             if out is not NotImplemented:
-                return out
-        args, kwargs = _replicate_plain(args, kwargs)
-        return func(*args, **kwargs)
+                break
+        else:
+            args, kwargs = _replicate_plain(args, kwargs)
+            out = func(*args, **kwargs)
+    guard.settle(out, _written(func, args, kwargs))
+    return out
+
+
+def _written(func, args: tuple, kwargs: dict) -> Any:
+    """What an in-place call writes into (its ``out=`` and, by name, its first argument)."""
+    out = kwargs.get("out")
+    if _mutates(func):
+        return (args[0] if args else kwargs.get("self"), out)
+    return out
 
 
 def _bind_backward(func, args: tuple, kwargs: dict) -> tuple | None:

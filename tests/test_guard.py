@@ -163,11 +163,19 @@ def _arming_task() -> dict:
             # a position-bias MLP on a replicated table (CrossFormer) and a permute of a shard: DTensor's own
             bias = F.layer_norm(table, (2,)).sum()
             y = x.permute(0, 2, 3, 1).transpose(1, 2)
-            loss = (y * y).sum() + bias
+            # and the other ops whose backward maps placements: size-1 dims, stack / unbind
+            a, b = torch.stack([x.unsqueeze(1).squeeze(1), x]).unbind(0)
+            loss = (y * y).sum() + bias + (a * b).sum()
             out = {"armed_by_replicate_and_reorder": guard._state["dtensor_dispatch"]}
-            loss.backward()
+            # DTensor's own ops on a sharded operand that requires grad, whose results are not
+            # differentiated (a backward seed, a mask, a buffer): nothing of them is in a graph
+            seed = torch.ones_like(loss)
+            mask, zeros, buf = x > 0, torch.zeros_like(x), x.new_zeros((2, 3))
+            out["armed_by_results_without_grad"] = guard._state["dtensor_dispatch"]
+            out["no_grad_results"] = not any(t.requires_grad for t in (seed, mask, zeros, buf))
+            loss.backward(seed)
         ref_x, ref_t = full.clone().requires_grad_(), table_full.clone().requires_grad_()
-        ((ref_x.permute(0, 2, 3, 1).transpose(1, 2) ** 2).sum() + F.layer_norm(ref_t, (2,)).sum()).backward()
+        ((ref_x.permute(0, 2, 3, 1).transpose(1, 2) ** 2).sum() * 2 + F.layer_norm(ref_t, (2,)).sum()).backward()
         out["x_grad"] = float((cd.gather_tensor(x.grad) - ref_x.grad).abs().max())
         out["table_grad"] = float((table.grad.full_tensor() - ref_t.grad).abs().max())
         with warnings.catch_warnings(), cd.gather_policy("warn"):
@@ -182,10 +190,12 @@ def _arming_task() -> dict:
 @pytest.mark.parametrize("world", [2, 3])
 def test_only_sharded_dtensor_ops_arm_the_backward_watch(world):
     """The watch costs every op of every later backward a Python call (~30% of a CrossFormer step):
-    a replicated table's MLP and a permute of a shard cannot gather in backward and must not arm it;
+    a replicated table's MLP, a permute of a shard and results that are not differentiated
+    (``ones_like``, a comparison, ``new_zeros``) cannot gather in backward and must not arm it;
     an op over the shards that DTensor runs itself must. Gradients exact either way."""
     for rank, out in enumerate(get_world(world).run(_arming_task)):
         assert out["armed_by_replicate_and_reorder"] is False, (rank, out)
+        assert out["armed_by_results_without_grad"] is False and out["no_grad_results"], (rank, out)
         assert out["armed_by_sharded_op"] is True, (rank, out)
         assert out["x_grad"] < 1e-12 and out["table_grad"] < 1e-12, (rank, out)
 
