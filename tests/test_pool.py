@@ -255,3 +255,48 @@ def test_invalid_pools_raise_like_pytorch():
             assert got["single"][0] == "RuntimeError" and w in got["single"][1], got  # PyTorch's own
             cls, msg = got["sharded"]
             assert cls == got["single"][0] and w in msg, (f"rank {rank}", w, got)
+
+
+def _leading_dim_task(h: int) -> dict[str, float]:
+    """Pools whose input is sharded on a dim they do not pool (1-D pools over W of a ``(B, H, W)``
+    field, H their "channels"; 2-D pools of a ``(B, H, Hs, Ws)`` stack): each rank's rows, no
+    byte moves (``to_spatial`` sent the shard through an all-to-all and back; DTensor's own backward
+    of ``avg_pool1d`` failed), empty shards included."""
+    import credit_dtensor as cd
+    from credit_dtensor.dtensor import domain_shard_dim
+    from credit_dtensor.stats import comm_stats
+    from tests.harness import manager
+
+    m = manager()
+    g = torch.Generator().manual_seed(h)
+    x = torch.randn(2, h, 6, generator=g, dtype=torch.float64)
+    out: dict[str, float] = {}
+    for name, fn in {
+        "avg_pool1d": lambda t: F.avg_pool1d(t, 2),
+        "max_pool1d": lambda t: F.max_pool1d(t, 3, 1, 1),
+        "max_pool1d_indices": lambda t: F.max_pool1d(t, 2, return_indices=True)[0],
+        "adaptive_avg_pool1d": lambda t: F.adaptive_avg_pool1d(t, 4),
+        "adaptive_max_pool1d": lambda t: F.adaptive_max_pool1d(t, 4),
+        "lp_pool1d": lambda t: F.lp_pool1d(t.abs() + 0.1, 2, 2),
+        "avg_pool2d_stack": lambda t: F.avg_pool2d(t.unsqueeze(-1).expand(2, h, 6, 4), 2),
+    }.items():
+        xr = x.clone().requires_grad_()
+        yr = fn(xr)
+        gy = torch.randn(yr.shape, generator=g, dtype=yr.dtype)
+        yr.backward(gy)
+        xs = cd.shard_tensor(x.clone(), m, 1).requires_grad_()
+        with cd.gather_policy("raise"), comm_stats() as s:
+            y = fn(xs)
+            y.backward(cd.shard_tensor(gy, m, domain_shard_dim(y)))
+        out[f"{name}: out"] = (cd.gather_tensor(y) - yr).abs().max().item()
+        out[f"{name}: grad"] = (cd.gather_tensor(xs.grad) - xr.grad).abs().max().item()
+        out[f"{name}: bytes"] = float(s.sent_bytes)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("h", [4, 13])
+def test_pools_of_a_tensor_sharded_on_a_dim_they_do_not_pool(world, h):
+    for rank, out in enumerate(get_world(world).run(_leading_dim_task, h)):
+        bad = {k: v for k, v in out.items() if not v <= 1e-12}
+        assert not bad, (rank, world, h, bad)

@@ -22,6 +22,7 @@ FAMILIES = (
     "dimwise",
     "linear",
     "scan",
+    "spectral",
     "move",
     "assign",
     "index_write",

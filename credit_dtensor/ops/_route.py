@@ -23,13 +23,17 @@ __all__ = ["Route", "route_rule"]
 Route = tuple[Callable[..., Any], "int | None", Mapping[str, Any]]
 
 
-def route_rule(name: str, table: Mapping[Any, Route]) -> Callable:
+def route_rule(name: str, table: Mapping[Any, Route], per_channel: bool = False) -> Callable:
     """One rule, named ``name`` (``credit-dtensor info`` lists it), for every function of ``table``
-    (the family registers it: ``FAMILY.rule(table, h=...)(route_rule(name, table))``)."""
+    (the family registers it: ``FAMILY.rule(table, h=...)(route_rule(name, table))``).
+    ``per_channel``: the ops never mix channels or samples (pooling), so an input sharded on a
+    leading dim goes to the public function as it is (which runs each rank's rows)."""
 
     def rule(func: Any, args: tuple, kwargs: dict) -> Any:
         public, nd, fixed = table[func]
         x = input_of(args, kwargs)
+        if per_channel:
+            return public(*args, **{**kwargs, **fixed}) if is_sharded(x) else NotImplemented
         moved = False
         if nd is not None and isinstance(x, DTensor):
             x2 = to_spatial(x, nd)  # sharded on channels: back on H first; a partial sum: reduced

@@ -445,11 +445,23 @@ FAMILY.rule(
 )(_expand_rule)
 
 
-def local_apply(func: Callable, args: tuple, kwargs: dict, x: DTensor, out_dim: int) -> Any:
-    """``func`` on ``x``'s local tensor (first argument), outputs sharded on ``out_dim``."""
-    args = (local_of(x), *args[1:]) if args and args[0] is x else args
-    kwargs = {k: (local_of(v) if v is x else v) for k, v in kwargs.items()}
-    return wrap_outputs(func(*args, **kwargs), x, lambda t: out_dim)
+def local_apply(func: Callable, args: tuple, kwargs: dict, x: DTensor, out_dim: int, empty_rows: bool = False) -> Any:
+    """``func`` on ``x``'s local tensor (first argument), outputs sharded on ``out_dim``.
+    ``empty_rows``: a shard without rows (``torch.chunk`` leaves some: H=4 over 3 ranks) goes
+    through with one zero row that is dropped after, for kernels that refuse empty inputs (MKL's
+    FFTs, pooling); ``func`` must keep the rows on ``out_dim``."""
+    local = local_of(x)
+    pad = empty_rows and local.shape[out_dim] == 0
+    if pad:
+        shape = list(local.shape)
+        shape[out_dim] = 1
+        local = torch.cat([local, local.new_zeros(shape)], out_dim)
+    args = (local, *args[1:]) if args and args[0] is x else args
+    kwargs = {k: (local if v is x else v) for k, v in kwargs.items()}
+    out = func(*args, **kwargs)
+    if pad:
+        out = type(out)(t.narrow(out_dim, 0, 0) for t in out) if isinstance(out, tuple) else out.narrow(out_dim, 0, 0)
+    return wrap_outputs(out, x, lambda t: out_dim)
 
 
 # the families that build on this module, registered with it (same order as before the split)

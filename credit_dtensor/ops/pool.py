@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from .. import comm, stats
-from ..dtensor import local_of, spatial_shard_dim, wrap_replicate, wrap_shard
+from ..dtensor import domain_shard_dim, local_of, spatial_shard_dim, wrap_replicate, wrap_shard
 from ..geometry import chunk_range, window_crosses_shards
 from ..geometry.resample import adaptive_range, avg_pool_taps, pool_out_len
 from . import _groups, fold
@@ -35,6 +35,7 @@ from ._rows import (
 )
 from .family import family
 from .max_pool import AdaptiveMaxPoolOp, FoldedMaxPool, MaxPoolOp
+from .pointwise import local_apply
 
 FAMILY = family("resample")
 
@@ -145,12 +146,24 @@ def _pool_dim(input: torch.Tensor, nd: int, where: str) -> int | None:
     return spatial_shard_dim(input, nd, where)
 
 
+def _per_row(fn, input, *args, **kwargs):
+    """A pooling whose input is not sharded on a pooled dim: PyTorch's own. Sharded on a leading
+    dim (``avg_pool1d`` over W of a ``(B, H, W)`` tensor, H its "channels"), each rank pools its own
+    rows (``to_spatial`` moved the shard through an all-to-all and back)."""
+    sd = domain_shard_dim(input)
+    if sd is None:
+        return fn(input, *args, **kwargs)
+    return local_apply(fn, (input, *args), kwargs, input, sd, empty_rows=True)
+
+
 def _max_pool(nd, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     where = f"max_pool{nd}d"
     dim = _pool_dim(input, nd, where)
     fn = getattr(F, where)
     if dim is None:
-        return fn(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=return_indices)
+        return _per_row(
+            fn, input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=return_indices
+        )
     k = _ntuple(kernel_size, nd)
     s = _ntuple(stride, nd, k)
     p, d = _ntuple(padding, nd), _ntuple(dilation, nd)
@@ -212,7 +225,7 @@ def _avg_pool(
     fn = getattr(F, where)
     extra = {} if nd == 1 else {"divisor_override": divisor_override}
     if dim is None:
-        return fn(input, kernel_size, stride, padding, ceil_mode, count_include_pad, **extra)
+        return _per_row(fn, input, kernel_size, stride, padding, ceil_mode, count_include_pad, **extra)
     k = _ntuple(kernel_size, nd)
     s = _ntuple(stride, nd, k)
     p = _ntuple(padding, nd)
@@ -255,7 +268,7 @@ def _adaptive_avg(nd, input, output_size):
     dim = _pool_dim(input, nd, where)
     fn = getattr(F, where)
     if dim is None:
-        return fn(input, output_size)
+        return _per_row(fn, input, output_size)
     size = _adaptive_size(input, output_size, nd)
     meta = fn(meta_like(input), size)
     _, _, world, rank = domain_info(input)  # type: ignore[arg-type]
@@ -307,7 +320,7 @@ def _adaptive_max(nd, input, output_size, return_indices=False):
     dim = _pool_dim(input, nd, where)
     fn = getattr(F, where)
     if dim is None:
-        return fn(input, output_size, return_indices)
+        return _per_row(fn, input, output_size, return_indices)
     size = _adaptive_size(input, output_size, nd)
     meta = fn(meta_like(input), size)
     _, _, world, rank = domain_info(input)  # type: ignore[arg-type]
@@ -379,5 +392,5 @@ def _routes() -> dict:
 
 _POOL_ROUTES = _routes()
 FAMILY.rule(_POOL_ROUTES, h="halo", note="input rows of each output row gathered")(
-    route_rule("pool_rule", _POOL_ROUTES)
+    route_rule("pool_rule", _POOL_ROUTES, per_channel=True)
 )
