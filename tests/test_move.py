@@ -1,6 +1,6 @@
 """Row-moving ops on H-sharded tensors vs one device, written as models write them: ``torch.roll``
 (Swin's shifted windows), slicing, ``narrow``, ``index_select``, ``flip``, ``split``/``chunk``,
-``cat``, functional ``F.pad`` in every mode on H and on W (CREDIT's periodic longitude padding).
+``cat``, ``repeat_interleave``, functional ``F.pad`` in every mode on H and on W (CREDIT's periodic longitude padding).
 
 fp64 1e-10 for output and input gradient, worlds 1-4, even / uneven / empty shards, gather guard in
 ``raise`` mode, and the bytes received equal an independent count: the rows of each rank's output
@@ -60,6 +60,13 @@ def _cases(h: int):
         "pad_circular_h": (lambda x: F.pad(x, (0, 0, 2, 1), mode="circular"), None),
         "pad_replicate": (lambda x: F.pad(x, (1, 0, 2, 2), mode="replicate"), None),
         "pad_constant": (lambda x: F.pad(x, (0, 1, 1, 3), value=0.5), None),
+        # nearest upsampling by hand: output row j is input row j // r
+        "repeat_interleave_h": (lambda x: x.repeat_interleave(2, dim=2), [i // 2 for i in range(2 * h)]),
+        "repeat_interleave_hw": (
+            lambda x: torch.repeat_interleave(x, 3, dim=-2).repeat_interleave(2, dim=3),
+            [i // 3 for i in range(3 * h)],
+        ),
+        "repeat_interleave_c": (lambda x: x.repeat_interleave(2, 1), None),
     }
 
 

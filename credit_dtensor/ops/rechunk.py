@@ -185,3 +185,38 @@ def _unfold_rule(func, args, kwargs):
     local = (ext.unfold(sd, size, step) if w1 > w0 else ext.unsqueeze(-1).expand(*ext.shape, size)).contiguous()
     shape = [*x.shape[:sd], windows, *x.shape[sd + 1 :], size]
     return wrap_shard(local, mesh, sd, shape)
+
+
+# --- repeat_interleave: each row repeated, along the sharded dim a re-chunked nearest upsampling ------------------
+
+
+@FAMILY.rule(torch.repeat_interleave, torch.Tensor.repeat_interleave, h="halo")
+def _repeat_interleave_rule(func, args, kwargs):
+    """``x.repeat_interleave(r, dim)`` with an int ``r`` (nearest upsampling written by hand): along
+    any other dim local; along the sharded dim output row ``j`` is input row ``j // r``, so each rank
+    fetches the input rows its ``torch.chunk`` slice of the ``r * n`` output rows reads (its own,
+    and at most one row of a neighbour per edge) and repeats them. DTensor's rule refused uneven
+    shards ("Cannot flatten unevenly sharded tensor")."""
+    names = ("input", "repeats", "dim", "output_size")
+    vals = dict(zip(names, args))
+    vals.update({k: v for k, v in kwargs.items() if k in names})
+    x, r, dim = vals.get("input"), vals.get("repeats"), vals.get("dim")
+    sd = domain_shard_dim(x)
+    if sd is None or not isinstance(r, int) or isinstance(r, bool) or not isinstance(dim, int) or r < 0:
+        return NotImplemented  # tensor repeats, the flattening dim=None, PyTorch's own errors
+    if set(kwargs) - set(names) or len(args) > len(names):
+        return NotImplemented
+    dim %= x.ndim
+    if dim != sd:
+        return local_apply(lambda t: t.repeat_interleave(r, dim), (x,), {}, x, sd, empty_rows=True)
+    n, total = x.shape[sd], x.shape[sd] * r
+    mesh, _, world, rank = domain_info(x)
+    needs = []
+    for q in range(world):
+        o0, o1 = chunk_range(total, world, q)
+        needs.append(tuple(range(o0 // r, (o1 - 1) // r + 1)) if o1 > o0 else ())
+    ext = fetch_rows(x.to_local(), mesh, sd, n, needs)
+    o0, o1 = chunk_range(total, world, rank)
+    local = ext.repeat_interleave(r, sd)
+    local = local.narrow(sd, o0 - (o0 // r) * r, o1 - o0) if o1 > o0 else local.narrow(sd, 0, 0)
+    return wrap_shard(local.contiguous(), mesh, sd, _with(list(x.shape), sd, total))
