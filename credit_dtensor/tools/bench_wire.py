@@ -92,7 +92,8 @@ _FUNCOL: dict[str, Callable] = {
 @contextlib.contextmanager
 def intercept(counter: WireCounter) -> Iterator[WireCounter]:
     """Wrap the process-group entry points (package and ``distributed_c10d`` names alike, so
-    ``P2POp``'s identity checks still pass) and the functional collectives; restore on exit."""
+    ``P2POp``'s identity checks still pass, and ``ProcessGroup.send``/``recv``) and the functional
+    collectives; restore on exit."""
     import torch.distributed._functional_collectives as funcol
     import torch.distributed.distributed_c10d as c10d
 
@@ -101,7 +102,8 @@ def intercept(counter: WireCounter) -> Iterator[WireCounter]:
     depth = [0]  # a call that re-enters itself (c10d's torch-function handling) is one call on the wire
 
     def wrap(mod: object, name: str, size: Callable, kind: str) -> None:
-        orig = getattr(mod, name, None)
+        # a class attribute as stored (pybind's method descriptor, restored as such), else the function
+        orig = vars(mod).get(name) if isinstance(mod, type) else getattr(mod, name, None)
         if orig is None:
             return
         if id(orig) not in wrappers:
@@ -124,6 +126,10 @@ def intercept(counter: WireCounter) -> Iterator[WireCounter]:
     for name, size in _WIRE.items():
         wrap(c10d, name, size, name)
         wrap(dist, name, size, name)
+    # the process group's own point-to-point calls (``comm`` posts gloo messages there directly;
+    # ``dist.isend``/``irecv`` end in them too, counted once by the depth guard)
+    wrap(dist.ProcessGroup, "send", lambda a, k: (_nbytes(a[1]), 0), "isend")
+    wrap(dist.ProcessGroup, "recv", lambda a, k: (0, _nbytes(a[1])), "irecv")
     for name, size in _FUNCOL.items():
         wrap(funcol, name, size, f"funcol.{name}")
     try:
