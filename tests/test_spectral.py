@@ -7,7 +7,9 @@ worlds 1-4, even and uneven shards, under the gather guard in ``raise`` mode:
   (they gathered before);
 * ``F.lp_pool1d/2d/3d``: exact through the pooling rules (2-D/3-D gathered, 1-D over a sharded
   non-pooled dim failed in DTensor's backward with "avg_pool2d_backward does not have a sharding
-  strategy").
+  strategy");
+* ``torch.tril``/``triu`` of (H, W) (dimwise family): local, the diagonal shifted by the shard's offset
+  (they gathered).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def _programs(dtype: torch.dtype) -> dict:
         "lp_pool2d_p3_k3s1": (lambda x: F.lp_pool2d(x.abs() + 0.1, 3.0, 3, 1), True),
         "lp_pool1d_over_w": (lambda x: F.lp_pool1d(x.flatten(0, 1).abs() + 0.1, 2, 2), False),
         "lp_pool3d": (lambda x: F.lp_pool3d(x.unsqueeze(1).abs() + 0.1, 2, (1, 2, 2)), True),
+        # dimwise: triangles of (H, W), the diagonal shifted by the shard's row (column) offset
+        "tril_hw": (lambda x: torch.tril(x, -2), False),
+        "triu_hw": (lambda x: x.triu(diagonal=3), False),
+        "tril_wh": (lambda x: torch.tril(x.transpose(2, 3), 1), False),
+        "triu_lead": (lambda x: torch.triu(x.transpose(1, 2)), False),
     }
 
 

@@ -115,3 +115,34 @@ def _softmax_over_shards(func: Callable, x: DTensor, sd: int, dtype: Any) -> DTe
         total = _SumGradOverRanks.apply(total, group)  # used by each rank's rows: gradients summed
     out = (z - m) - torch.log(total) if func in _LOG_SOFTMAX else e / total
     return wrap_shard(out.to(local.dtype), mesh, sd, x.shape)
+
+
+# --- triangles of the last two dims -------------------------------------------------------------------
+
+
+@FAMILY.rule(
+    torch.tril,
+    torch.triu,
+    torch.Tensor.tril,
+    torch.Tensor.triu,
+    h="local",
+    note="each rank's rows, the diagonal shifted by the rows' global offset",
+    signature=Signature(("input", "diagonal"), {"diagonal": 0}),
+)
+def _triangle_rule(func: Any, a: Any) -> Any:
+    """``tril``/``triu`` keep ``(i, j)`` by ``j - i`` against ``diagonal``: on a shard of the row dim
+    (or the column dim) starting at global row (column) ``o``, the same with ``diagonal + o``
+    (``diagonal - o``); sharded on a leading dim they are local as they are."""
+    from ..geometry import chunk_range
+
+    x, k = a.get("input"), a["diagonal"]
+    sd = domain_shard_dim(x)
+    if sd is None or not isinstance(k, int) or x.ndim < 2 or a.get("out") is not None:
+        return NotImplemented
+    if any(isinstance(v, DTensor) and v is not x for v in (*a.args, *a.kwargs.values())):
+        return NotImplemented
+    mesh = x.device_mesh
+    offset = chunk_range(x.shape[sd], mesh.size(), mesh.get_local_rank())[0]
+    shift = offset if sd == x.ndim - 2 else (-offset if sd == x.ndim - 1 else 0)
+    op = torch.tril if func in (torch.tril, torch.Tensor.tril) else torch.triu
+    return local_apply(lambda t: op(t, k + shift), (x,), {}, x, sd)
