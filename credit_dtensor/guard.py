@@ -387,10 +387,11 @@ def watch(func: object, phase: str = "forward") -> Iterator[None]:
     """Apply the gather policy to collectives dispatched inside the block (not nested).
 
     A backward is watched only once some op of this process has gone through DTensor's own
-    dispatch with autograd recording and a sharded operand, other than a dim reordering (seen by a
-    forward watch; under policy ``allow`` every unwatched op with grad mode on counts): before
-    that, every node of any autograd graph that can meet a shard is one of credit_dtensor's rules,
-    DTensor's ``to_local``/``from_local`` or a reordering, whose backwards communicate
+    dispatch with autograd recording and a sharded operand, other than one whose backward maps
+    placements (``_REORDERS``, same-layout pointwise ops), and its call's result is in a graph
+    (:func:`settle`; seen by a forward watch; under policy ``allow`` every unwatched op with grad
+    mode on counts): before that, every node of any autograd graph that can meet a shard is one of
+    credit_dtensor's rules, DTensor's ``to_local``/``from_local`` or such an op, whose backwards communicate
     only halo rows and statistics, so a backward of a fully converted model pays nothing for the
     guard (a dispatch mode costs every op of the backward a Python call).
     """
