@@ -35,6 +35,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import partials
 from .errors import DomainParallelError
 
 T = TypeVar("T")
@@ -345,6 +346,10 @@ class _Detector(TorchDispatchMode):
                         _tls.pending = True  # armed by settle() if the call's result is in a graph
                 if func in _CORRUPT:
                     _refuse_builtin_conv(func, args)
+                if self.phase == "forward" and partials.unsafe(func, args, kwargs):
+                    args, kwargs = partials.replicated(args, kwargs)  # see credit_dtensor.partials
+                    with _Detector(self.func, self.phase):  # this mode is off in its own handler
+                        return func(*args, **(kwargs or {}))
                 return NotImplemented  # let DTensor desugar the op; its collectives come back here
         if _is_gather(func) and args and isinstance(args[0], torch.Tensor):
             t = args[0]
@@ -398,7 +403,7 @@ def watch(func: object, phase: str = "forward") -> Iterator[None]:
     if torch.compiler.is_compiling() or (phase == "backward" and not _state["dtensor_dispatch"]):
         yield
         return
-    if getattr(_tls, "watching", False) or (_policy() == "allow" and not _recorders()):
+    if getattr(_tls, "watching", False) or (_policy() == "allow" and not _recorders() and phase == "backward"):
         if phase != "backward" and not getattr(_tls, "watching", False) and torch.is_grad_enabled():
             _state["dtensor_dispatch"] = True  # unwatched: assume it reached DTensor's autograd
         yield
