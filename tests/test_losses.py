@@ -188,6 +188,12 @@ def _reductions():
         "se_gate": lambda x: x * torch.sigmoid(x.mean(dim=(2, 3), keepdim=True)),
         "prod_w": lambda x: (x / 2).prod(dim=3),
         "prod_c_keep": lambda x: torch.prod(x / 2, 1, keepdim=True),
+        "aminmax_h": lambda x: sum(torch.aminmax(x, dim=2)),
+        "aminmax_all": lambda x: torch.stack(list(x.aminmax())),
+        "matrix_norm_fro_sum": lambda x: torch.linalg.matrix_norm(x).sum(1),
+        "matrix_norm_inf": lambda x: torch.linalg.matrix_norm(x, float("inf")),
+        "matrix_norm_1_keep": lambda x: torch.linalg.matrix_norm(x, 1, keepdim=True),
+        "matrix_norm_m1_hc": lambda x: torch.linalg.matrix_norm(x, -1, dim=(2, 1)),
     }
 
 

@@ -4,9 +4,11 @@ with their first index, ``argmax``/``argmin`` as PyTorch's flat or per-dim index
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .. import comm, stats
+from .. import comm, intercept, stats
 from ..dtensor import domain_shard_dim, wrap_replicate
 from ..geometry import chunk_range
 from .reduce import FAMILY, _Call, _EvenExtreme, _over_h, _parse
@@ -131,3 +133,48 @@ def _argmax_rule(func, args, kwargs):
         return NotImplemented
     c = _Call(x, (dim,), bool(p["keepdim"]))
     return c.out(_first_index(c, op, sd, dim)[1])
+
+
+# --- aminmax, matrix norms: compositions of the rules above ---------------------------------------------
+
+
+@FAMILY.rule(torch.aminmax, torch.Tensor.aminmax, h="reduce")
+def _aminmax_rule(func, args, kwargs):
+    """``(amin, amax)`` through their rules (DTensor's own ``aminmax`` raised on an empty shard --
+    H=4 over 3 ranks -- while the other ranks waited in its collective)."""
+    x = args[0] if args else kwargs.get("input")
+    sd = domain_shard_dim(x)
+    extra = set(kwargs) - {"input", "dim", "keepdim"}
+    if sd is None or len(args) > 1 or extra:
+        return NotImplemented
+    dim, keepdim = kwargs.get("dim"), bool(kwargs.get("keepdim", False))
+    with intercept.scoped():
+        lo = torch.amin(x, () if dim is None else dim, keepdim)
+        hi = torch.amax(x, () if dim is None else dim, keepdim)
+    return torch.return_types.aminmax((lo, hi))
+
+
+@FAMILY.rule(torch.linalg.matrix_norm, h="reduce")
+def _matrix_norm_rule(func, args, kwargs):
+    """The entrywise and induced 1 / inf norms over two dims, one of them the sharded one, as sums
+    and extremes through their rules (DTensor's own returned a ``_NormPartial`` that ``sum`` kept,
+    and raised on an empty shard); the spectral and nuclear norms (an SVD) are PyTorch's own."""
+    names = ("input", "ord", "dim", "keepdim")
+    p = {"ord": "fro", "dim": (-2, -1), "keepdim": False, **dict(zip(names, args)), **kwargs}
+    x, ord_, dims, keepdim = p.get("input"), p["ord"], p["dim"], bool(p["keepdim"])
+    sd = domain_shard_dim(x)
+    if sd is None or set(p) - {*names, "dtype"} or not isinstance(dims, (list, tuple)) or len(dims) != 2:
+        return NotImplemented
+    rows, cols = (int(d) % x.ndim for d in dims)
+    if sd not in (rows, cols) or ord_ not in ("fro", 1, -1, math.inf, -math.inf):
+        return NotImplemented
+    with intercept.scoped():
+        if p.get("dtype") is not None:
+            x = x.to(p["dtype"])
+        if ord_ == "fro":
+            return torch.linalg.vector_norm(x, 2, (rows, cols), keepdim)
+        # induced norms: ord +-1 sums each column over the rows, +-inf each row over the columns
+        summed, over = (rows, cols) if abs(ord_) == 1 else (cols, rows)
+        s = x.abs().sum(summed, keepdim=True)
+        out = torch.amax(s, over, keepdim=True) if ord_ > 0 else torch.amin(s, over, keepdim=True)
+        return out if keepdim else out.squeeze((rows, cols) if rows < cols else (cols, rows))
