@@ -100,6 +100,13 @@ def _errors_task() -> str:
     raises(lambda: x.tolist(), cd.DomainParallelError, "tolist", "gather_tensor")
     assert cd.gather_tensor(x).numpy().shape == (1, 2, 13, 4)
     assert isinstance(x.sum().tolist(), float)  # a Replicate result: its local value is the whole tensor
+    # data-dependent lengths: refused with the masked form (DTensor said "aten.nonzero.default")
+    raises(lambda: torch.masked_select(x, x > 0), cd.DomainParallelError, "masked_select", "torch.where(mask")
+    raises(lambda: (x > 0).nonzero(), cd.DomainParallelError, "nonzero", "torch.where(mask")
+    raises(lambda: torch.argwhere(x), cd.DomainParallelError, "argwhere", "gather_tensor")
+    # allclose: one bool, the same on every rank (DTensor said "aten.allclose.default")
+    y = x.clone()
+    assert torch.allclose(x, y) is True and x.allclose(y + 1e-3, atol=1e-6) is False
     raises(lambda: cd.DomainParallelManager(1, device_type="tpu"), cd.DomainParallelError, "'tpu'", "'cpu'")
     model = cd.convert_to_domain_parallel(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, padding=1)), m)
     msg = raises(

@@ -97,3 +97,46 @@ def _host_rule(func, args, kwargs):
 
 
 FAMILY.rule(torch.Tensor.numpy, torch.Tensor.tolist, h="refused", note="a rank holds only its rows")(_host_rule)
+
+FAMILY.rule(
+    torch.masked_select,
+    torch.Tensor.masked_select,
+    torch.nonzero,
+    torch.Tensor.nonzero,
+    torch.argwhere,
+    torch.Tensor.argwhere,
+    h="refused",
+    note="the output's length depends on every rank's values",
+    name="data_dependent_rule",
+    signature=_INPUT,
+)(
+    refusing(
+        "its output's length depends on the values of every rank's rows, which no H-sharding can describe",
+        "keep the shape with a mask, e.g. torch.where(mask, x, 0).sum() / mask.sum() for a masked mean "
+        "(exact on shards), or " + _GATHER_FIX,
+    )
+)
+
+
+def _allclose_rule(func, a):
+    """``torch.allclose`` as ``isclose(...).all()`` through the pointwise and reduction rules (DTensor
+    raised a bare "aten.allclose.default"): the same bool on every rank."""
+    x, other = a.get("input"), a.get("other")
+    if domain_shard_dim(x) is None and domain_shard_dim(other) is None:
+        return NotImplemented
+    from .. import intercept
+
+    with intercept.scoped():
+        close = torch.isclose(x, other, rtol=a["rtol"], atol=a["atol"], equal_nan=a["equal_nan"])
+        return bool(close.all().full_tensor())
+
+
+FAMILY.rule(
+    torch.allclose,
+    torch.Tensor.allclose,
+    h="reduce",
+    note="isclose, then all over the ranks",
+    signature=Signature(
+        ("input", "other", "rtol", "atol", "equal_nan"), {"rtol": 1e-5, "atol": 1e-8, "equal_nan": False}
+    ),
+)(_allclose_rule)
