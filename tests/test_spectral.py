@@ -8,6 +8,8 @@ worlds 1-4, even and uneven shards, under the gather guard in ``raise`` mode:
 * ``F.lp_pool1d/2d/3d``: exact through the pooling rules (2-D/3-D gathered, 1-D over a sharded
   non-pooled dim failed in DTensor's backward with "avg_pool2d_backward does not have a sharding
   strategy");
+* ``view_as_complex``/``view_as_real``/``polar``/``complex`` of shards: local (DTensor's backward
+  failed with "last dimension with stride 1" / "unhashable type: 'complex'");
 * ``torch.tril``/``triu`` of (H, W) (dimwise family): local, the diagonal shifted by the shard's offset
   (they gathered).
 """
@@ -54,6 +56,21 @@ def _programs(dtype: torch.dtype) -> dict:
         "lp_pool2d_p3_k3s1": (lambda x: F.lp_pool2d(x.abs() + 0.1, 3.0, 3, 1), True),
         "lp_pool1d_over_w": (lambda x: F.lp_pool1d(x.flatten(0, 1).abs() + 0.1, 2, 2), False),
         "lp_pool3d": (lambda x: F.lp_pool3d(x.unsqueeze(1).abs() + 0.1, 2, (1, 2, 2)), True),
+        # complex views and constructors; a spectral filter over longitude (an AFNO/SFNO-style block)
+        "complex_views": (
+            lambda x: torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:3], W // 2, 2)) * (1 + 2j)).sum(-1),
+            False,
+        ),
+        "polar": (lambda x: torch.polar(x.abs(), x).real, False),
+        "filter_w": (
+            lambda x: torch.fft.irfft(
+                torch.fft.rfft(x, dim=3)
+                * torch.complex(torch.linspace(1, 2, W // 2 + 1, dtype=x.dtype), torch.ones(W // 2 + 1, dtype=x.dtype)),
+                n=W,
+                dim=3,
+            ),
+            False,
+        ),
         # dimwise: triangles of (H, W), the diagonal shifted by the shard's row (column) offset
         "tril_hw": (lambda x: torch.tril(x, -2), False),
         "triu_hw": (lambda x: x.triu(diagonal=3), False),

@@ -221,3 +221,38 @@ def _lp_pool_rule(func: Any, a: Any) -> Any:
     with intercept.scoped():
         out = avg_pool(x.pow(p), k, a["stride"] if a["stride"] is not None else k, 0, a["ceil_mode"])
         return (torch.sign(out) * F.relu(torch.abs(out))).mul(math.prod(sizes)).pow(1.0 / p)
+
+
+# --- complex views and constructors (spectral filters written by hand) ------------------------------------
+
+
+@FAMILY.rule(
+    torch.view_as_complex,
+    torch.view_as_real,
+    torch.polar,
+    torch.complex,
+    h="local",
+    note="each rank's rows (DTensor's backward failed: 'last dimension with stride 1', 'unhashable complex')",
+)
+def _complex_rule(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``view_as_complex``/``view_as_real`` of a tensor sharded on a dim other than the last, and
+    ``polar``/``complex`` of two operands of one layout: on the local tensors (the forward ran on
+    DTensor, but its backward of these ops failed)."""
+    if kwargs or not args:
+        return NotImplemented
+    x = args[0]
+    sd = domain_shard_dim(x)
+    if sd is None or sd == x.ndim - 1:
+        return NotImplemented
+    if func in (torch.polar, torch.complex):
+        if len(args) != 2 or not isinstance(args[1], DTensor):
+            return NotImplemented
+        y = args[1]
+        if y.shape != x.shape or y.placements != x.placements:
+            return NotImplemented
+        from ..dtensor import local_of
+
+        return local_apply(lambda t: func(t, local_of(y)), (x,), {}, x, sd)
+    if len(args) != 1:
+        return NotImplemented
+    return local_apply(func, args, {}, x, sd)
