@@ -92,3 +92,46 @@ def test_plan_calls_cumsum_over_h_exact():
     p = plan(Scan(), 2, (1, 2, 8, 4))
     assert not p.hazards, p.hazards
     assert any("cumsum over H: exact" in n for r in p.rows for n in r.notes)
+
+
+def _products_task(h: int, seed: int) -> dict[str, float]:
+    """``cumprod`` / ``logcumsumexp`` along H (they all-gathered): a local scan and the earlier
+    shards' totals (one row per rank crosses), zeros included (``cumprod``'s backward special case)."""
+    import credit_dtensor as cd
+    from credit_dtensor.stats import comm_stats
+
+    m = manager()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, h, 5, generator=g, dtype=torch.float64)
+    x = x * (x.abs() > 0.4)  # some exact zeros
+    errors: dict[str, float] = {}
+    for name, fn in (
+        ("cumprod", lambda t: t.cumprod(2)),
+        ("cumprod_dtype", lambda t: torch.cumprod(t * 1.5, -2, dtype=torch.float64)),
+        ("logcumsumexp", lambda t: torch.logcumsumexp(t, 2)),
+        ("logcumsumexp_method", lambda t: (t * 3).logcumsumexp(dim=-2)),
+    ):
+        xr = x.clone().requires_grad_()
+        yr = fn(xr)
+        gy = torch.randn(yr.shape, generator=g, dtype=yr.dtype)
+        yr.backward(gy)
+        xs = cd.shard_tensor(x.clone(), m, 2).requires_grad_()
+        with cd.gather_policy("raise"), comm_stats() as s:
+            y = fn(xs)
+            y.backward(cd.shard_tensor(gy, m, 2))
+        scale = max(1.0, yr.abs().max().item())
+        errors[f"{name}: out"] = (y.full_tensor() - yr).abs().max().item() / scale
+        errors[f"{name}: grad x"] = (xs.grad.full_tensor() - xr.grad).abs().max().item() / max(
+            1.0, xr.grad.abs().max().item()
+        )
+        limit = 2 * 2 * m.domain_world_size * 2 * 3 * 5 * 8  # one row per rank, fwd + bwd, ring <= 2x
+        errors[f"{name}: sent {s.sent_bytes} B > {limit} B"] = 0.0 if s.sent_bytes <= limit else math.inf
+    return errors
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("h", [3, 13])
+def test_cumprod_and_logcumsumexp_along_h_match_one_device(world, h):
+    for rank, errors in enumerate(get_world(world).run(_products_task, h, world)):
+        bad = {k: v for k, v in errors.items() if not v <= TOL}
+        assert not bad, f"rank {rank}, world {world}, H={h}: {bad}"

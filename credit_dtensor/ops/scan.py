@@ -20,7 +20,7 @@ from ..dtensor import _SumGradOverRanks, domain_shard_dim, wrap_shard
 from .family import Signature, family
 from .pointwise import local_apply
 
-FAMILY = family("scan", "prefix sums (cumsum) along H: a local scan plus the totals of the earlier shards")
+FAMILY = family("scan", "prefix scans (cumsum, cumprod, logcumsumexp) along H: a local scan plus the totals of the earlier shards")
 
 __all__ = ["cumsum_over_shards"]
 
@@ -57,3 +57,49 @@ def _cumsum_rule(func: Any, a: Any) -> Any:
     if dim % x.ndim != sd:
         return local_apply(func, a.args, a.kwargs, x, sd)
     return cumsum_over_shards(x, sd, dtype)
+
+
+def _earlier_totals(total: torch.Tensor, group: Any, world: int, rank: int) -> torch.Tensor:
+    """Every rank's ``total`` (one row each) on every rank, stacked in rank order (one all-reduce;
+    the gradient of each total sums over the ranks that read it)."""
+    slots = torch.stack([total if r == rank else torch.zeros_like(total) for r in range(world)])
+    every = sum_over_ranks(slots, group)
+    if world > 1 and every.requires_grad:
+        every = _SumGradOverRanks.apply(every, group)
+    return every
+
+
+@FAMILY.rule(
+    torch.cumprod,
+    torch.Tensor.cumprod,
+    torch.logcumsumexp,
+    torch.Tensor.logcumsumexp,
+    h="reduce",
+    note="along H: a local scan times (log-plus) the totals of the earlier shards (one all-reduce of one row per rank)",
+    signature=Signature(("input", "dim"), {"dtype": None}),
+)
+def _scan_rule(func: Any, a: Any) -> Any:
+    """``cumprod``: each row times the product of the earlier shards' products; ``logcumsumexp``:
+    each row log-plus the log-sum-exp of the earlier shards. Only one row per rank crosses ranks.
+    Along other dims the dimwise family runs them locally (asked first)."""
+    x, dim = a.get("input"), a.get("dim")
+    sd = domain_shard_dim(x)
+    if sd is None or not isinstance(dim, int) or dim % x.ndim != sd or a.get("out") is not None:
+        return NotImplemented
+    if any(isinstance(v, DTensor) and v is not x for v in (*a.args, *a.kwargs.values())):
+        return NotImplemented
+    mesh = x.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    local = x.to_local()
+    dtype = a["dtype"] if func in (torch.cumprod, torch.Tensor.cumprod) else None
+    if dtype is not None:
+        local = local.to(dtype)
+    if func in (torch.cumprod, torch.Tensor.cumprod):
+        scanned = local.cumprod(sd)
+        total = local.prod(sd, keepdim=True)  # an empty shard multiplies by one
+        prefix = _earlier_totals(total, mesh.get_group(), world, rank)[:rank].prod(0)
+        return wrap_shard(scanned * prefix, mesh, sd, x.shape)
+    scanned = local.logcumsumexp(sd)
+    total = local.logsumexp(sd, keepdim=True)  # an empty shard adds -inf
+    prefix = _earlier_totals(total, mesh.get_group(), world, rank)[:rank].logsumexp(0)
+    return wrap_shard(torch.logaddexp(scanned, prefix), mesh, sd, x.shape)
