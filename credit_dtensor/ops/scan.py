@@ -20,7 +20,9 @@ from ..dtensor import _SumGradOverRanks, domain_shard_dim, wrap_shard
 from .family import Signature, family
 from .pointwise import local_apply
 
-FAMILY = family("scan", "prefix scans (cumsum, cumprod, logcumsumexp) along H: a local scan plus the totals of the earlier shards")
+FAMILY = family(
+    "scan", "prefix scans (cumsum, cumprod, logcumsumexp) along H: a local scan plus the totals of the earlier shards"
+)
 
 __all__ = ["cumsum_over_shards"]
 
