@@ -232,7 +232,8 @@ def _dispatch(func, args: tuple, kwargs: dict) -> Any:
         args, kwargs = _replicate_plain(args, kwargs)
         with guard.watch(func):
             out = func(*args, **kwargs)
-        guard.settle(out, _written(func, args, kwargs))
+        if not torch.compiler.is_compiling():  # compiled: no watch, nothing pending
+            guard.settle(out, _written(func, args, kwargs))
         return out
     if not has_dtensor(args, kwargs):
         return func(*args, **kwargs)
@@ -255,7 +256,8 @@ def _dispatch(func, args: tuple, kwargs: dict) -> Any:
         else:
             args, kwargs = _replicate_plain(args, kwargs)
             out = func(*args, **kwargs)
-    guard.settle(out, _written(func, args, kwargs))
+    if not torch.compiler.is_compiling():  # compiled: no watch, nothing pending
+        guard.settle(out, _written(func, args, kwargs))
     return out
 
 
