@@ -27,6 +27,16 @@ FAMILY = family(
 __all__ = ["cumsum_over_shards"]
 
 
+def _earlier_totals(total: torch.Tensor, group: Any, world: int, rank: int) -> torch.Tensor:
+    """Every rank's ``total`` (one row each) on every rank, stacked in rank order (one all-reduce;
+    the gradient of each total sums over the ranks that read it)."""
+    slots = torch.stack([total if r == rank else torch.zeros_like(total) for r in range(world)])
+    every = sum_over_ranks(slots, group)
+    if world > 1 and every.requires_grad:
+        every = _SumGradOverRanks.apply(every, group)
+    return every
+
+
 def cumsum_over_shards(x: DTensor, sd: int, dtype: torch.dtype | None = None) -> DTensor:
     """``torch.cumsum(x, sd, dtype=dtype)`` of a DTensor sharded on ``sd``."""
     mesh = x.device_mesh
@@ -35,11 +45,7 @@ def cumsum_over_shards(x: DTensor, sd: int, dtype: torch.dtype | None = None) ->
     local = x.to_local() if dtype is None else x.to_local().to(dtype)
     scanned = local.cumsum(sd)
     total = local.sum(sd, keepdim=True, dtype=scanned.dtype)  # an empty shard adds zeros
-    slots = torch.stack([total if r == rank else torch.zeros_like(total) for r in range(world)])
-    every = sum_over_ranks(slots, group)  # every rank's total, on every rank
-    if world > 1 and every.requires_grad:
-        every = _SumGradOverRanks.apply(every, group)  # each total feeds the later ranks' rows
-    return wrap_shard(scanned + every[:rank].sum(0), mesh, sd, x.shape)
+    return wrap_shard(scanned + _earlier_totals(total, group, world, rank)[:rank].sum(0), mesh, sd, x.shape)
 
 
 @FAMILY.rule(
@@ -59,16 +65,6 @@ def _cumsum_rule(func: Any, a: Any) -> Any:
     if dim % x.ndim != sd:
         return local_apply(func, a.args, a.kwargs, x, sd)
     return cumsum_over_shards(x, sd, dtype)
-
-
-def _earlier_totals(total: torch.Tensor, group: Any, world: int, rank: int) -> torch.Tensor:
-    """Every rank's ``total`` (one row each) on every rank, stacked in rank order (one all-reduce;
-    the gradient of each total sums over the ranks that read it)."""
-    slots = torch.stack([total if r == rank else torch.zeros_like(total) for r in range(world)])
-    every = sum_over_ranks(slots, group)
-    if world > 1 and every.requires_grad:
-        every = _SumGradOverRanks.apply(every, group)
-    return every
 
 
 @FAMILY.rule(
