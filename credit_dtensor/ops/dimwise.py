@@ -139,7 +139,7 @@ def _triangle_rule(func: Any, a: Any) -> Any:
     sd = domain_shard_dim(x)
     if sd is None or not isinstance(k, int) or x.ndim < 2 or a.get("out") is not None:
         return NotImplemented
-    if any(isinstance(v, DTensor) and v is not x for v in (*a.args, *a.kwargs.values())):
+    if a.has_other(x):
         return NotImplemented
     mesh = x.device_mesh
     offset = chunk_range(x.shape[sd], mesh.size(), mesh.get_local_rank())[0]

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from torch.distributed.tensor import DTensor
+
 from ..intercept import register
 
 __all__ = [
@@ -56,6 +58,11 @@ class Bound(dict):
     ``kwargs``) for a rule that hands it on unchanged (PyTorch's own rule, a local apply)."""
 
     __slots__ = ("args", "kwargs")
+
+    def has_other(self, x: Any, kind: type = DTensor) -> bool:
+        """Whether an argument other than ``x`` is a ``kind`` (a second DTensor: not a one-operand
+        rule's business)."""
+        return any(isinstance(v, kind) and v is not x for v in (*self.args, *self.kwargs.values()))
 
 
 class Signature:

@@ -1,6 +1,7 @@
-"""Prefix sums along the sharded dim: ``torch.cumsum`` / ``Tensor.cumsum`` exact over H.
+"""Prefix scans along the sharded dim: ``cumsum``, ``cumprod`` and ``logcumsumexp`` exact over H.
 
-Each rank scans its own rows; every row then adds the sum of all earlier shards. Only one row per
+Each rank scans its own rows; every row then adds the sum of all earlier shards (``cumprod``:
+times their product; ``logcumsumexp``: log-plus their log-sum-exp). Only one row per
 rank crosses ranks (each rank's total, one all-reduce of ``world`` rows), never the activation. The
 backward is the reverse scan: the local reverse cumsum plus the gradient totals of all later
 shards (the all-reduce's adjoint). Along any other dim the scan is local.
@@ -10,6 +11,7 @@ This family is the worked example of ``docs/design.md`` ("adding an op family").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ FAMILY = family(
     "scan", "prefix scans (cumsum, cumprod, logcumsumexp) along H: a local scan plus the totals of the earlier shards"
 )
 
-__all__ = ["cumsum_over_shards"]
+__all__ = ["cumsum_over_shards", "scan_over_shards"]
 
 
 def _earlier_totals(total: torch.Tensor, group: Any, world: int, rank: int) -> torch.Tensor:
@@ -37,67 +39,58 @@ def _earlier_totals(total: torch.Tensor, group: Any, world: int, rank: int) -> t
     return every
 
 
-def cumsum_over_shards(x: DTensor, sd: int, dtype: torch.dtype | None = None) -> DTensor:
-    """``torch.cumsum(x, sd, dtype=dtype)`` of a DTensor sharded on ``sd``."""
+#: per scan: the local scan, a shard's total (``dtype``: the scan's), the earlier shards' totals
+#: folded into one, and how that prefix joins each row
+_SCANS: dict[str, tuple[Callable, Callable, Callable, Callable]] = {
+    "cumsum": (torch.cumsum, lambda t, d, dt: t.sum(d, keepdim=True, dtype=dt), lambda e: e.sum(0), torch.add),
+    "cumprod": (torch.cumprod, lambda t, d, dt: t.prod(d, keepdim=True, dtype=dt), lambda e: e.prod(0), torch.mul),
+    "logcumsumexp": (
+        torch.logcumsumexp,
+        lambda t, d, dt: t.logsumexp(d, keepdim=True),
+        lambda e: e.logsumexp(0),
+        torch.logaddexp,
+    ),
+}
+_KIND = {
+    torch.cumsum: "cumsum",
+    torch.Tensor.cumsum: "cumsum",
+    torch.cumprod: "cumprod",
+    torch.Tensor.cumprod: "cumprod",
+    torch.logcumsumexp: "logcumsumexp",
+    torch.Tensor.logcumsumexp: "logcumsumexp",
+}
+
+
+def scan_over_shards(x: DTensor, sd: int, kind: str, dtype: torch.dtype | None = None) -> DTensor:
+    """``torch.<kind>(x, sd)`` of a DTensor sharded on ``sd``: each rank scans its rows and joins
+    the earlier shards' totals (an empty shard's total is the identity: 0, 1 or -inf)."""
+    scan, total, fold, combine = _SCANS[kind]
     mesh = x.device_mesh
-    group = mesh.get_group()
     world, rank = mesh.size(), mesh.get_local_rank()
     local = x.to_local() if dtype is None else x.to_local().to(dtype)
-    scanned = local.cumsum(sd)
-    total = local.sum(sd, keepdim=True, dtype=scanned.dtype)  # an empty shard adds zeros
-    return wrap_shard(scanned + _earlier_totals(total, group, world, rank)[:rank].sum(0), mesh, sd, x.shape)
+    scanned = scan(local, sd)
+    every = _earlier_totals(total(local, sd, scanned.dtype), mesh.get_group(), world, rank)
+    return wrap_shard(combine(scanned, fold(every[:rank])), mesh, sd, x.shape)
+
+
+def cumsum_over_shards(x: DTensor, sd: int, dtype: torch.dtype | None = None) -> DTensor:
+    """``torch.cumsum(x, sd, dtype=dtype)`` of a DTensor sharded on ``sd``."""
+    return scan_over_shards(x, sd, "cumsum", dtype)
 
 
 @FAMILY.rule(
-    torch.cumsum,
-    torch.Tensor.cumsum,
+    tuple(_KIND),
     h="reduce",
-    note="local scan plus the totals of the earlier shards (one all-reduce of one row per rank)",
-    signature=Signature(("input", "dim"), {"dtype": None}),
-)
-def _cumsum_rule(func: Any, a: Any) -> Any:
-    x, dim, dtype = a.get("input"), a.get("dim"), a["dtype"]
-    sd = domain_shard_dim(x)
-    if sd is None or not isinstance(dim, int) or a.get("out") is not None:
-        return NotImplemented
-    if any(isinstance(v, DTensor) and v is not x for v in (*a.args, *a.kwargs.values())):
-        return NotImplemented
-    if dim % x.ndim != sd:
-        return local_apply(func, a.args, a.kwargs, x, sd)
-    return cumsum_over_shards(x, sd, dtype)
-
-
-@FAMILY.rule(
-    torch.cumprod,
-    torch.Tensor.cumprod,
-    torch.logcumsumexp,
-    torch.Tensor.logcumsumexp,
-    h="reduce",
-    note="along H: a local scan times (log-plus) the totals of the earlier shards (one all-reduce of one row per rank)",
+    note="local scan plus (times, log-plus) the totals of the earlier shards (one all-reduce of one row per rank)",
     signature=Signature(("input", "dim"), {"dtype": None}),
 )
 def _scan_rule(func: Any, a: Any) -> Any:
-    """``cumprod``: each row times the product of the earlier shards' products; ``logcumsumexp``:
-    each row log-plus the log-sum-exp of the earlier shards. Only one row per rank crosses ranks.
-    Along other dims the dimwise family runs them locally (asked first)."""
+    """``cumsum``/``cumprod``/``logcumsumexp`` along H (:func:`scan_over_shards`); along other dims
+    local (``cumprod``/``logcumsumexp`` there are the dimwise family's, asked first)."""
     x, dim = a.get("input"), a.get("dim")
     sd = domain_shard_dim(x)
-    if sd is None or not isinstance(dim, int) or dim % x.ndim != sd or a.get("out") is not None:
+    if sd is None or not isinstance(dim, int) or a.get("out") is not None or a.has_other(x):
         return NotImplemented
-    if any(isinstance(v, DTensor) and v is not x for v in (*a.args, *a.kwargs.values())):
-        return NotImplemented
-    mesh = x.device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
-    local = x.to_local()
-    dtype = a["dtype"] if func in (torch.cumprod, torch.Tensor.cumprod) else None
-    if dtype is not None:
-        local = local.to(dtype)
-    if func in (torch.cumprod, torch.Tensor.cumprod):
-        scanned = local.cumprod(sd)
-        total = local.prod(sd, keepdim=True)  # an empty shard multiplies by one
-        prefix = _earlier_totals(total, mesh.get_group(), world, rank)[:rank].prod(0)
-        return wrap_shard(scanned * prefix, mesh, sd, x.shape)
-    scanned = local.logcumsumexp(sd)
-    total = local.logsumexp(sd, keepdim=True)  # an empty shard adds -inf
-    prefix = _earlier_totals(total, mesh.get_group(), world, rank)[:rank].logsumexp(0)
-    return wrap_shard(torch.logaddexp(scanned, prefix), mesh, sd, x.shape)
+    if dim % x.ndim != sd:
+        return local_apply(func, a.args, a.kwargs, x, sd)
+    return scan_over_shards(x, sd, _KIND[func], a["dtype"])

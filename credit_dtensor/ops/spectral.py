@@ -44,10 +44,6 @@ FFT_2D: tuple[Callable, ...] = (_fft.fft2, _fft.ifft2, _fft.rfft2, _fft.irfft2, 
 FFT_ND: tuple[Callable, ...] = (*FFT_2D, _fft.fftn, _fft.ifftn, _fft.rfftn, _fft.irfftn, _fft.hfftn, _fft.ihfftn)
 
 
-def _other_tensors(a: Any, x: DTensor) -> bool:
-    return any(isinstance(v, torch.Tensor) and v is not x for v in (*a.args, *a.kwargs.values()))
-
-
 @FAMILY.rule(
     FFT_1D,
     h="local",
@@ -57,7 +53,7 @@ def _other_tensors(a: Any, x: DTensor) -> bool:
 def _fft_1d_rule(func: Any, a: Any) -> Any:
     x, dim = a.get("input"), a["dim"]
     sd = domain_shard_dim(x)
-    if sd is None or not isinstance(dim, int) or dim % x.ndim == sd or _other_tensors(a, x):
+    if sd is None or not isinstance(dim, int) or dim % x.ndim == sd or a.has_other(x, torch.Tensor):
         return NotImplemented
     return local_apply(func, a.args, a.kwargs, x, sd, empty_rows=True)
 
@@ -71,7 +67,7 @@ def _fft_1d_rule(func: Any, a: Any) -> Any:
 def _fft_nd_rule(func: Any, a: Any) -> Any:
     x, dims = a.get("input"), a["dim"]
     sd = domain_shard_dim(x)
-    if sd is None or _other_tensors(a, x):
+    if sd is None or a.has_other(x, torch.Tensor):
         return NotImplemented
     if dims is None:
         s = a["s"]
@@ -121,7 +117,7 @@ def _diff_rule(func: Any, a: Any) -> Any:
     if sd is None or not isinstance(dim, int) or not isinstance(n, int) or a.get("out") is not None:
         return NotImplemented
     if dim % x.ndim != sd:
-        if _other_tensors(a, x):
+        if a.has_other(x, torch.Tensor):
             return NotImplemented  # a DTensor prepend/append: the shifted-slice path below would do too
         return local_apply(func, a.args, a.kwargs, x, sd)
     if n < 0 or x.shape[sd] == 0:
@@ -192,7 +188,7 @@ def _trapezoid_rule(func: Any, a: Any) -> Any:
         return NotImplemented  # coordinate tensors ``x``: PyTorch's own rule
     if not isinstance(dx, Number) or isinstance(dx, bool):
         return NotImplemented
-    if dim % y.ndim != sd or y.shape[sd] < 2 or _other_tensors(a, y):
+    if dim % y.ndim != sd or y.shape[sd] < 2 or a.has_other(y, torch.Tensor):
         return NotImplemented
     d = dim % y.ndim
     with intercept.scoped():
