@@ -394,8 +394,8 @@ def watch(func: object, phase: str = "forward") -> Iterator[None]:
     A backward is watched only once some op of this process has gone through DTensor's own
     dispatch with autograd recording and a sharded operand, other than one whose backward maps
     placements (``_REORDERS``, same-layout pointwise ops), and its call's result is in a graph
-    (:func:`settle`; seen by a forward watch; under policy ``allow`` every unwatched op with grad
-    mode on counts): before that, every node of any autograd graph that can meet a shard is one of
+    (:func:`settle`; seen by a forward watch, which every policy installs: it also reduces the
+    ``Partial`` operands DTensor would mishandle, :mod:`.partials`): before that, every node of any autograd graph that can meet a shard is one of
     credit_dtensor's rules, DTensor's ``to_local``/``from_local`` or such an op, whose backwards communicate
     only halo rows and statistics, so a backward of a fully converted model pays nothing for the
     guard (a dispatch mode costs every op of the backward a Python call).
@@ -404,8 +404,6 @@ def watch(func: object, phase: str = "forward") -> Iterator[None]:
         yield
         return
     if getattr(_tls, "watching", False) or (_policy() == "allow" and not _recorders() and phase == "backward"):
-        if phase != "backward" and not getattr(_tls, "watching", False) and torch.is_grad_enabled():
-            _state["dtensor_dispatch"] = True  # unwatched: assume it reached DTensor's autograd
         yield
         return
     _tls.watching = True
@@ -425,6 +423,11 @@ def _in_graph(value: object) -> bool:
     if isinstance(value, dict):
         return any(_in_graph(v) for v in value.values())
     return False
+
+
+def pending() -> bool:
+    """Whether the last watched forward call ran one of DTensor's own recorded ops (see :func:`settle`)."""
+    return getattr(_tls, "pending", False)
 
 
 def settle(out: object, written: object = None) -> None:

@@ -232,8 +232,7 @@ def _dispatch(func, args: tuple, kwargs: dict) -> Any:
         args, kwargs = _replicate_plain(args, kwargs)
         with guard.watch(func):
             out = func(*args, **kwargs)
-        if not torch.compiler.is_compiling():  # compiled: no watch, nothing pending
-            guard.settle(out, _written(func, args, kwargs))
+        _settle(func, args, kwargs, out)
         return out
     if not has_dtensor(args, kwargs):
         return func(*args, **kwargs)
@@ -256,17 +255,20 @@ def _dispatch(func, args: tuple, kwargs: dict) -> Any:
         else:
             args, kwargs = _replicate_plain(args, kwargs)
             out = func(*args, **kwargs)
-    if not torch.compiler.is_compiling():  # compiled: no watch, nothing pending
-        guard.settle(out, _written(func, args, kwargs))
+    _settle(func, args, kwargs, out)
     return out
 
 
-def _written(func, args: tuple, kwargs: dict) -> Any:
-    """What an in-place call writes into (its ``out=`` and, by name, its first argument)."""
-    out = kwargs.get("out")
+def _settle(func, args: tuple, kwargs: dict, out: Any) -> None:
+    """After a watched call: :func:`guard.settle` with what it returned and what an in-place call
+    wrote into (its ``out=`` and, by name, its first argument); only when one of DTensor's recorded
+    ops ran in it (compiled: no watch, nothing pending)."""
+    if torch.compiler.is_compiling() or not guard.pending():
+        return
+    written = kwargs.get("out")
     if _mutates(func):
-        return (args[0] if args else kwargs.get("self"), out)
-    return out
+        written = (args[0] if args else kwargs.get("self"), written)
+    guard.settle(out, written)
 
 
 def _bind_backward(func, args: tuple, kwargs: dict) -> tuple | None:
