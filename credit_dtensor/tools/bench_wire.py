@@ -126,10 +126,12 @@ def intercept(counter: WireCounter) -> Iterator[WireCounter]:
     for name, size in _WIRE.items():
         wrap(c10d, name, size, name)
         wrap(dist, name, size, name)
-    # the process group's own point-to-point calls (``comm`` posts gloo messages there directly;
-    # ``dist.isend``/``irecv`` end in them too, counted once by the depth guard)
+    # the process group's own calls (``comm`` posts gloo messages and two-rank rounds there
+    # directly; ``dist.isend``/``irecv``/``all_to_all_single`` end in them too, counted once by the
+    # depth guard)
     wrap(dist.ProcessGroup, "send", lambda a, k: (_nbytes(a[1]), 0), "isend")
     wrap(dist.ProcessGroup, "recv", lambda a, k: (0, _nbytes(a[1])), "irecv")
+    wrap(dist.ProcessGroup, "alltoall_base", lambda a, k: (_nbytes(a[2]), _nbytes(a[1])), "all_to_all_single")
     for name, size in _FUNCOL.items():
         wrap(funcol, name, size, f"funcol.{name}")
     try:
