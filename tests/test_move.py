@@ -1,6 +1,6 @@
 """Row-moving ops on H-sharded tensors vs one device, written as models write them: ``torch.roll``
 (Swin's shifted windows), slicing, ``narrow``, ``index_select``, ``flip``, ``split``/``chunk``,
-``cat``, ``repeat_interleave``, functional ``F.pad`` in every mode on H and on W (CREDIT's periodic longitude padding).
+``cat``, ``repeat_interleave``, ``repeat``, ``tensor_split``, functional ``F.pad`` in every mode on H and on W (CREDIT's periodic longitude padding).
 
 fp64 1e-10 for output and input gradient, worlds 1-4, even / uneven / empty shards, gather guard in
 ``raise`` mode, and the bytes received equal an independent count: the rows of each rank's output
@@ -67,7 +67,26 @@ def _cases(h: int):
             [i // 3 for i in range(3 * h)],
         ),
         "repeat_interleave_c": (lambda x: x.repeat_interleave(2, 1), None),
+        # tiling: output row j is input row j % n
+        "repeat_h": (lambda x: x.repeat(1, 1, 2, 1), list(range(h)) * 2),
+        "repeat_chw": (lambda x: x.repeat((1, 2, 3, 2)), list(range(h)) * 3),
+        "repeat_w": (lambda x: x.repeat(1, 1, 1, 3), None),
+        "repeat_is_a_copy": (lambda x: (lambda y: (y.repeat(1, 1, 1, 1).mul_(3), y)[1])(x * 1), None),
+        # a list of lists: the rows of every piece tensor_split makes (the minimum counts them all)
+        "tensor_split_piece": (lambda x: torch.tensor_split(x, 3, dim=2)[1], _sections(h, 3)),
+        "tensor_split_indices": (
+            lambda x: x.tensor_split([2, 7, 40], dim=-2)[1],
+            [list(range(min(a, h), min(b, h))) for a, b in zip([0, 2, 7, 40], [2, 7, 40, h])],
+        ),
+        "tensor_split_sum": (lambda x: sum((i + 1) * p.sum() for i, p in enumerate(x.tensor_split(5, 2))), None),
+        "tensor_split_write": (lambda x: (lambda y: (y.tensor_split(3, dim=2)[1].mul_(2), y)[1])(x * 1), None),
     }
+
+
+def _sections(n: int, k: int) -> list[list[int]]:
+    """The rows of ``torch.tensor_split(range(n), k)``'s pieces (the first ``n % k`` one longer)."""
+    sizes = [n // k + (i < n % k) for i in range(k)]
+    return [list(range(sum(sizes[:i]), sum(sizes[: i + 1]))) for i in range(k)]
 
 
 def _task(h: int, only: str | None = None) -> dict[str, float]:
@@ -102,7 +121,8 @@ def _task(h: int, only: str | None = None) -> dict[str, float]:
         errors[f"{name}: grad"] = (xs.grad.full_tensor() - xr.grad).abs().max().item()
         if sources is not None:
             row_bytes = x.numel() // h * 8
-            expect = _min_recv_rows(sources, h, world, rank) * row_bytes
+            pieces = sources if sources and isinstance(sources[0], list) else [sources]  # every piece is made
+            expect = sum(_min_recv_rows(p, h, world, rank) for p in pieces) * row_bytes
             errors[f"{name}: recv {s.recv_bytes} B != minimum {expect} B"] = 0.0 if s.recv_bytes == expect else math.inf
     return errors
 

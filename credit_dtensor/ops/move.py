@@ -484,3 +484,6 @@ def _with(shape: list[int], dim: int, n: int) -> list[int]:
     s = list(shape)
     s[dim] = n
     return s
+
+
+from . import tile as _tile  # noqa: E402,F401 - registers x.repeat / tensor_split (imports this module)
