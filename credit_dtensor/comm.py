@@ -218,12 +218,12 @@ def _pair_sum_start(t: torch.Tensor, group: dist.ProcessGroup) -> PendingSum | N
 
 def _pair_ok(t: torch.Tensor, group: dist.ProcessGroup) -> bool:
     """A two-rank gloo group and a small ``t``: one swap beats the collective."""
-    return dist.get_world_size(group) == 2 and nbytes(t) <= PAIR_SUM_MAX_BYTES and _direct_p2p(group)
+    return _mode(group) == "pair" and nbytes(t) <= PAIR_SUM_MAX_BYTES
 
 
 def _swap_start(t: torch.Tensor, group: dist.ProcessGroup) -> tuple[int, PendingExchange]:
     """``(my group rank, the posted round)`` of :func:`_swap`."""
-    me = dist.get_rank(group)
+    me = group.rank()  # the group's own rank (what dist.get_rank(group) looks up, without its checks)
     return me, _post([(1 - me, t)], [(1 - me, t.shape)], group, t.dtype, t.device)
 
 
