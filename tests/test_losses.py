@@ -194,6 +194,10 @@ def _reductions():
         "matrix_norm_inf": lambda x: torch.linalg.matrix_norm(x, float("inf")),
         "matrix_norm_1_keep": lambda x: torch.linalg.matrix_norm(x, 1, keepdim=True),
         "matrix_norm_m1_hc": lambda x: torch.linalg.matrix_norm(x, -1, dim=(2, 1)),
+        # maxnorms between the slices' norms: some scaled down, some kept
+        "renorm_h_rows": lambda x: x.renorm(2, 2, 5.2),
+        "renorm_c": lambda x: torch.renorm(x, 1, 1, 95.0) + torch.renorm(x, 1, -3, 17.0),
+        "renorm_b_p3": lambda x: x.renorm(3, 0, 6.7),
     }
 
 

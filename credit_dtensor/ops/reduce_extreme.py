@@ -178,3 +178,27 @@ def _matrix_norm_rule(func, args, kwargs):
         s = x.abs().sum(summed, keepdim=True)
         out = torch.amax(s, over, keepdim=True) if ord_ > 0 else torch.amin(s, over, keepdim=True)
         return out if keepdim else out.squeeze((rows, cols) if rows < cols else (cols, rows))
+
+
+@FAMILY.rule(torch.renorm, torch.Tensor.renorm, h="reduce")
+def _renorm_rule(func, args, kwargs):
+    """``x.renorm(p, dim, maxnorm)``: each slice along ``dim`` scaled down to p-norm ``maxnorm``
+    (by ``maxnorm / (norm + 1e-7)``, PyTorch's factor) when its norm exceeds it. The norms are a
+    vector norm over the other dims through its rule (a sum over the ranks when those include the
+    sharded dim; local when ``dim`` is the sharded dim), the scaling pointwise; autograd of the
+    composition is PyTorch's renorm backward (DTensor had no rule: "aten.renorm.default does not
+    have a sharding strategy")."""
+    names = ("input", "p", "dim", "maxnorm")
+    v = {**dict(zip(names, args)), **kwargs}
+    x, p, dim, maxnorm = v.get("input"), v.get("p"), v.get("dim"), v.get("maxnorm")
+    sd = domain_shard_dim(x)
+    if sd is None or set(v) - set(names) or not isinstance(dim, int) or not isinstance(p, (int, float)):
+        return NotImplemented
+    if not isinstance(maxnorm, (int, float)) or not p > 0 or not maxnorm >= 0 or not -x.ndim <= dim < x.ndim:
+        return NotImplemented  # PyTorch's own errors
+    dim %= x.ndim
+    others = tuple(d for d in range(x.ndim) if d != dim)
+    with intercept.scoped():
+        norm = torch.linalg.vector_norm(x, p, others, keepdim=True) if others else x.abs()
+        factor = torch.where(norm > maxnorm, maxnorm / (norm + 1e-7), 1.0)
+        return x * factor
