@@ -96,7 +96,7 @@ def _post(sends, recv_shapes, group: dist.ProcessGroup, dtype: torch.dtype, devi
     measured with a bare loop of each). Other backends (NCCL) get one ``batch_isend_irecv`` group, which
     they need for simultaneous sends and receives between a pair of ranks."""
     mode = _mode(group)
-    if mode == "pair" and dtype in _PAIR_DTYPES:
+    if mode == "pair" and dtype in _PAIR_DTYPES and getattr(device, "type", device) == "cpu":
         return _post_pair(sends, recv_shapes, group, dtype, device)
     direct = mode != "batch"
     ops: list = []
@@ -126,7 +126,8 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-#: dtypes a two-rank gloo round sends as one all-to-all (gloo has no bool/complex all-to-all)
+#: dtypes a two-rank gloo round sends as one all-to-all (gloo has no bool/complex all-to-all; CPU
+#: tensors only, as gloo's point-to-point messages)
 _PAIR_DTYPES = frozenset(
     (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int32, torch.int64)
 )
