@@ -347,7 +347,7 @@ class _Detector(TorchDispatchMode):
                 if func in _CORRUPT:
                     _refuse_builtin_conv(func, args)
                 if self.phase == "forward" and partials.unsafe(func, args, kwargs):
-                    args, kwargs = partials.replicated(args, kwargs)  # see credit_dtensor.partials
+                    args, kwargs = partials.replicated(args, kwargs, func)  # see credit_dtensor.partials
                     with _Detector(self.func, self.phase):  # this mode is off in its own handler
                         return func(*args, **(kwargs or {}))
                 return NotImplemented  # let DTensor desugar the op; its collectives come back here

@@ -59,6 +59,30 @@ _LINEAR = frozenset(
 _SCALED = frozenset((aten.mul.Tensor, aten.div.Tensor, aten.div.Scalar))
 #: linear when every operand is a Partial(sum) DTensor (a sum of per-rank pieces)
 _SUMS = frozenset((aten.add.Tensor, aten.sub.Tensor))
+#: the in-place forms, as linear as the above (an optimizer's momentum buffer cloned from a
+#: ``Partial`` gradient: ``buf.mul_(momentum).add_(grad)``)
+_INPLACE = {
+    aten.mul_.Scalar: _LINEAR,
+    aten.neg_.default: _LINEAR,
+    aten.zero_.default: _LINEAR,
+    aten.mul_.Tensor: _SCALED,
+    aten.div_.Tensor: _SCALED,
+    aten.div_.Scalar: _SCALED,
+    aten.add_.Tensor: _SUMS,
+    aten.sub_.Tensor: _SUMS,
+}
+_WRITES_FIRST: dict[Any, bool] = {}
+
+
+def _writes_first(func: Any) -> bool:
+    """Whether ``func`` writes into its first argument (an in-place op)."""
+    hit = _WRITES_FIRST.get(func)
+    if hit is None:
+        schema = getattr(func, "_schema", None)
+        first = schema.arguments[0] if schema is not None and schema.arguments else None
+        info = first.alias_info if first is not None else None
+        hit = _WRITES_FIRST[func] = bool(info is not None and info.is_write)
+    return hit
 
 
 def _dtensors(args: tuple, kwargs: dict | None) -> list[DTensor]:
@@ -86,12 +110,13 @@ def unsafe(func: Any, args: tuple, kwargs: dict | None) -> bool:
         return False
     if not all(_plain_sum(t) for t in partial):
         return True  # a norm's or a max's partial: only views keep it
-    if func in _LINEAR:
+    kind = _INPLACE.get(func)
+    if kind is _LINEAR or func in _LINEAR:
         return len(tensors) > 1
-    if func in _SCALED:
+    if kind is _SCALED or func in _SCALED:
         other = [a for a in args[1:2] if not isinstance(a, (int, float, bool))]
         return bool(other) or len(tensors) > 1 or args[0] is not partial[0]
-    if func in _SUMS:
+    if kind is _SUMS or func in _SUMS:
         plain = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, (torch.Tensor, int, float, complex))]
         return len(partial) != len(plain) or (kwargs or {}).get("alpha", 1) != 1
     return True
@@ -103,12 +128,35 @@ def _reduced(x: Any) -> Any:
     return x
 
 
-def replicated(args: tuple, kwargs: dict | None) -> tuple[tuple, dict]:
-    """``args``/``kwargs`` with every ``Partial`` DTensor reduced (``Replicate`` on those mesh dims)."""
+def replicated(args: tuple, kwargs: dict | None, func: Any = None) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` with every ``Partial`` DTensor reduced (``Replicate`` on those mesh dims).
+
+    The target of an in-place ``func`` is reduced *in place* (its local values become the sum,
+    its placement ``Replicate``: what reading it gave before): handing the op a reduced copy would
+    drop the write (an optimizer's momentum buffer that never moved)."""
 
     def each(a: Any) -> Any:
         if isinstance(a, (list, tuple)):
             return type(a)(_reduced(b) for b in a)
         return _reduced(a)
 
+    first = args[0] if args else None
+    if func is not None and isinstance(first, DTensor) and _is_partial(first) and _writes_first(func):
+        _reduce_in_place(first, func)
+        return (first, *(each(a) for a in args[1:])), {k: each(v) for k, v in (kwargs or {}).items()}
     return tuple(each(a) for a in args), {k: each(v) for k, v in (kwargs or {}).items()}
+
+
+def _reduce_in_place(x: DTensor, func: Any) -> None:
+    if x.requires_grad:
+        from .errors import DomainParallelError
+
+        raise DomainParallelError(
+            f"{func}: an in-place op on a tensor holding per-rank partial sums (a reduction over the "
+            "sharded dim that DTensor ran itself) that requires grad; reduce it first: "
+            "x = x.redistribute(x.device_mesh, [Replicate()]) or x.full_tensor(), then write"
+        )
+    full = _reduced(x)
+    with torch.no_grad():
+        x._local_tensor.copy_(full._local_tensor)
+    x._spec = full._spec

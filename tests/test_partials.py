@@ -63,3 +63,59 @@ def test_partial_results_of_dtensor_reductions_are_exact(world, policy):
         for rank, out in enumerate(get_world(world).run(_task, policy, h)):
             bad = {k: v for k, v in out.items() if not v <= 1e-10}
             assert not bad, (rank, world, policy, h, bad)
+
+
+def _inplace_task(policy: str) -> dict[str, float]:
+    """In-place ops on ``Partial(sum)`` DTensors that need no grad (an optimizer's momentum buffer
+    cloned from a partial gradient): linear ones keep the partial, the others reduce the target in
+    place first -- reducing a copy dropped the write (SGD with momentum on torch 2.14 never moved
+    its buffer: ``tests/test_rebind.py``)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Partial
+
+    import credit_dtensor as cd
+
+    m = manager()
+    mesh, rank, world = m.domain_mesh, m.domain_rank, m.domain_world_size
+    g = torch.Generator().manual_seed(5)
+    fa, fb = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    share = (rank + 1) / (world * (world + 1) / 2)  # the ranks' pieces sum to the full tensor
+
+    def partial(full: torch.Tensor) -> DTensor:
+        return DTensor.from_local(full * share, mesh, [Partial()], run_check=False)
+
+    programs = {
+        "momentum": (lambda a, b: a.mul_(0.9).add_(b).div_(2).neg_(), True),
+        "add_scaled": (lambda a, b: a.sub_(b).mul_(3.0), True),
+        "scaled_by_a_tensor": (lambda a, b: a.mul_(torch.tensor(3.0, dtype=torch.float64)), False),
+        "add_number": (lambda a, b: a.add_(1.5), False),
+        "exp": (lambda a, b: a.exp_(), False),
+        "clamp_then_linear": (lambda a, b: a.clamp_(min=0.0).mul_(2.0).add_(b), False),
+        "product": (lambda a, b: a.mul_(b), False),
+        "addcmul": (lambda a, b: a.addcmul_(b, b, value=0.5), False),
+    }
+    out: dict[str, float] = {}
+    with cd.gather_policy(policy):
+        for name, (fn, stays_partial) in programs.items():
+            ref = fn(fa.clone(), fb.clone())
+            a, b = partial(fa), partial(fb)
+            got = fn(a, b)
+            out[f"{name}: in place"] = 0.0 if got is a else float("inf")
+            out[f"{name}: value"] = (a.full_tensor() - ref).abs().max().item()
+            out[f"{name}: placement"] = 0.0 if a.placements[0].is_partial() == stays_partial else float("inf")
+        # in a graph the target cannot be reduced in place: a clear error with the way out
+        d = partial(fa).requires_grad_() * 1.0
+        try:
+            d.exp_()
+            out["graph: refused"] = float("inf")
+        except cd.DomainParallelError as exc:
+            out["graph: refused"] = 0.0 if "redistribute" in str(exc) else float("inf")
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("policy", ["raise", "allow"])
+def test_in_place_ops_on_partials_write_their_target(world, policy):
+    for rank, out in enumerate(get_world(world).run(_inplace_task, policy)):
+        bad = {k: v for k, v in out.items() if not v <= 1e-12}
+        assert not bad, (rank, world, policy, bad)
