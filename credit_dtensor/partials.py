@@ -51,26 +51,20 @@ _VIEWS = frozenset(
         aten.select.int,
     )
 )
-#: linear in their (single) Partial(sum) operand
+#: linear in their (single) Partial(sum) operand; each set also holds the in-place forms, as linear
+#: (an optimizer's momentum buffer cloned from a ``Partial`` gradient: ``buf.mul_(momentum).add_(grad)``)
 _LINEAR = frozenset(
-    (aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim, aten.neg.default, aten.mul.Scalar)
+    (
+        *(aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim, aten.neg.default, aten.mul.Scalar),
+        *(aten.mul_.Scalar, aten.neg_.default, aten.zero_.default),
+    )
 )
 #: linear when the other operand is a number (scaling)
-_SCALED = frozenset((aten.mul.Tensor, aten.div.Tensor, aten.div.Scalar))
+_SCALED = frozenset(
+    (aten.mul.Tensor, aten.div.Tensor, aten.div.Scalar, aten.mul_.Tensor, aten.div_.Tensor, aten.div_.Scalar)
+)
 #: linear when every operand is a Partial(sum) DTensor (a sum of per-rank pieces)
-_SUMS = frozenset((aten.add.Tensor, aten.sub.Tensor))
-#: the in-place forms, as linear as the above (an optimizer's momentum buffer cloned from a
-#: ``Partial`` gradient: ``buf.mul_(momentum).add_(grad)``)
-_INPLACE = {
-    aten.mul_.Scalar: _LINEAR,
-    aten.neg_.default: _LINEAR,
-    aten.zero_.default: _LINEAR,
-    aten.mul_.Tensor: _SCALED,
-    aten.div_.Tensor: _SCALED,
-    aten.div_.Scalar: _SCALED,
-    aten.add_.Tensor: _SUMS,
-    aten.sub_.Tensor: _SUMS,
-}
+_SUMS = frozenset((aten.add.Tensor, aten.sub.Tensor, aten.add_.Tensor, aten.sub_.Tensor))
 _WRITES_FIRST: dict[Any, bool] = {}
 
 
@@ -110,13 +104,12 @@ def unsafe(func: Any, args: tuple, kwargs: dict | None) -> bool:
         return False
     if not all(_plain_sum(t) for t in partial):
         return True  # a norm's or a max's partial: only views keep it
-    kind = _INPLACE.get(func)
-    if kind is _LINEAR or func in _LINEAR:
+    if func in _LINEAR:
         return len(tensors) > 1
-    if kind is _SCALED or func in _SCALED:
+    if func in _SCALED:
         other = [a for a in args[1:2] if not isinstance(a, (int, float, bool))]
         return bool(other) or len(tensors) > 1 or args[0] is not partial[0]
-    if kind is _SUMS or func in _SUMS:
+    if func in _SUMS:
         plain = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, (torch.Tensor, int, float, complex))]
         return len(partial) != len(plain) or (kwargs or {}).get("alpha", 1) != 1
     return True

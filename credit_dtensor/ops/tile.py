@@ -4,6 +4,7 @@ all-gathered the activation for both). Along any other dim they run on the local
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -67,7 +68,7 @@ def _tensor_split_rule(func, args, kwargs):
             return NotImplemented
         q, extra = divmod(n, spec)
         sizes = [q + 1] * extra + [q] * (spec - extra)
-        cuts = [sum(sizes[:i]) for i in range(spec + 1)]
+        cuts = list(accumulate(sizes, initial=0))
     elif isinstance(spec, (list, tuple)) and all(_int(i) and i >= 0 for i in spec):
         cuts = [0, *(min(i, n) for i in spec), n]
         if any(b < a for a, b in zip(cuts, cuts[1:])):
