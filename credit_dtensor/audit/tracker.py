@@ -142,7 +142,9 @@ class HTracker(TorchFunctionMode):
         if name == "linear":
             if t is args[0] and h == nd - 1:
                 self.event(
-                    "note", "Linear over the sharded dim: exact, the shards move to another dim first (all-to-all)"
+                    "note",
+                    "Linear over the sharded dim: exact, the shards move to another dim first (all-to-all), or "
+                    "without one each rank's partial product is summed once (an all-reduce of the output)",
                 )
                 return
             return self.mark(outs[0], h)
@@ -305,15 +307,17 @@ class HTracker(TorchFunctionMode):
             self.event("unknown", f"H not followed through {name}")
             return
         if p.kind == "unsupported":
-            from ..ops.reshape import _intermediate_dim
+            from ..ops.reshape import _group_outer_dim, _intermediate_dim
 
-            if _intermediate_dim(tuple(ins), p, self.domain) is None:
+            if _intermediate_dim(tuple(ins), p, self.domain) is not None:
+                how = "merged where the dims are whole (two all-to-alls)"
+            elif _group_outer_dim(tuple(ins), p, self.domain) is not None:
+                how = "the shards move onto the outermost merged dim first (one all-to-all)"
+            else:
                 self.event("merge", f"{name} {shape_text(ins)} → {shape_text(outs)}: {p.reason}")
                 return
             self.event(
-                "note",
-                f"{name} {shape_text(ins)} → {shape_text(outs)} merges H under a larger dim: exact, merged where the "
-                "dims are whole (two all-to-alls)",
+                "note", f"{name} {shape_text(ins)} → {shape_text(outs)} merges H under a larger dim: exact, {how}"
             )
             return self.mark(o, p.out_dim)
         n, m = ins[h], outs[p.out_dim]

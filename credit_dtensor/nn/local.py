@@ -4,7 +4,8 @@
   of a channels-last tensor). PyTorch 2.13's DTensor flattens the leading dims for ``linear``
   and refuses unevenly sharded inputs ("Cannot flatten unevenly sharded tensor"); computing on
   the local rows is exact for every shard size and sends nothing. A Linear *over* the sharded
-  dim mixes rows of all ranks: it is refused with an error naming the layer.
+  dim (a dense head on flattened features) moves the shards onto another dim of at least
+  ``world`` entries, or else sums each rank's partial products once (an all-reduce of the output).
 * :class:`DomainParallelShardLocal` -- any module declared shard-local (window attention whose
   windows lie inside one shard, per-row MLPs, ...): its own ``forward`` runs unchanged on plain
   local tensors (the same code as on one device), parameters are the local replicas with their
@@ -32,7 +33,7 @@ from ..dtensor import domain_shard_dim, full_operand, is_sharded, local_replicat
 from ..errors import DomainParallelError, MeshMismatchError
 from ..geometry import chunk_sizes
 from ..geometry.window import window_height
-from ..ops.linear import FAMILY
+from ..ops.linear import FAMILY, row_parallel
 from ._base import DomainParallelModule, module_label
 
 __all__ = [
@@ -69,12 +70,8 @@ class DomainParallelLinear(DomainParallelModule, nn.Linear):
 
             world = mesh.size()
             k = best_free_dim(input.shape, [e for e in range(input.ndim - 1) if input.shape[e] >= world], world)
-            if k is None:
-                raise DomainParallelError(
-                    f"{module_label(self)}: Linear over the sharded dim (input {tuple(input.shape)} sharded on its "
-                    f"last dim {d}) mixes rows of every rank and no other dim has {world} entries to hold the shards: "
-                    "apply it over channels (channels-last) or gather first"
-                )
+            if k is None:  # a dense head on flattened features: partial sums, one all-reduce of the output
+                return row_parallel(input, self.weight, self.bias)
             input, d = reshard(input, k), k
         w = full_operand(self.weight, mesh)
         b = None if self.bias is None else full_operand(self.bias, mesh)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from ..dtensor import domain_shard_dim, full_operand, local_replicated
+from ..dtensor import domain_shard_dim, full_operand, local_of, local_replicated, wrap_replicate
 from .family import Signature, family
 from .pointwise import wrap_outputs
 
@@ -20,7 +20,7 @@ FAMILY = family(
     nn="credit_dtensor.nn.local",
 )
 
-__all__: list[str] = []
+__all__ = ["row_parallel"]
 
 
 # --- linear algebra over a dim that is not the sharded one ---------------------------------------------------
@@ -35,6 +35,23 @@ def _replicated_local(t: Any, mesh: Any) -> Any:
     return full_operand(t, mesh) if isinstance(t, torch.Tensor) else t
 
 
+def row_parallel(x: DTensor, weight: Any, bias: Any) -> Any:
+    """``F.linear`` contracting the sharded features with nothing else to shard: each rank multiplies
+    its features by its columns of the weight and the products are summed over the ranks once (an
+    all-reduce of the output, the least any layout moves); the output is replicated. The weight's
+    gradient is each rank's columns (``Partial``), the input's its own features."""
+    from .einsum import einsum
+
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return NotImplemented  # PyTorch's own error
+    y = einsum("...k,nk->...n", [x, weight])
+    if y is NotImplemented or bias is None or isinstance(bias, DTensor):
+        return y if y is NotImplemented or bias is None else y + bias
+    # a plain bias next to the replicated output: every rank adds it in full, as every rank holds its
+    # full gradient (DTensor would refuse the mix of a DTensor and a plain tensor)
+    return wrap_replicate(local_of(y) + bias, y.device_mesh)
+
+
 @FAMILY.rule(F.linear, h="local", signature=Signature(("input", "weight", "bias"), {"bias": None}))
 def _linear_rule(func, a):
     """``F.linear`` over the last dim of a tensor sharded on another dim (tokens, rows): local rows.
@@ -47,8 +64,8 @@ def _linear_rule(func, a):
         from .relayout import best_free_dim, reshard
 
         k = best_free_dim(x.shape, [d for d in range(x.ndim - 1) if x.shape[d] >= x.device_mesh.size()], 0)
-        if k is None:
-            return NotImplemented  # nothing else to shard: DTensor (under the gather guard)
+        if k is None:  # a dense head on flattened features (VGG's classifier): partial sums
+            return row_parallel(x, a.get("weight"), a["bias"])
         x = reshard(x, k)
         sd = k
     w, b = a.get("weight"), a["bias"]

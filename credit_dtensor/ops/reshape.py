@@ -14,10 +14,14 @@ group the sharded dim is reshaped with, and
   are one contiguous run): only the rows that change owner move, in one batched exchange, then
   the reshape is local (window split on shards that cut windows, window reverse back to
   ``torch.chunk`` of H, ``(H, W) -> H*W`` tokens);
-* raises a :class:`~credit_dtensor.DomainParallelError` when the sharded dim is merged *under* a
-  larger dim (window partition's ``view(-1, w, w, C)`` merging ``(B, nH, nW)``): no rank would
-  hold a ``torch.chunk`` shard. The message names the module, the window, the valid domain sizes
-  and the fix (declare the window-attention module shard-local). Nothing is gathered silently.
+* when the sharded dim is merged *under* a larger dim, no rank would hold a ``torch.chunk``
+  shard: the shards move first, onto a dim outside the merged group (window partition's
+  ``view(-1, w, w, C)`` merging ``(B, nH, nW)``, sharded on ``C`` meanwhile) or else onto the
+  group's outermost dim (``flatten(1)`` of ``(B, C, H, W)`` before a dense head: sharded on ``C``,
+  each rank's elements are one run of ``C*H*W``); one all-to-all, nothing gathered;
+* raises a :class:`~credit_dtensor.DomainParallelError` when neither has ``world`` entries. The
+  message names the module, the window, the valid domain sizes and the fix (declare the
+  window-attention module shard-local). Nothing is gathered silently.
 
 ``permute`` / ``transpose`` / ``movedim`` / ``squeeze`` / ``unsqueeze`` keep every rank's rows and
 are left to DTensor, which handles them locally for any shard sizes.
@@ -131,6 +135,11 @@ def reshape_sharded(x: Any, shape: list[int], view: bool = False, func: Any = No
         return NotImplemented
     if plan.kind == "unsupported":
         k = _intermediate_dim(tuple(x.shape), plan, world)
+        outer = _group_outer_dim(tuple(x.shape), plan, world) if k is None else None
+        if outer is not None:
+            # flatten(1) of (B, C, H, W) for a dense head: the shards move onto C (one all-to-all), so each
+            # rank's elements are one contiguous run of the merged dim, re-chunked by the plan below
+            return reshape_sharded(reshard(x, outer), shape, view, func)
         if k is None:
             where = guard._op_name(func) if func is not None else "reshape"
             raise DomainParallelError(_message(where, tuple(x.shape), shape, plan, world))
@@ -157,6 +166,14 @@ def _intermediate_dim(in_shape: tuple[int, ...], plan: ViewPlan, world: int) -> 
     (the largest) to hold the shards while the group is merged; ``None`` without one."""
     cands = [d for d in range(len(in_shape)) if not plan.start <= d < plan.stop and in_shape[d] >= world]
     return best_free_dim(in_shape, cands, world) if cands else None
+
+
+def _group_outer_dim(in_shape: tuple[int, ...], plan: ViewPlan, world: int) -> int | None:
+    """The outermost dim of more than one entry among those the sharded dim is merged under, when
+    it has at least ``world`` entries: sharded there, every rank holds a contiguous run of the
+    merged dim. ``None`` otherwise."""
+    outer = [d for d in range(plan.start, plan.in_dim) if in_shape[d] > 1]
+    return outer[0] if outer and in_shape[outer[0]] >= world else None
 
 
 def _spread(out: Any, in_shape: tuple[int, ...], shape: list[int], plan: ViewPlan, world: int) -> Any:
