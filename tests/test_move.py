@@ -80,6 +80,16 @@ def _cases(h: int):
         ),
         "tensor_split_sum": (lambda x: sum((i + 1) * p.sum() for i, p in enumerate(x.tensor_split(5, 2))), None),
         "tensor_split_write": (lambda x: (lambda y: (y.tensor_split(3, dim=2)[1].mul_(2), y)[1])(x * 1), None),
+        # one row broadcast against every row (a pole or boundary row): it travels from its owner
+        "sub_first_row": (lambda x: x - x[:, :, :1], ("row", 0, 8)),
+        "mul_last_row": (lambda x: x * x[:, :, -1:], ("row", h - 1, 8)),
+        "where_row": (lambda x: torch.where(x[:, :, 1:2] > 0, x, -x), ("row", 1, 1)),  # a bool mask row
+        "expand_row": (lambda x: x[:, :, 1:2].expand_as(x) * 2, ("row", 1, 8)),
+        "broadcast_row": (lambda x: torch.broadcast_to(x[:, :, -1:], (2, 3, h, 5)) + x, ("row", h - 1, 8)),
+        "readout_token": (
+            lambda x: (lambda t: torch.cat([t[:, 1:], t[:, :1].expand_as(t[:, 1:])], dim=2))(x.flatten(2).mT),
+            None,
+        ),
     }
 
 
@@ -111,7 +121,7 @@ def _task(h: int, only: str | None = None) -> dict[str, float]:
         xs = cd.shard_tensor(x.clone(), m, 2).requires_grad_()
         with cd.gather_policy("raise"), cd.comm_stats() as s:
             y = fn(xs)
-        if y.ndim == 0:
+        if cd.dtensor.domain_shard_dim(y) is None:  # a scalar, or a row expanded on every rank
             gys = cd.dtensor.wrap_replicate(gy, m.domain_mesh)
         else:
             gys = cd.shard_tensor(gy, m, cd.dtensor.domain_shard_dim(y))
@@ -119,7 +129,16 @@ def _task(h: int, only: str | None = None) -> dict[str, float]:
             y.backward(gys)
         errors[f"{name}: out"] = (y.full_tensor() - yr).abs().max().item() if yr.numel() else 0.0
         errors[f"{name}: grad"] = (xs.grad.full_tensor() - xr.grad).abs().max().item()
-        if sources is not None:
+        if isinstance(sources, tuple):
+            # ("row", r, bytes per element): the slice puts row r on rank 0 (torch.chunk's owner of a
+            # one-row tensor), which broadcasts it: rank 0 receives it unless it owns it, the others once
+            owner = next(q for q in range(world) if _chunk(h, world, q)[0] <= sources[1] < _chunk(h, world, q)[1])
+            if rank == 0:
+                expect = 0 if owner == 0 else x.numel() // h * 8  # the sliced (float) row
+            else:
+                expect = x.numel() // h * sources[2]  # the broadcast row (a bool mask's is 1 byte)
+            errors[f"{name}: recv {s.recv_bytes} B != one row {expect} B"] = 0.0 if s.recv_bytes == expect else math.inf
+        elif sources is not None:
             row_bytes = x.numel() // h * 8
             pieces = sources if sources and isinstance(sources[0], list) else [sources]  # every piece is made
             expect = sum(_min_recv_rows(p, h, world, rank) for p in pieces) * row_bytes

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from .. import comm, guard, stats
-from ..dtensor import align_operand, domain_shard_dim, full_operand, wrap_replicate, wrap_shard
+from ..dtensor import align_operand, domain_shard_dim, full_operand, local_of, wrap_replicate, wrap_shard
 from ..geometry import chunk_range, owner_of
 from ..geometry.index import Entry, expand_index, result_position
 from ..halo import cached_plan, halo_gather, halo_scatter_add
@@ -274,6 +274,14 @@ def select_row(x: DTensor, row: int) -> DTensor:
     key = opaque.make_key("select_row", tuple(x.shape), dim, row, _groups.name_of(mesh), world, rank)
     local = opaque.apply(key, [x.to_local()])[0]
     return wrap_replicate(local, mesh)
+
+
+def single_row_replicated(x: DTensor) -> DTensor:
+    """``x``, sharded on a dim of one global row (``t[:, :, :1]``, ``t[:, :, -1:]``), as a
+    ``Replicate`` DTensor of the same shape: the row broadcast from its owner, the least a row that
+    every rank's rows broadcast against can cost (``t - t[:, :, :1]``, ``t[:, :, 3:4].expand_as(t)``)."""
+    d = domain_shard_dim(x)
+    return wrap_replicate(local_of(select_row(x, 0)).unsqueeze(d), x.device_mesh)
 
 
 def _replicate_getitem(t: DTensor, idx: tuple) -> DTensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
 from .. import intercept
 from ..dtensor import (
@@ -202,6 +202,21 @@ def _inplace_rule(func, args, kwargs):
     return x
 
 
+def _widened_rows(tensors: list[torch.Tensor], out_shape: torch.Size) -> dict[int, DTensor]:
+    """Operands sharded on a dim of one global row that the op broadcasts against more rows
+    (``t - t[:, :, :1]``, ``torch.where(t[:, :, :1] > 0, t, -t)``): ``{id(operand): the row
+    replicated}`` (broadcast from its owner, :func:`~.move.single_row_replicated`); DTensor
+    all-gathered it. Empty when there is none (the usual case)."""
+    moved = {}
+    for t in tensors:
+        d = domain_shard_dim(t)
+        if d is not None and t.shape[d] == 1 and out_shape[len(out_shape) - t.ndim + d] > 1:
+            from .move import single_row_replicated
+
+            moved[id(t)] = single_row_replicated(t)
+    return moved
+
+
 def align_shardings(tensors: list[torch.Tensor], out_ndim: int) -> dict[int, DTensor]:
     """Operands sharded on *different* dims of the broadcast result (a residual add of an attention
     output laid out on its batch of groups and an H-sharded input): ``{id(operand): re-laid-out
@@ -286,15 +301,18 @@ def _pointwise_rule(func, args, kwargs):
     if ref is None:
         return _replicated_pointwise(func, args, kwargs, tensors)
     try:
-        out_ndim = len(torch.broadcast_shapes(*(t.shape for t in tensors)))
+        out_shape = torch.broadcast_shapes(*(t.shape for t in tensors))
     except RuntimeError:
         return NotImplemented  # let PyTorch raise its own error
-    moved = align_shardings(tensors, out_ndim)
+    out_ndim = len(out_shape)
+    moved = _widened_rows(tensors, out_shape) or align_shardings(tensors, out_ndim)
     if moved:
         args = _substitute(args, moved)
         kwargs = {k: _substitute((v,), moved)[0] for k, v in kwargs.items()}
         tensors = _tensors((*args, *kwargs.values()))
         ref = first_sharded(*tensors)
+    if ref is None:  # every sharded operand was a single row, now replicated
+        return _replicated_pointwise(func, args, kwargs, tensors)
     if func in _PROMOTING:
         args = tuple(_promoted(a, ref) for a in args)
         kwargs = {k: _promoted(v, ref) for k, v in kwargs.items()}
@@ -423,15 +441,17 @@ def _expand_target(func: Callable, args: tuple, kwargs: dict) -> tuple[int, ...]
 
 def _expand_rule(func, args, kwargs):
     """``t[:, :, 3:4].expand_as(t)`` & co.: the sharded dim has one global row (on one rank) and
-    the call widens it, so the row is replicated first, the communication broadcasting it costs
-    anyway (under the gather guard, as ``t - t[:, :, 3:4]`` is), then expanded on every rank.
-    DTensor's own view rule raised ``RuntimeError: 2`` there."""
+    the call widens it, so the row is broadcast from its owner first (as for ``t - t[:, :, 3:4]``),
+    then expanded on every rank. DTensor's own view rule raised ``RuntimeError: 2`` there, and its
+    redistribution all-gathered."""
     x = args[0] if args else kwargs.get("input", kwargs.get("self"))
     sd = domain_shard_dim(x)
     target = _expand_target(func, args, kwargs) if sd is not None and x.shape[sd] == 1 else None
     if target is None or len(target) < x.ndim or target[len(target) - x.ndim + sd] in (-1, 1):
         return NotImplemented
-    xr = x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)
+    from .move import single_row_replicated
+
+    xr = single_row_replicated(x)
     return func(xr, *args[1:], **kwargs) if args else func(**{**kwargs, "input": xr})
 
 
@@ -440,8 +460,8 @@ FAMILY.rule(
     torch.Tensor.expand_as,
     torch.broadcast_to,
     torch.Tensor.broadcast_to,
-    h="gathers",
-    note="a sharded dim of one global row widened: the row replicated (reported by the gather guard)",
+    h="relayout",
+    note="a sharded dim of one global row widened: the row broadcast from its owner (Replicate), then expanded",
 )(_expand_rule)
 
 
