@@ -157,7 +157,10 @@ def _post_pair(sends, recv_shapes, group: dist.ProcessGroup, dtype: torch.dtype,
     if not payload and not any(recv_splits):
         return PendingExchange([], [torch.empty(s, dtype=dtype, device=device) for _, s in recv_shapes], [])
     flat = [t.reshape(-1) for _, t in sorted(payload, key=lambda pt: pt[0])]  # stable: posting order per rank
-    inp = flat[0] if len(flat) == 1 else torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+    if len(flat) == 1:  # sent as it is, but dense: a column of rows flattens to a strided view
+        inp = flat[0].contiguous()
+    else:
+        inp = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
     buf = torch.empty(sum(recv_splits), dtype=dtype, device=device)
     at[1] = recv_splits[0]
     for peer, shape in recv_shapes:

@@ -151,6 +151,9 @@ def _pair_round_task(_: int) -> dict:
         # one direction: rank 0 sends 3 rows to rank 1, which sends nothing back
         one = [(1, msg(0, 7, (3, 2)))] if rank == 0 else []
         got["one"] = comm.exchange(one, [(0, (3, 2))] if rank == 1 else [], group, dtype=torch.float64, device=cpu)
+        # one message that is a column of rows: it flattens to a strided view, sent dense
+        col = [(1, msg(0, 8, (3, 4))[:, 1:2])] if rank == 0 else []
+        got["column"] = comm.exchange(col, [(0, (3, 1))] if rank == 1 else [], group, dtype=torch.float64, device=cpu)
         got["none"] = comm.exchange(
             [(p, torch.empty(0, 3)) for p in range(world) if p != rank], [], group, dtype=torch.float32, device=cpu
         )
@@ -191,8 +194,9 @@ def test_rounds_arrive_in_posting_order_as_an_all_to_all_of_two_ranks(world):
             assert res["sent"][name] == (n, n), (rank, name)
         if rank == 1:
             assert torch.equal(res["got"]["one"][0], (torch.arange(6.0) + 700).reshape(3, 2))
+            assert torch.equal(res["got"]["column"][0], (torch.arange(12.0) + 800).reshape(3, 4)[:, 1:2])
         assert res["got"]["none"] == []
         pair_calls = res["calls"].get("other:all_to_all_single", 0)
         # two gloo ranks: one call per round with a message (not the empty one); bool and complex
         # go as messages (gloo has no all-to-all for them)
-        assert pair_calls == (3 if world == 2 else 0), res["calls"]
+        assert pair_calls == (4 if world == 2 else 0), res["calls"]

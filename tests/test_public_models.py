@@ -1,4 +1,5 @@
-"""Public models nobody here wrote (torchvision), converted and H-sharded: exact or reported.
+"""Public models nobody here wrote (torchvision; timm and segmentation-models-pytorch where they
+are installed), converted and H-sharded: exact or reported.
 
 An optional tier: it runs only where torchvision is installed (``pip install -e '.[models]'``
 with the torchvision that matches your torch) and is skipped otherwise, so ``make test`` / CI
@@ -52,10 +53,48 @@ MODELS = {
 GATHERS: dict[str, str] = {}
 
 
+#: models of the packages CREDIT's models are built from (timm, segmentation-models-pytorch; both
+#: in ``make venv-credit``), each chosen for a pattern the torchvision list lacks: ConvNeXt-V2's
+#: global response norm (a norm over (H, W)), MobileViT's unfold-into-patches transformer,
+#: PoolFormer's pooling token mixer, HRNet's multi-resolution fusion, EdgeNeXt's cross-covariance
+#: attention (a contraction over tokens), MLP-Mixer's token MLP (a Linear over the sharded tokens),
+#: ResNeSt's split attention; smp's decoders beside the Unet/FPN of the CREDIT tier. Run only where
+#: the package is installed. (timm's efficientvit_b0 is exact to fp32 only: its attention casts to
+#: float32 inside, so a 1e-10 fp64 check cannot hold it.)
+PACKAGE_MODELS = {
+    "timm:convnextv2_atto": {},
+    "timm:mobilevit_xxs": {},
+    "timm:poolformer_s12": {},
+    "timm:hrnet_w18_small": {},
+    "timm:edgenext_xx_small": {},
+    "timm:mixer_s32_224": {"img_size": SHAPE[2:]},
+    "timm:resnest14d": {},
+    "smp:UnetPlusPlus": {},
+    "smp:DeepLabV3Plus": {},
+    "smp:UPerNet": {},
+    "smp:PSPNet": {},
+}
+
+
+def _package_available(name: str) -> bool:
+    import importlib.util
+
+    pkg = {"timm": "timm", "smp": "segmentation_models_pytorch"}[name.split(":")[0]]
+    return importlib.util.find_spec(pkg) is not None
+
+
 def _build(name: str) -> torch.nn.Module:
     import torchvision.models as tvm
     import torchvision.models.segmentation as seg
 
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name[5:], pretrained=False, num_classes=7, **PACKAGE_MODELS[name])
+    if name.startswith("smp:"):
+        import segmentation_models_pytorch as smp
+
+        return getattr(smp, name[4:])(encoder_name="resnet18", encoder_weights=None, in_channels=3, classes=2)
     factory = getattr(tvm, name, None) or getattr(seg, name)
     return factory(weights=None, **MODELS[name])
 
@@ -114,20 +153,34 @@ def _public_task(names: list[str]) -> dict:
     return out
 
 
-_RESULTS: dict[int, list[dict]] = {}
+_RESULTS: dict[tuple[int, bool], list[dict]] = {}
 
 
-def _results(world: int) -> list[dict]:
-    if world not in _RESULTS:
-        _RESULTS[world] = get_world(world).run(_public_task, list(MODELS), timeout=1500)
-    return _RESULTS[world]
+def _results(world: int, packages: bool = False) -> list[dict]:
+    if (world, packages) not in _RESULTS:
+        names = [n for n in PACKAGE_MODELS if _package_available(n)] if packages else list(MODELS)
+        _RESULTS[world, packages] = get_world(world).run(_public_task, names, timeout=1500)
+    return _RESULTS[world, packages]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", list(PACKAGE_MODELS))
+def test_package_model_exact(name, world):
+    if not _package_available(name):
+        pytest.skip(f"{name.split(':')[0]} is not installed (make venv-credit installs it)")
+    _check(name, world, _results(world, packages=True))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_public_model_exact(name, world):
-    for rank, results in enumerate(_results(world)):
+    _check(name, world, _results(world))
+
+
+def _check(name: str, world: int, results_per_rank: list[dict]) -> None:
+    for rank, results in enumerate(results_per_rank):
         res = results[name]
         where = f"{name} on {world} ranks, rank {rank}"
         assert "error" not in res, f"{where}: {res.get('error')}"
