@@ -86,6 +86,8 @@ def _cases(h: int):
         "where_row": (lambda x: torch.where(x[:, :, 1:2] > 0, x, -x), ("row", 1, 1)),  # a bool mask row
         "expand_row": (lambda x: x[:, :, 1:2].expand_as(x) * 2, ("row", 1, 8)),
         "broadcast_row": (lambda x: torch.broadcast_to(x[:, :, -1:], (2, 3, h, 5)) + x, ("row", h - 1, 8)),
+        "isub_first_row": (lambda x: (x * 1).sub_(x[:, :, :1]), ("row", 0, 8)),
+        "imul_last_row": (lambda x: (x + 0).mul_(x[:, :, -1:]), ("row", h - 1, 8)),
         "readout_token": (
             lambda x: (lambda t: torch.cat([t[:, 1:], t[:, :1].expand_as(t[:, 1:])], dim=2))(x.flatten(2).mT),
             None,

@@ -71,7 +71,14 @@ class DomainParallelLinear(DomainParallelModule, nn.Linear):
             world = mesh.size()
             k = best_free_dim(input.shape, [e for e in range(input.ndim - 1) if input.shape[e] >= world], world)
             if k is None:  # a dense head on flattened features: partial sums, one all-reduce of the output
-                return row_parallel(input, self.weight, self.bias)
+                out = row_parallel(input, self.weight, self.bias)
+                if out is NotImplemented:
+                    raise DomainParallelError(
+                        f"{module_label(self)}: Linear over the sharded dim (input {tuple(input.shape)} sharded on "
+                        f"its last dim {d}) needs a weight replicated on the input's mesh: convert the module with "
+                        "the manager that shards the input"
+                    )
+                return out
             input, d = reshard(input, k), k
         w = full_operand(self.weight, mesh)
         b = None if self.bias is None else full_operand(self.bias, mesh)

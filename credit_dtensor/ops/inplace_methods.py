@@ -63,11 +63,16 @@ def _inplace_method_rule(func, args, kwargs):
         if isinstance(a, DTensor) and not is_domain_replicate(a):
             ad = domain_shard_dim(a)
             td = sd - (x.ndim - a.ndim)
-            if ad is not None and ad != td and td >= 0 and a.shape[td] == n and a.device_mesh == mesh:
+            if ad is not None and ad == td and a.shape[td] == 1 and n != 1 and a.device_mesh == mesh:
+                from .move import single_row_replicated
+
+                a = single_row_replicated(a)  # one row (``x -= x[:, :, :1]``): from its owner, widened below
+            elif ad is not None and ad != td and td >= 0 and a.shape[td] == n and a.device_mesh == mesh:
                 from .relayout import reshard
 
                 return reshard(a, td)  # sharded on another dim: moved onto x's (an in-place op keeps x's)
-            return a  # sharded like x: DTensor's own rule (same placement: local)
+            else:
+                return a  # sharded like x: DTensor's own rule (same placement: local)
         if isinstance(a, DTensor) and a.device_mesh != mesh:
             return a  # DTensor's own error
         local = full_operand(a, mesh)
