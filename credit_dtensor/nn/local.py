@@ -33,7 +33,7 @@ from ..dtensor import domain_shard_dim, full_operand, is_sharded, local_replicat
 from ..errors import DomainParallelError, MeshMismatchError
 from ..geometry import chunk_sizes
 from ..geometry.window import window_height
-from ..ops.linear import FAMILY, row_parallel
+from ..ops.linear import FAMILY, off_features, row_parallel
 from ._base import DomainParallelModule, module_label
 
 __all__ = [
@@ -66,11 +66,8 @@ class DomainParallelLinear(DomainParallelModule, nn.Linear):
         if d is None:
             return super().forward(input)
         if d == input.ndim - 1:  # contracting the sharded dim: move the shards to another dim (all-to-all)
-            from ..ops.relayout import best_free_dim, reshard
-
-            world = mesh.size()
-            k = best_free_dim(input.shape, [e for e in range(input.ndim - 1) if input.shape[e] >= world], world)
-            if k is None:  # a dense head on flattened features: partial sums, one all-reduce of the output
+            moved = off_features(input)
+            if moved is None:  # a dense head on flattened features: partial sums, one all-reduce of the output
                 out = row_parallel(input, self.weight, self.bias)
                 if out is NotImplemented:
                     raise DomainParallelError(
@@ -79,7 +76,7 @@ class DomainParallelLinear(DomainParallelModule, nn.Linear):
                         "the manager that shards the input"
                     )
                 return out
-            input, d = reshard(input, k), k
+            input, d = moved, domain_shard_dim(moved)
         w = full_operand(self.weight, mesh)
         b = None if self.bias is None else full_operand(self.bias, mesh)
         y = F.linear(input.to_local(), w, b)

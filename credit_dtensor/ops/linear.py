@@ -20,7 +20,7 @@ FAMILY = family(
     nn="credit_dtensor.nn.local",
 )
 
-__all__ = ["row_parallel"]
+__all__ = ["off_features", "row_parallel"]
 
 
 # --- linear algebra over a dim that is not the sharded one ---------------------------------------------------
@@ -35,6 +35,17 @@ def _replicated_local(t: Any, mesh: Any) -> Any:
     return full_operand(t, mesh) if isinstance(t, torch.Tensor) else t
 
 
+def off_features(x: DTensor) -> DTensor | None:
+    """``x``, sharded on its last dim (the features a Linear contracts: channels after heads), moved
+    onto the largest other dim of at least ``world`` entries (one all-to-all); ``None`` without one
+    (a dense head on flattened features: :func:`row_parallel`)."""
+    from .relayout import best_free_dim, reshard
+
+    world = x.device_mesh.size()
+    k = best_free_dim(x.shape, [d for d in range(x.ndim - 1) if x.shape[d] >= world], world)
+    return None if k is None else reshard(x, k)
+
+
 def row_parallel(x: DTensor, weight: Any, bias: Any) -> Any:
     """``F.linear`` contracting the sharded features with nothing else to shard: each rank multiplies
     its features by its columns of the weight and the products are summed over the ranks once (an
@@ -45,8 +56,10 @@ def row_parallel(x: DTensor, weight: Any, bias: Any) -> Any:
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         return NotImplemented  # PyTorch's own error
     y = einsum("...k,nk->...n", [x, weight])
-    if y is NotImplemented or bias is None or isinstance(bias, DTensor):
-        return y if y is NotImplemented or bias is None else y + bias
+    if y is NotImplemented or bias is None:
+        return y
+    if isinstance(bias, DTensor):
+        return y + bias
     # a plain bias next to the replicated output: every rank adds it in full, as every rank holds its
     # full gradient (DTensor would refuse the mix of a DTensor and a plain tensor)
     return wrap_replicate(local_of(y) + bias, y.device_mesh)
@@ -61,13 +74,10 @@ def _linear_rule(func, a):
     if sd is None:
         return NotImplemented
     if sd == x.ndim - 1:  # contracting the sharded dim (channels after heads): move the shards to tokens
-        from .relayout import best_free_dim, reshard
-
-        k = best_free_dim(x.shape, [d for d in range(x.ndim - 1) if x.shape[d] >= x.device_mesh.size()], 0)
-        if k is None:  # a dense head on flattened features (VGG's classifier): partial sums
+        moved = off_features(x)
+        if moved is None:  # a dense head on flattened features (VGG's classifier): partial sums
             return row_parallel(x, a.get("weight"), a["bias"])
-        x = reshard(x, k)
-        sd = k
+        x, sd = moved, domain_shard_dim(moved)
     w, b = a.get("weight"), a["bias"]
     try:
         wl, bl = _replicated_local(w, x.device_mesh), _replicated_local(b, x.device_mesh)
