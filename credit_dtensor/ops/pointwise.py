@@ -306,7 +306,7 @@ def _pointwise_rule(func, args, kwargs):
         return NotImplemented  # let PyTorch raise its own error
     out_ndim = len(out_shape)
     moved = _widened_rows(tensors, out_shape)  # a one-row operand first: it then shards no dim
-    moved.update(align_shardings([moved.get(id(t), t) for t in tensors], out_ndim))
+    moved.update(align_shardings([moved.get(id(t), t) for t in tensors] if moved else tensors, out_ndim))
     if moved:
         args = _substitute(args, moved)
         kwargs = {k: _substitute((v,), moved)[0] for k, v in kwargs.items()}
